@@ -1,0 +1,68 @@
+//! The one list of Kafka topics Kalon uses.
+//!
+//! The broker used locally (tansu) does not auto-create topics, and relying on
+//! auto-creation in production hides wrong partition counts, so every topic is
+//! created explicitly from this list (`kalonctl topics create`, or the stack).
+
+use crate::EventKind;
+
+/// A topic Kalon creates, with its explicit partition count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// Topic name without the deployment prefix.
+    pub name: &'static str,
+    pub partitions: i32,
+    /// What flows through it.
+    pub purpose: &'static str,
+}
+
+/// Every topic of the loop. Names carry the schema version, so a breaking
+/// change of an event is a new topic, consumed side by side during migration.
+pub const TOPICS: &[TopicSpec] = &[
+    TopicSpec {
+        name: EventKind::Impression.topic(),
+        partitions: 4,
+        purpose: "search.impression.v1 events from the search service",
+    },
+    TopicSpec {
+        name: EventKind::Click.topic(),
+        partitions: 4,
+        purpose: "search.click.v1 events from clients and the search service",
+    },
+    TopicSpec {
+        name: EventKind::Rating.topic(),
+        partitions: 2,
+        purpose: "search.rating.v1 events from clients and the search service",
+    },
+    TopicSpec {
+        name: DEAD_LETTER_TOPIC,
+        partitions: 1,
+        purpose: "events ingest could not accept, with the reason in headers",
+    },
+];
+
+/// Where ingest sends what it cannot accept.
+pub const DEAD_LETTER_TOPIC: &str = "kalon.deadletter.v1";
+
+impl TopicSpec {
+    /// The topic name with a deployment prefix (tests use random prefixes).
+    pub fn full_name(&self, prefix: &str) -> String {
+        format!("{prefix}{}", self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn topic_names_are_unique_and_partitioned() {
+        let names: HashSet<_> = TOPICS.iter().map(|t| t.name).collect();
+        assert_eq!(names.len(), TOPICS.len());
+        assert!(TOPICS.iter().all(|t| t.partitions >= 1));
+        for kind in EventKind::ALL {
+            assert!(names.contains(kind.topic()), "{kind:?} has no topic");
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! `kalonctl bench ...`: commands that print figures.
+//!
+//! `bench ingest` pre-produces events into a private in-memory tansu broker
+//! (so it measures Kalon, not the broker's storage), drains them into a fresh
+//! database with the ingest pipeline, then drains the same events with the
+//! baseline (PyPI confluent-kafka piped into `psql \copy`), and prints one
+//! JSON line with both rates.
+
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use kalon_events::EventKind;
+use kalon_ingest::{Ingest, IngestConfig};
+use kalon_kafka::KafkaSettings;
+use kalon_stack::{tools, Broker, Storage};
+
+use crate::events;
+use crate::Cli;
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// Kafka -> Postgres drain rate of ingest against a plain consumer piped into psql.
+    Ingest {
+        /// Events to pre-produce and drain.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Skip the confluent-kafka + psql baseline.
+        #[arg(long)]
+        no_baseline: bool,
+    },
+}
+
+pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
+    match bench {
+        Bench::Ingest { events, no_baseline } => ingest(cli, *events, !*no_baseline).await,
+    }
+}
+
+async fn ingest(cli: &Cli, count: u64, baseline: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(count > 0, "--events must be positive");
+    let endpoints = crate::stack_up(cli.database_url.as_deref(), cli.brokers.as_deref(), &cli.state_dir, "").await?;
+    let python = if baseline { Some(baseline_python().await?) } else { None };
+
+    let tag = format!("{:08x}", rand_u32());
+    let dir = tempfile::tempdir()?;
+    let binary = tokio::task::spawn_blocking(tools::install_tansu).await??;
+    let broker = Broker::start(&binary, kalon_stack::free_port(), Storage::Memory, dir.path())?;
+    let kafka = KafkaSettings::new(broker.address(), format!("bench{tag}."));
+    kalon_kafka::create_topics(&kafka).await?;
+    let database_url = kalon_db::with_database(&endpoints.database_url, &format!("kalon_bench_{tag}"));
+    crate::migrate(&database_url).await?;
+    let pool = kalon_db::connect(&database_url, 2).await?;
+
+    eprintln!("bench ingest: {count} events, broker {} (memory storage), database {}", kafka.brokers, kalon_db::redact(&database_url));
+    let generated = events::generate(&kafka, count, 0, 42);
+    let bytes: usize = generated.messages.iter().map(|m| m.payload.len()).sum();
+    let produce_start = Instant::now();
+    events::send(&kafka, generated.messages).await?;
+    eprintln!(
+        "pre-produced {count} events ({:.1} MB) in {:.1}s",
+        bytes as f64 / 1e6,
+        produce_start.elapsed().as_secs_f64()
+    );
+
+    // Kalon ingest
+    let config = IngestConfig::new(&database_url, &kafka.brokers, &kafka.topic_prefix);
+    let started = Instant::now();
+    let ingest = Ingest::build(config).await?;
+    let handled = ingest.handled();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(ingest.run(async {
+        let _ = stopped.await;
+    }));
+    let handled_ref = &handled;
+    events::wait_landed(count, Duration::from_secs(1800), || async move {
+        Ok(handled_ref.load(Ordering::Relaxed))
+    })
+    .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    let report = running.await??;
+    let landed: u64 = events::count_all(&pool).await?.iter().sum();
+    if landed != count {
+        bail!("ingest reported done but {landed} of {count} rows are in Postgres");
+    }
+    let rate = count as f64 / seconds;
+    eprintln!("kalon ingest: {count} events in {seconds:.2}s = {rate:.0} events/s ({} batches)", report.batches);
+
+    let mut baseline_rate = None;
+    if let Some(python) = python {
+        sqlx::query("CREATE TABLE baseline_events (payload jsonb NOT NULL)").execute(&pool).await?;
+        let topics: Vec<String> = EventKind::ALL.iter().map(|k| kafka.topic(k.topic())).collect();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/bench/baseline_consumer.py");
+        let pipeline = format!(
+            "set -o pipefail; '{}' '{}' '{}' 'baseline-{tag}' {count} {} | psql -X -q -v ON_ERROR_STOP=1 '{}' -c '\\copy baseline_events(payload) FROM STDIN'",
+            python.display(),
+            script,
+            kafka.brokers,
+            topics.join(" "),
+            database_url
+        );
+        let started = Instant::now();
+        let status = tokio::process::Command::new("bash")
+            .args(["-c", &pipeline])
+            .stdin(Stdio::null())
+            .status()
+            .await
+            .context("failed to run the baseline pipeline")?;
+        let seconds = started.elapsed().as_secs_f64();
+        if !status.success() {
+            bail!("the baseline pipeline failed ({status})");
+        }
+        let (copied,): (i64,) = sqlx::query_as("SELECT count(*) FROM baseline_events").fetch_one(&pool).await?;
+        if copied as u64 != count {
+            bail!("baseline copied {copied} of {count} events");
+        }
+        let rate = count as f64 / seconds;
+        eprintln!("baseline (confluent-kafka | psql \\copy): {count} events in {seconds:.2}s = {rate:.0} events/s");
+        baseline_rate = Some(rate);
+    }
+
+    pool.close().await;
+    kalon_db::drop_database(&database_url).await?;
+    drop(broker);
+    let line = serde_json::json!({
+        "bench": "ingest",
+        "events": count,
+        "events_per_s": rate.round(),
+        "baseline_events_per_s": baseline_rate.map(f64::round),
+        "ratio": baseline_rate.map(|b| (rate / b * 100.0).round() / 100.0),
+    });
+    println!("{line}");
+    Ok(())
+}
+
+fn rand_u32() -> u32 {
+    (events::clock_seed() ^ (std::process::id() as u64).rotate_left(32)) as u32
+}
+
+/// A Python with confluent-kafka, in a venv in the tool cache (made once).
+async fn baseline_python() -> anyhow::Result<std::path::PathBuf> {
+    let venv = tools::cache_dir().join("bench-venv");
+    let python = venv.join("bin").join("python");
+    let ready = tokio::process::Command::new(&python)
+        .args(["-c", "import confluent_kafka"])
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    if ready {
+        return Ok(python);
+    }
+    eprintln!("bench: installing confluent-kafka into {} (one time)", venv.display());
+    let made = tokio::process::Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .await
+        .context("python3 is needed for the baseline (or pass --no-baseline)")?;
+    anyhow::ensure!(made.success(), "python3 -m venv failed");
+    let pip = tokio::process::Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "confluent-kafka==2.16.1"])
+        .status()
+        .await?;
+    anyhow::ensure!(pip.success(), "pip install confluent-kafka failed");
+    Ok(python)
+}

@@ -1,0 +1,101 @@
+//! The main job at this stage: bring the stack up, produce a stream of
+//! generated events (with a few malformed ones), ingest them with the real
+//! ingest pipeline, and show what landed.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use kalon_ingest::{Ingest, IngestConfig};
+
+use crate::events::{self, count_landed};
+use crate::Cli;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Valid events to produce.
+    #[arg(long, default_value_t = 50_000)]
+    pub events: u64,
+    /// Malformed payloads mixed in; they end in the dead-letter topic.
+    #[arg(long, default_value_t = 50)]
+    pub malformed: u64,
+}
+
+pub async fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
+    let endpoints = crate::stack_up(
+        cli.database_url.as_deref(),
+        cli.brokers.as_deref(),
+        &cli.state_dir,
+        &cli.topic_prefix,
+    )
+    .await?;
+    let pool = kalon_db::connect(&endpoints.database_url, 2).await?;
+
+    let config = IngestConfig::new(&endpoints.database_url, &endpoints.kafka.brokers, &cli.topic_prefix);
+    let ingest = Ingest::build(config).await?;
+    let handled = ingest.handled();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(ingest.run(async {
+        let _ = stopped.await;
+    }));
+
+    let seed = events::clock_seed();
+    let generated = events::generate(&endpoints.kafka, args.events, args.malformed, seed);
+    let ids = generated.ids.clone();
+    let started = Instant::now();
+    events::send(&endpoints.kafka, generated.messages).await?;
+    let pool_ref = &pool;
+    let ids_ref = &ids;
+    events::wait_landed(args.events, Duration::from_secs(300), || async move {
+        Ok(count_landed(pool_ref, ids_ref).await?.iter().sum())
+    })
+    .await?;
+    let elapsed = started.elapsed();
+    // let ingest commit the last dead letters' batch before stopping
+    let target = args.events + args.malformed;
+    let wait_dlq = Instant::now();
+    while handled.load(Ordering::Relaxed) < target && wait_dlq.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(());
+    let report = running.await??;
+
+    let landed = count_landed(&pool, &ids).await?;
+    println!();
+    println!("{:<12} {:>10} {:>10}", "event", "produced", "in postgres");
+    for (i, kind) in kalon_events::EventKind::ALL.iter().enumerate() {
+        println!("{:<12} {:>10} {:>10}", kind.topic(), ids[i].len(), landed[i]);
+    }
+    println!(
+        "{:<12} {:>10} {:>10}  (dead-letter topic {})",
+        "malformed",
+        args.malformed,
+        report.dead_letters,
+        endpoints.kafka.topic(kalon_events::DEAD_LETTER_TOPIC)
+    );
+    println!(
+        "\nproduced and ingested {} events in {:.2}s ({:.0} events/s end to end)",
+        args.events,
+        elapsed.as_secs_f64(),
+        args.events as f64 / elapsed.as_secs_f64()
+    );
+
+    let sample: Vec<(String, String, i32)> = sqlx::query_as(
+        "SELECT i.query, i.variant, c.rank FROM clicks c JOIN impressions i USING (request_id) \
+         WHERE c.event_id = ANY($1) ORDER BY c.occurred_at LIMIT 5",
+    )
+    .bind(&ids[1])
+    .fetch_all(&pool)
+    .await?;
+    println!("\na few clicks joined to their impressions:");
+    for (query, variant, rank) in sample {
+        println!("  {query:<24} variant={variant:<7} clicked rank {rank}");
+    }
+    println!(
+        "\nthe stack stays up for you (`kalonctl stack status`, `kalonctl stack down`); \
+         DATABASE_URL={}",
+        endpoints.database_url
+    );
+    anyhow::ensure!(landed.iter().sum::<u64>() == args.events, "not every event landed");
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! `kalonctl`: everything an operator does by hand.
+
+mod bench;
+mod demo;
+mod events;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kalon_kafka::KafkaSettings;
+use kalon_stack::{StackState, DEFAULT_BROKERS, DEFAULT_DATABASE_URL};
+
+#[derive(Parser)]
+#[command(version, about = "Kalon's operator command line")]
+struct Cli {
+    /// Postgres URL [default: the stack's, else postgres://postgres@127.0.0.1:5432/kalon]
+    #[arg(long, global = true, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Kafka bootstrap servers [default: the stack's, else 127.0.0.1:9092]
+    #[arg(long, global = true, env = "KALON_KAFKA_BROKERS")]
+    brokers: Option<String>,
+    /// Prefix of every topic name.
+    #[arg(long, global = true, env = "KALON_TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+    /// Where the local stack keeps its state, data and logs.
+    #[arg(long, global = true, env = "KALON_STATE_DIR", default_value = ".kalon")]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The local stack: PostgreSQL and a Kafka-API broker (tansu).
+    Stack {
+        #[command(subcommand)]
+        action: StackAction,
+    },
+    /// Apply the database migrations.
+    Migrate,
+    /// Kafka topics, from the one list in the code.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Produce generated events (and optionally malformed ones) to the event topics.
+    Produce(events::ProduceArgs),
+    /// The main job: stack up, produce a stream of events, ingest it, show what landed.
+    Demo(demo::DemoArgs),
+    /// Benchmarks that print figures.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum StackAction {
+    /// Start what is not running (twice is harmless), migrate, create topics.
+    Up,
+    /// Stop what `up` started, nothing else.
+    Down,
+    /// Say what runs where.
+    Status,
+    /// Print `export` lines for the stack's addresses.
+    Env,
+}
+
+#[derive(Subcommand)]
+enum TopicsAction {
+    /// Create every topic that does not exist.
+    Create,
+    /// List the topics Kalon uses and their partition counts.
+    List,
+}
+
+/// Addresses resolved from flags/environment, then the stack's state, then defaults.
+pub struct Endpoints {
+    pub database_url: String,
+    pub kafka: KafkaSettings,
+}
+
+impl Cli {
+    fn endpoints(&self) -> Endpoints {
+        let state = StackState::load(&self.state_dir);
+        let database_url = self
+            .database_url
+            .clone()
+            .or_else(|| state.as_ref().map(|s| s.database_url.clone()))
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        let brokers = self
+            .brokers
+            .clone()
+            .or_else(|| state.as_ref().map(|s| s.brokers.clone()))
+            .unwrap_or_else(|| DEFAULT_BROKERS.into());
+        Endpoints {
+            database_url,
+            kafka: KafkaSettings::new(brokers, &self.topic_prefix),
+        }
+    }
+}
+
+/// `stack up` and the preparation every job needs: migrations and topics.
+pub async fn stack_up(cli_db: Option<&str>, cli_brokers: Option<&str>, state_dir: &std::path::Path, prefix: &str) -> anyhow::Result<Endpoints> {
+    let state = kalon_stack::stack::up(
+        state_dir,
+        cli_db.unwrap_or(DEFAULT_DATABASE_URL),
+        cli_brokers.unwrap_or(DEFAULT_BROKERS),
+    )
+    .await?;
+    let endpoints = Endpoints {
+        database_url: state.database_url.clone(),
+        kafka: KafkaSettings::new(&state.brokers, prefix),
+    };
+    migrate(&endpoints.database_url).await?;
+    let created = kalon_kafka::create_topics(&endpoints.kafka).await?;
+    if !created.is_empty() {
+        eprintln!("kafka: created topics {}", created.join(", "));
+    }
+    Ok(endpoints)
+}
+
+async fn migrate(url: &str) -> anyhow::Result<()> {
+    kalon_db::create_database(url).await?;
+    let pool = kalon_db::connect(url, 2).await?;
+    kalon_db::migrate(&pool).await.context("failed to migrate")?;
+    pool.close().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _telemetry = kalon_telemetry::init("kalonctl")?;
+    match &cli.command {
+        Command::Stack { action } => match action {
+            StackAction::Up => {
+                let endpoints = stack_up(
+                    cli.database_url.as_deref(),
+                    cli.brokers.as_deref(),
+                    &cli.state_dir,
+                    &cli.topic_prefix,
+                )
+                .await?;
+                eprintln!("stack is up; migrations applied; topics present");
+                print!(
+                    "export DATABASE_URL={}\nexport KALON_KAFKA_BROKERS={}\n",
+                    endpoints.database_url, endpoints.kafka.brokers
+                );
+            }
+            StackAction::Down => kalon_stack::stack::down(&cli.state_dir)?,
+            StackAction::Status => {
+                let e = cli.endpoints();
+                print!("{}", kalon_stack::stack::status(&cli.state_dir, &e.database_url, &e.kafka.brokers).await?);
+            }
+            StackAction::Env => {
+                let state = StackState::load(&cli.state_dir)
+                    .context("the stack is not up here; run `kalonctl stack up`")?;
+                print!("{}", state.env_lines());
+            }
+        },
+        Command::Migrate => {
+            let e = cli.endpoints();
+            migrate(&e.database_url).await?;
+            eprintln!("migrations applied to {}", kalon_db::redact(&e.database_url));
+        }
+        Command::Topics { action } => match action {
+            TopicsAction::Create => {
+                let created = kalon_kafka::create_topics(&cli.endpoints().kafka).await?;
+                eprintln!("created {} topic(s): {}", created.len(), created.join(", "));
+            }
+            TopicsAction::List => {
+                for spec in kalon_events::TOPICS {
+                    println!("{:<32} {:>3} partitions  {}", spec.full_name(&cli.topic_prefix), spec.partitions, spec.purpose);
+                }
+            }
+        },
+        Command::Produce(args) => events::produce(&cli.endpoints(), args).await?,
+        Command::Demo(args) => demo::run(&cli, args).await?,
+        Command::Bench { which } => bench::run(&cli, which).await?,
+    }
+    Ok(())
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Kalon's tests: install what is missing, bring the local stack up (Postgres
+# and a tansu broker, started only if none answers), run the whole suite
+# against them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-tools.sh
+cargo build --workspace --bins --locked
+# the stack's addresses become DATABASE_URL and KALON_KAFKA_BROKERS for the tests
+eval "$(cargo run -q --locked -p kalonctl -- stack up)"
+export DATABASE_URL KALON_KAFKA_BROKERS
+if command -v cargo-nextest >/dev/null; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi

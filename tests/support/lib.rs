@@ -1,0 +1,210 @@
+//! Helpers for Kalon's integration tests. Every test gets its own database
+//! (random name, migrations applied) and its own topics (random prefix), so
+//! tests run in parallel against one server and one broker. The broker is the
+//! stack's (`KALON_KAFKA_BROKERS`) when given, else a private tansu.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kalon_events::{Event, TOPICS};
+use kalon_kafka::{KafkaSettings, Outgoing};
+use kalon_stack::{Broker, Storage};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use sqlx::PgPool;
+
+pub use kalon_stack::free_port;
+
+/// A random lowercase tag for names.
+pub fn tag() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// The Postgres server tests create their databases on.
+pub fn server_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| kalon_stack::DEFAULT_DATABASE_URL.into())
+}
+
+/// A fresh, migrated database on the server at `server`.
+pub async fn fresh_database(server: &str) -> (String, PgPool) {
+    let url = kalon_db::with_database(server, &format!("kalon_test_{}", tag()));
+    kalon_db::create_database(&url).await.expect("create test database");
+    let pool = kalon_db::connect(&url, 4).await.expect("connect to test database");
+    kalon_db::migrate(&pool).await.expect("migrate test database");
+    (url, pool)
+}
+
+/// A private tansu broker for one test.
+pub fn private_broker(storage: Storage) -> (Broker, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let binary = kalon_stack::tools::find_tansu().expect("tansu");
+    let broker = Broker::start(&binary, free_port(), storage, dir.path()).expect("start tansu");
+    (broker, dir)
+}
+
+/// One test's world: database, topics, maybe its own broker.
+pub struct TestEnv {
+    pub database_url: String,
+    pub pool: PgPool,
+    pub kafka: KafkaSettings,
+    pub broker: Option<Broker>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestEnv {
+    /// On the shared broker when `KALON_KAFKA_BROKERS` is set, else a private one.
+    pub async fn new() -> TestEnv {
+        match std::env::var("KALON_KAFKA_BROKERS") {
+            Ok(brokers) if !brokers.is_empty() => Self::on(brokers, None, None).await,
+            _ => {
+                let (broker, dir) = private_broker(Storage::Memory);
+                Self::on(broker.address(), Some(broker), Some(dir)).await
+            }
+        }
+    }
+
+    /// With a private broker of the given storage (tests that restart it).
+    pub async fn with_private_broker(storage: Storage) -> TestEnv {
+        let (broker, dir) = private_broker(storage);
+        Self::on(broker.address(), Some(broker), Some(dir)).await
+    }
+
+    /// With a given database server URL (tests that restart Postgres).
+    pub async fn on_server(server: &str) -> TestEnv {
+        let mut env = Self::new().await;
+        let (url, pool) = fresh_database(server).await;
+        env.pool.close().await;
+        env.database_url = url;
+        env.pool = pool;
+        env
+    }
+
+    async fn on(brokers: String, broker: Option<Broker>, dir: Option<tempfile::TempDir>) -> TestEnv {
+        let kafka = KafkaSettings::new(brokers, format!("t{}.", tag()));
+        kalon_kafka::create_topics(&kafka).await.expect("create test topics");
+        let (database_url, pool) = fresh_database(&server_url()).await;
+        TestEnv { database_url, pool, kafka, broker, _dir: dir }
+    }
+
+    pub fn ingest_config(&self) -> kalon_ingest::IngestConfig {
+        let mut config = kalon_ingest::IngestConfig::new(&self.database_url, &self.kafka.brokers, &self.kafka.topic_prefix);
+        config.max_backoff_ms = 500;
+        config
+    }
+
+    /// Produces the events (blocking the caller's thread is avoided).
+    pub async fn produce(&self, events: &[Event]) {
+        let messages: Vec<Outgoing> = events
+            .iter()
+            .map(|e| Outgoing {
+                topic: self.kafka.topic(e.kind().topic()),
+                key: Some(e.event_id().as_bytes().to_vec()),
+                payload: e.to_json(),
+                headers: None,
+            })
+            .collect();
+        self.send(messages).await;
+    }
+
+    pub async fn send(&self, messages: Vec<Outgoing>) {
+        let kafka = self.kafka.clone();
+        let n = messages.len() as u64;
+        let sent = tokio::task::spawn_blocking(move || kalon_kafka::produce_all(&kafka, messages, |_| {}))
+            .await
+            .expect("producer thread")
+            .expect("produce");
+        assert_eq!(sent, n);
+    }
+
+    /// Rows per event table (impressions, clicks, ratings).
+    pub async fn counts(&self) -> [i64; 3] {
+        let mut out = [0; 3];
+        for (table, n) in ["impressions", "clicks", "ratings"].iter().zip(out.iter_mut()) {
+            let (count,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {table}"))
+                .fetch_one(&self.pool)
+                .await
+                .expect("count rows");
+            *n = count;
+        }
+        out
+    }
+
+    /// Waits until the event tables hold `total` rows; panics after `timeout`.
+    pub async fn wait_for_rows(&self, total: i64, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let now: i64 = match tokio::time::timeout(Duration::from_secs(5), self.counts()).await {
+                Ok(counts) => counts.iter().sum(),
+                Err(_) => -1,
+            };
+            if now >= total {
+                return;
+            }
+            assert!(start.elapsed() < timeout, "only {now} of {total} rows after {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Drops the test's database and topics.
+    pub async fn cleanup(self) {
+        self.pool.close().await;
+        let _ = kalon_db::drop_database(&self.database_url).await;
+        if self.broker.is_none() {
+            let names: Vec<String> = TOPICS.iter().map(|t| t.full_name(&self.kafka.topic_prefix)).collect();
+            let _ = kalon_kafka::delete_topics(&self.kafka, &names).await;
+        }
+    }
+}
+
+/// A message read back from a topic.
+pub struct Received {
+    pub headers: HashMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+/// Reads `count` messages from `topic` (from the beginning), or fails after `timeout`.
+pub fn read_topic(kafka: &KafkaSettings, topic: &str, count: usize, timeout: Duration) -> Vec<Received> {
+    let consumer: BaseConsumer = kafka
+        .client_config("kalon-test-reader")
+        .set("group.id", format!("reader-{}", tag()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < count && start.elapsed() < timeout {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            let headers = message
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Received {
+                headers,
+                payload: message.payload().unwrap_or_default().to_vec(),
+            });
+        }
+    }
+    out
+}
+
+/// The `kalon-ingest` binary, built if needed (tests that kill the process).
+pub fn ingest_binary() -> PathBuf {
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", "kalon-ingest", "--bin", "kalon-ingest", "--manifest-path", manifest])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building kalon-ingest failed");
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>/kalon-ingest
+    let path = exe.parent().and_then(|d| d.parent()).expect("target dir").join("kalon-ingest");
+    assert!(path.is_file(), "no kalon-ingest binary at {}", path.display());
+    path
+}
