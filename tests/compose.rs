@@ -25,7 +25,11 @@ fn workspace_binaries() -> BTreeSet<String> {
             .unwrap();
         bins.insert(package);
         for line in text.lines().filter(|l| l.starts_with("name = ")) {
-            bins.insert(line.trim_start_matches("name = ").trim_matches('"').to_owned());
+            bins.insert(
+                line.trim_start_matches("name = ")
+                    .trim_matches('"')
+                    .to_owned(),
+            );
         }
     }
     bins
@@ -43,11 +47,27 @@ fn every_kalon_service_runs_a_workspace_binary() {
             continue;
         }
         kalon_services += 1;
-        let program = service["command"][0].as_str().unwrap_or_else(|| panic!("{name:?} has a command"));
-        assert!(binaries.contains(program), "{name:?} runs {program}, which the workspace does not build ({binaries:?})");
+        let program = service["command"][0]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name:?} has a command"));
+        assert!(
+            binaries.contains(program),
+            "{name:?} runs {program}, which the workspace does not build ({binaries:?})"
+        );
     }
-    assert!(kalon_services >= 3, "the compose file runs the Kalon services");
-    for required in ["kafka", "postgres", "otel-collector", "prometheus", "grafana", "jaeger", "ingest"] {
+    assert!(
+        kalon_services >= 3,
+        "the compose file runs the Kalon services"
+    );
+    for required in [
+        "kafka",
+        "postgres",
+        "otel-collector",
+        "prometheus",
+        "grafana",
+        "jaeger",
+        "ingest",
+    ] {
         assert!(services.contains_key(required), "compose has {required}");
     }
 }
@@ -74,7 +94,10 @@ fn files_the_compose_mounts_exist() {
             let spec = volume.as_str().unwrap();
             if let Some(local) = spec.strip_prefix("./") {
                 let path = local.split(':').next().unwrap();
-                assert!(std::path::Path::new(&format!("{root}/{path}")).exists(), "{spec} mounts a missing path");
+                assert!(
+                    std::path::Path::new(&format!("{root}/{path}")).exists(),
+                    "{spec} mounts a missing path"
+                );
             }
         }
         if let Some(dockerfile) = service["build"]["dockerfile"].as_str() {

@@ -34,10 +34,16 @@ async fn unreachable_postgres_is_a_clear_error() {
 async fn events_land_in_monthly_partitions_and_far_dates_in_the_default() {
     let (url, pool) = kalon_tests::fresh_database(&server_url()).await;
     let created = kalon_db::ensure_partitions(&pool, 2).await.unwrap();
-    assert_eq!(created, 0, "migrations already made last month to two months ahead");
+    assert_eq!(
+        created, 0,
+        "migrations already made last month to two months ahead"
+    );
     let id_now = uuid::Uuid::new_v4();
     let id_old = uuid::Uuid::new_v4();
-    for (id, at) in [(id_now, "now()"), (id_old, "'1999-01-01T00:00:00Z'::timestamptz")] {
+    for (id, at) in [
+        (id_now, "now()"),
+        (id_old, "'1999-01-01T00:00:00Z'::timestamptz"),
+    ] {
         let sql = format!(
             "INSERT INTO clicks (event_id, occurred_at, request_id, image_id, rank) VALUES ($1, {at}, 'r', 'i', 1)"
         );
@@ -46,16 +52,20 @@ async fn events_land_in_monthly_partitions_and_far_dates_in_the_default() {
     let part = |id: uuid::Uuid| {
         let pool = pool.clone();
         async move {
-            let (name,): (String,) = sqlx::query_as("SELECT tableoid::regclass::text FROM clicks WHERE event_id = $1")
-                .bind(id)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+            let (name,): (String,) =
+                sqlx::query_as("SELECT tableoid::regclass::text FROM clicks WHERE event_id = $1")
+                    .bind(id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
             name
         }
     };
     let now = chrono::Utc::now();
-    assert_eq!(part(id_now).await, format!("clicks_y{}", now.format("%Ym%m")));
+    assert_eq!(
+        part(id_now).await,
+        format!("clicks_y{}", now.format("%Ym%m"))
+    );
     assert_eq!(part(id_old).await, "clicks_default");
     // the same event again is ignored, as ingest relies on
     let again = sqlx::query(

@@ -15,7 +15,12 @@ use kalon_tests::{read_topic, TestEnv};
 use tokio::sync::oneshot;
 
 /// Ingest running in this process until the returned sender fires.
-fn spawn_ingest(ingest: Ingest) -> (oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<IngestReport>>) {
+fn spawn_ingest(
+    ingest: Ingest,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<IngestReport>>,
+) {
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(ingest.run(async {
         let _ = stopped.await;
@@ -41,51 +46,35 @@ fn mixed(seed: u64, n: usize) -> Vec<Event> {
 
 /// Every event is in Postgres exactly as produced, and nothing else is.
 async fn assert_exactly(env: &TestEnv, events: &[Event]) {
-    let expected: [i64; 3] = EventKind::ALL.map(|k| events.iter().filter(|e| e.kind() == k).count() as i64);
+    let expected: [i64; 3] =
+        EventKind::ALL.map(|k| events.iter().filter(|e| e.kind() == k).count() as i64);
     assert_eq!(env.counts().await, expected, "rows per table");
+    // read every row back as the event it claims to be: the row as JSON,
+    // decoded and validated by the same contract as the producer's event
     let mut stored: HashMap<uuid::Uuid, Event> = HashMap::new();
-    let impressions: Vec<(uuid::Uuid, chrono::DateTime<chrono::Utc>, String, String, Option<String>, String, String, String, serde_json::Value)> =
-        sqlx::query_as("SELECT event_id, occurred_at, request_id, session_id, user_id, query, model_version, variant, results FROM impressions")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
-    for (event_id, occurred_at, request_id, session_id, user_id, query, model_version, variant, results) in impressions {
-        let results = serde_json::from_value(results).unwrap();
-        stored.insert(
-            event_id,
-            Event::Impression(kalon_events::Impression {
-                event_id, occurred_at, request_id, session_id, user_id, query, model_version, variant, results,
-            }),
-        );
-    }
-    let clicks: Vec<(uuid::Uuid, chrono::DateTime<chrono::Utc>, String, String, i32, Option<i64>)> =
-        sqlx::query_as("SELECT event_id, occurred_at, request_id, image_id, rank, dwell_ms FROM clicks")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
-    for (event_id, occurred_at, request_id, image_id, rank, dwell_ms) in clicks {
-        stored.insert(
-            event_id,
-            Event::Click(kalon_events::Click {
-                event_id, occurred_at, request_id, image_id, rank: rank as u32, dwell_ms: dwell_ms.map(|d| d as u64),
-            }),
-        );
-    }
-    let ratings: Vec<(uuid::Uuid, chrono::DateTime<chrono::Utc>, Option<String>, String, String, i16, String)> =
-        sqlx::query_as("SELECT event_id, occurred_at, request_id, query, image_id, stars, aspect FROM ratings")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
-    for (event_id, occurred_at, request_id, query, image_id, stars, aspect) in ratings {
-        let aspect = serde_json::from_value(serde_json::Value::String(aspect)).unwrap();
-        stored.insert(
-            event_id,
-            Event::Rating(kalon_events::Rating { event_id, occurred_at, request_id, query, image_id, stars: stars as u8, aspect }),
-        );
+    for (kind, table) in EventKind::ALL
+        .iter()
+        .zip(["impressions", "clicks", "ratings"])
+    {
+        let rows: Vec<(serde_json::Value,)> = sqlx::query_as(&format!(
+            "SELECT to_jsonb(t) - 'ingested_at' FROM {table} t"
+        ))
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+        for (row,) in rows {
+            let event = Event::decode(*kind, &serde_json::to_vec(&row).unwrap())
+                .unwrap_or_else(|e| panic!("row {row} is not a valid {kind:?}: {e}"));
+            stored.insert(event.event_id(), event);
+        }
     }
     assert_eq!(stored.len(), events.len(), "distinct event ids stored");
     for event in events {
-        assert_eq!(stored.get(&event.event_id()), Some(event), "stored row differs from the event");
+        assert_eq!(
+            stored.get(&event.event_id()),
+            Some(event),
+            "stored row differs from the event"
+        );
     }
 }
 
@@ -98,7 +87,8 @@ async fn round_trip_field_by_field_and_redeliveries_ignored() {
     env.produce(&events[..400]).await;
 
     let (stop, running) = spawn_ingest(Ingest::build(env.ingest_config()).await.unwrap());
-    env.wait_for_rows(events.len() as i64, Duration::from_secs(60)).await;
+    env.wait_for_rows(events.len() as i64, Duration::from_secs(60))
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.send(()).unwrap();
     let report = running.await.unwrap().unwrap();
@@ -123,7 +113,12 @@ async fn malformed_events_go_to_the_dead_letter_topic_with_reasons() {
             let (kind, payload, reason) = generator.malformed();
             *expected_reasons.entry(reason).or_default() += 1;
             bad_payloads.insert(payload.clone());
-            messages.push(Outgoing { topic: env.kafka.topic(kind.topic()), key: None, payload, headers: None });
+            messages.push(Outgoing {
+                topic: env.kafka.topic(kind.topic()),
+                key: None,
+                payload,
+                headers: None,
+            });
         } else {
             let event = generator.next_event();
             messages.push(Outgoing {
@@ -139,11 +134,17 @@ async fn malformed_events_go_to_the_dead_letter_topic_with_reasons() {
     env.send(messages).await;
 
     let (stop, running) = spawn_ingest(Ingest::build(env.ingest_config()).await.unwrap());
-    env.wait_for_rows(good.len() as i64, Duration::from_secs(60)).await;
+    env.wait_for_rows(good.len() as i64, Duration::from_secs(60))
+        .await;
     let dead = {
         let kafka = env.kafka.clone();
         tokio::task::spawn_blocking(move || {
-            read_topic(&kafka, &kafka.topic(DEAD_LETTER_TOPIC), 1_000, Duration::from_secs(60))
+            read_topic(
+                &kafka,
+                &kafka.topic(DEAD_LETTER_TOPIC),
+                1_000,
+                Duration::from_secs(60),
+            )
         })
         .await
         .unwrap()
@@ -156,25 +157,57 @@ async fn malformed_events_go_to_the_dead_letter_topic_with_reasons() {
     assert_eq!(report.dead_letters, 1_000);
     let mut reasons: HashMap<&str, usize> = HashMap::new();
     for letter in &dead {
-        let reason = letter.headers.get(dlq::REASON).expect("reason header").as_str();
-        let known = expected_reasons.keys().find(|r| **r == reason).copied().unwrap_or("unexpected");
+        let reason = letter
+            .headers
+            .get(dlq::REASON)
+            .expect("reason header")
+            .as_str();
+        let known = expected_reasons
+            .keys()
+            .find(|r| **r == reason)
+            .copied()
+            .unwrap_or("unexpected");
         *reasons.entry(known).or_default() += 1;
-        assert!(bad_payloads.contains(&letter.payload), "dead letter carries the original payload");
+        assert!(
+            bad_payloads.contains(&letter.payload),
+            "dead letter carries the original payload"
+        );
         assert!(!letter.headers[dlq::DETAIL].is_empty());
         assert!(letter.headers[dlq::SOURCE_TOPIC].starts_with(&env.kafka.topic_prefix));
-        letter.headers[dlq::SOURCE_PARTITION].parse::<i32>().expect("partition header");
-        letter.headers[dlq::SOURCE_OFFSET].parse::<i64>().expect("offset header");
+        letter.headers[dlq::SOURCE_PARTITION]
+            .parse::<i32>()
+            .expect("partition header");
+        letter.headers[dlq::SOURCE_OFFSET]
+            .parse::<i64>()
+            .expect("offset header");
     }
     assert_eq!(reasons, expected_reasons);
     env.cleanup().await;
 }
 
+/// The static group member id of "the" ingest replica of a test.
+fn replica_id(env: &TestEnv) -> String {
+    format!("{}replica-1", env.kafka.topic_prefix)
+}
+
 fn start_ingest_process(env: &TestEnv, binary: &std::path::Path) -> Child {
     let config = env.ingest_config();
     Command::new(binary)
-        .args(["--database-url", &config.database_url, "--brokers", &config.brokers])
-        .args(["--topic-prefix", &config.topic_prefix, "--group", &config.group_id])
+        .args([
+            "--database-url",
+            &config.database_url,
+            "--brokers",
+            &config.brokers,
+        ])
+        .args([
+            "--topic-prefix",
+            &config.topic_prefix,
+            "--group",
+            &config.group_id,
+        ])
         .args(["--batch-max", "500", "--max-backoff-ms", "500"])
+        // a restarted replica keeps its identity; see IngestConfig::instance_id
+        .args(["--instance-id", &replica_id(env)])
         .env("RUST_LOG", "warn")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .stdin(Stdio::null())
@@ -185,7 +218,9 @@ fn start_ingest_process(env: &TestEnv, binary: &std::path::Path) -> Child {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     let env = TestEnv::new().await;
-    let binary = tokio::task::spawn_blocking(kalon_tests::ingest_binary).await.unwrap();
+    let binary = tokio::task::spawn_blocking(kalon_tests::ingest_binary)
+        .await
+        .unwrap();
     let events = mixed(3, 24_000);
     let mut child = start_ingest_process(&env, &binary);
     for (round, chunk) in events.chunks(6_000).enumerate() {
@@ -196,7 +231,8 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
         child.wait().unwrap();
         child = start_ingest_process(&env, &binary);
     }
-    env.wait_for_rows(events.len() as i64, Duration::from_secs(120)).await;
+    env.wait_for_rows(events.len() as i64, Duration::from_secs(120))
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     child.kill().unwrap();
     child.wait().unwrap();
@@ -211,9 +247,14 @@ async fn broker_restart_during_a_stream_loses_nothing() {
     let (stop, running) = spawn_ingest(Ingest::build(env.ingest_config()).await.unwrap());
     env.produce(&events[..5_000]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    env.broker.as_mut().unwrap().restart().expect("restart the broker");
+    env.broker
+        .as_mut()
+        .unwrap()
+        .restart()
+        .expect("restart the broker");
     env.produce(&events[5_000..]).await;
-    env.wait_for_rows(events.len() as i64, Duration::from_secs(120)).await;
+    env.wait_for_rows(events.len() as i64, Duration::from_secs(120))
+        .await;
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
     assert_exactly(&env, &events).await;
@@ -226,7 +267,9 @@ async fn postgres_restart_during_a_stream_loses_nothing() {
     let cluster = tokio::task::spawn_blocking({
         let path = dir.path().join("pg");
         move || {
-            let cluster = PgCluster::open(&path, kalon_tests::free_port()).unwrap().stop_on_drop();
+            let cluster = PgCluster::open(&path, kalon_tests::free_port())
+                .unwrap()
+                .stop_on_drop();
             cluster.start().unwrap();
             cluster
         }
@@ -243,7 +286,12 @@ async fn postgres_restart_during_a_stream_loses_nothing() {
             for chunk in kafka_env_events.chunks(1_000) {
                 let messages: Vec<Outgoing> = chunk
                     .iter()
-                    .map(|e| Outgoing { topic: kafka.topic(e.kind().topic()), key: None, payload: e.to_json(), headers: None })
+                    .map(|e| Outgoing {
+                        topic: kafka.topic(e.kind().topic()),
+                        key: None,
+                        payload: e.to_json(),
+                        headers: None,
+                    })
                     .collect();
                 let k = kafka.clone();
                 tokio::task::spawn_blocking(move || kalon_kafka::produce_all(&k, messages, |_| {}))
@@ -264,7 +312,8 @@ async fn postgres_restart_during_a_stream_loses_nothing() {
     .await
     .unwrap();
     producing.await.unwrap();
-    env.wait_for_rows(events.len() as i64, Duration::from_secs(120)).await;
+    env.wait_for_rows(events.len() as i64, Duration::from_secs(120))
+        .await;
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
     assert_exactly(&env, &events).await;
@@ -275,31 +324,47 @@ async fn postgres_restart_during_a_stream_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_batch_and_commits() {
     let env = TestEnv::new().await;
-    let binary = tokio::task::spawn_blocking(kalon_tests::ingest_binary).await.unwrap();
+    let binary = tokio::task::spawn_blocking(kalon_tests::ingest_binary)
+        .await
+        .unwrap();
     let events = mixed(6, 8_000);
     env.produce(&events).await;
-    let child = start_ingest_process(&env, &binary);
+    let mut child = start_ingest_process(&env, &binary);
     // stop it while it drains
     loop {
+        assert!(child.try_wait().unwrap().is_none(), "ingest exited early");
         let landed: i64 = env.counts().await.iter().sum();
         if landed > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "ingest exits cleanly on SIGTERM: {:?}", output.status);
+    assert!(
+        output.status.success(),
+        "ingest exits cleanly on SIGTERM: {:?}",
+        output.status
+    );
     let landed_at_stop: i64 = env.counts().await.iter().sum();
 
-    // a successor sees no redelivery of anything the first one wrote
-    let (stop, running) = spawn_ingest(Ingest::build(env.ingest_config()).await.unwrap());
-    env.wait_for_rows(events.len() as i64, Duration::from_secs(60)).await;
+    // the replica, restarted, sees no redelivery of anything it wrote before
+    let mut config = env.ingest_config();
+    config.instance_id = Some(replica_id(&env));
+    let (stop, running) = spawn_ingest(Ingest::build(config).await.unwrap());
+    env.wait_for_rows(events.len() as i64, Duration::from_secs(60))
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.send(()).unwrap();
     let report = running.await.unwrap().unwrap();
-    assert_eq!(report.duplicates, 0, "offsets of everything written before SIGTERM were committed");
+    assert_eq!(
+        report.duplicates, 0,
+        "offsets of everything written before SIGTERM were committed"
+    );
     assert_eq!(report.written as i64, events.len() as i64 - landed_at_stop);
     assert_exactly(&env, &events).await;
     env.cleanup().await;

@@ -32,7 +32,10 @@ pub type Result<T, E = DbError> = std::result::Result<T, E>;
 pub fn options(url: &str) -> Result<PgConnectOptions> {
     url.parse::<PgConnectOptions>()
         .map(|o| o.log_statements(tracing::log::LevelFilter::Debug))
-        .map_err(|source| DbError::BadUrl { url: redact(url), source })
+        .map_err(|source| DbError::BadUrl {
+            url: redact(url),
+            source,
+        })
 }
 
 /// A pool to `url`, failing fast with a clear error when Postgres is not there.
@@ -42,7 +45,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options(url)?)
         .await
-        .map_err(|source| DbError::Unreachable { url: redact(url), source })
+        .map_err(|source| DbError::Unreachable {
+            url: redact(url),
+            source,
+        })
 }
 
 /// Applies every pending migration.
@@ -53,19 +59,21 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 
 /// Fails unless the database has exactly the migrations this binary embeds.
 pub async fn check_schema(pool: &PgPool) -> Result<()> {
-    let applied: Vec<(i64,)> = match sqlx::query_as(
-        "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
-    )
-    .fetch_all(pool)
-    .await
-    {
-        Ok(rows) => rows,
-        // 42P01: undefined_table, nothing was ever migrated
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
-        Err(e) => return Err(e.into()),
-    };
+    let applied: Vec<(i64,)> =
+        match sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await
+        {
+            Ok(rows) => rows,
+            // 42P01: undefined_table, nothing was ever migrated
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
     let applied: Vec<i64> = applied.into_iter().map(|(v,)| v).collect();
-    if let Some(&version) = applied.iter().find(|v| !MIGRATOR.iter().any(|m| m.version == **v)) {
+    if let Some(&version) = applied
+        .iter()
+        .find(|v| !MIGRATOR.iter().any(|m| m.version == **v))
+    {
         return Err(DbError::SchemaAhead { version });
     }
     let missing: Vec<_> = MIGRATOR
@@ -99,7 +107,10 @@ pub async fn create_database(url: &str) -> Result<()> {
     let name = target.get_database().unwrap_or("postgres").to_owned();
     let mut admin = PgConnection::connect_with(&target.clone().database("postgres"))
         .await
-        .map_err(|source| DbError::Unreachable { url: redact(url), source })?;
+        .map_err(|source| DbError::Unreachable {
+            url: redact(url),
+            source,
+        })?;
     let exists: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = $1")
         .bind(&name)
         .fetch_optional(&mut admin)
@@ -122,7 +133,10 @@ pub async fn drop_database(url: &str) -> Result<()> {
     let target = options(url)?;
     let name = target.get_database().unwrap_or("postgres").to_owned();
     let mut admin = PgConnection::connect_with(&target.database("postgres")).await?;
-    let statement = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", name.replace('"', "\"\""));
+    let statement = format!(
+        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "\"\"")
+    );
     sqlx::query(&statement).execute(&mut admin).await?;
     admin.close().await?;
     Ok(())
@@ -156,9 +170,15 @@ mod tests {
 
     #[test]
     fn redacts_passwords_and_swaps_databases() {
-        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(with_database("postgres://u@h:1/a?sslmode=disable", "b"), "postgres://u@h:1/b?sslmode=disable");
+        assert_eq!(
+            with_database("postgres://u@h:1/a?sslmode=disable", "b"),
+            "postgres://u@h:1/b?sslmode=disable"
+        );
     }
 
     #[test]

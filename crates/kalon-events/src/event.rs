@@ -163,7 +163,11 @@ impl Event {
         // serde also reads structs from JSON arrays; the contract is objects only
         match payload.iter().find(|b| !b.is_ascii_whitespace()) {
             Some(b'{') => {}
-            Some(b'[') => return Err(DecodeError::Schema("event must be a JSON object, not an array".into())),
+            Some(b'[') => {
+                return Err(DecodeError::Schema(
+                    "event must be a JSON object, not an array".into(),
+                ))
+            }
             _ => {}
         }
         let event = match kind {
@@ -214,7 +218,10 @@ impl Event {
                 text("model_version", &e.model_version, 128)?;
                 text("variant", &e.variant, 64)?;
                 if e.results.len() > 1000 {
-                    return Err(format!("results has {} items, at most 1000", e.results.len()));
+                    return Err(format!(
+                        "results has {} items, at most 1000",
+                        e.results.len()
+                    ));
                 }
                 for item in &e.results {
                     text("results[].image_id", &item.image_id, 256)?;

@@ -2,19 +2,19 @@
 //! benchmark and the tests. The simulated world will replace the content
 //! with its own users; the shapes stay.
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, SubsecRound as _, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
-use crate::{
-    Aspect, Click, Event, EventKind, Impression, Rating, ResultItem, MAX_EVENT_BYTES,
-};
+use crate::{Aspect, Click, Event, EventKind, Impression, Rating, ResultItem, MAX_EVENT_BYTES};
 
 const SUBJECTS: &[&str] = &[
     "cat", "mountain", "city", "flower", "car", "beach", "forest", "portrait", "bird", "bridge",
 ];
-const STYLES: &[&str] = &["", "minimal", "vintage", "neon", "pastel", "moody", "sunset"];
+const STYLES: &[&str] = &[
+    "", "minimal", "vintage", "neon", "pastel", "moody", "sunset",
+];
 
 /// A seeded stream of plausible events: impressions, clicks on earlier
 /// impressions, occasional ratings.
@@ -30,11 +30,12 @@ impl Generator {
         Self::starting_at(seed, Utc::now())
     }
 
-    /// A generator whose events start at `clock` and advance a millisecond each.
+    /// A generator whose events start at `clock` (truncated to the
+    /// millisecond, finer than Postgres keeps) and advance a millisecond each.
     pub fn starting_at(seed: u64, clock: DateTime<Utc>) -> Self {
         Generator {
             rng: StdRng::seed_from_u64(seed),
-            clock,
+            clock: clock.trunc_subsecs(3),
             recent: Vec::new(),
             serial: 0,
         }
@@ -81,10 +82,16 @@ impl Generator {
             occurred_at: self.tick(),
             request_id: request_id.clone(),
             session_id: format!("s-{session}"),
-            user_id: (session % 3 != 0).then(|| format!("u-{:x}", u64::from(session).wrapping_mul(2_654_435_761))),
+            user_id: (session % 3 != 0)
+                .then(|| format!("u-{:x}", u64::from(session).wrapping_mul(2_654_435_761))),
             query: query.clone(),
             model_version: "ref-v1".into(),
-            variant: if self.rng.random_bool(0.1) { "canary" } else { "stable" }.into(),
+            variant: if self.rng.random_bool(0.1) {
+                "canary"
+            } else {
+                "stable"
+            }
+            .into(),
             results: results.clone(),
         };
         if self.recent.len() >= 256 {
@@ -97,20 +104,25 @@ impl Generator {
     }
 
     fn click(&mut self) -> Event {
-        let (request_id, _, results) = self.recent[self.rng.random_range(0..self.recent.len())].clone();
-        let item = &results[self.rng.random_range(0..results.len().min(5).max(1))];
+        let (request_id, _, results) =
+            self.recent[self.rng.random_range(0..self.recent.len())].clone();
+        let item = &results[self.rng.random_range(0..results.len().clamp(1, 5))];
         Event::Click(Click {
             event_id: self.id(),
             occurred_at: self.tick(),
             request_id,
             image_id: item.image_id.clone(),
             rank: item.rank,
-            dwell_ms: self.rng.random_bool(0.7).then(|| self.rng.random_range(200..60_000)),
+            dwell_ms: self
+                .rng
+                .random_bool(0.7)
+                .then(|| self.rng.random_range(200..60_000)),
         })
     }
 
     fn rating(&mut self) -> Event {
-        let (request_id, query, results) = self.recent[self.rng.random_range(0..self.recent.len())].clone();
+        let (request_id, query, results) =
+            self.recent[self.rng.random_range(0..self.recent.len())].clone();
         let item = &results[self.rng.random_range(0..results.len().max(1))];
         Event::Rating(Rating {
             event_id: self.id(),
@@ -119,7 +131,11 @@ impl Generator {
             query,
             image_id: item.image_id.clone(),
             stars: self.rng.random_range(1..=5),
-            aspect: if self.rng.random_bool(0.5) { Aspect::Aesthetic } else { Aspect::Relevance },
+            aspect: if self.rng.random_bool(0.5) {
+                Aspect::Aesthetic
+            } else {
+                Aspect::Relevance
+            },
         })
     }
 
@@ -163,12 +179,20 @@ impl Generator {
             2 => {
                 let mut value: serde_json::Value = serde_json::from_slice(&good).unwrap();
                 value.as_object_mut().unwrap().remove("event_id");
-                (kind, serde_json::to_vec(&value).unwrap(), "schema_violation")
+                (
+                    kind,
+                    serde_json::to_vec(&value).unwrap(),
+                    "schema_violation",
+                )
             }
             3 => {
                 let mut value: serde_json::Value = serde_json::from_slice(&good).unwrap();
                 value["unexpected"] = serde_json::json!(true);
-                (kind, serde_json::to_vec(&value).unwrap(), "schema_violation")
+                (
+                    kind,
+                    serde_json::to_vec(&value).unwrap(),
+                    "schema_violation",
+                )
             }
             4 => {
                 let mut value: serde_json::Value = serde_json::from_slice(&good).unwrap();
@@ -180,7 +204,11 @@ impl Generator {
                     EventKind::Rating => serde_json::json!(9),
                     _ => serde_json::json!(""),
                 };
-                (kind, serde_json::to_vec(&value).unwrap(), "schema_violation")
+                (
+                    kind,
+                    serde_json::to_vec(&value).unwrap(),
+                    "schema_violation",
+                )
             }
             _ => {
                 let mut value: serde_json::Value = serde_json::from_slice(&good).unwrap();

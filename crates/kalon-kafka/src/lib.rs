@@ -22,7 +22,10 @@ pub enum Error {
     #[error("{failed} message(s) not acknowledged by the broker, first: {first}")]
     Delivery { failed: u64, first: String },
     #[error("creating topic {topic}: {code}")]
-    CreateTopic { topic: String, code: RDKafkaErrorCode },
+    CreateTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -52,6 +55,10 @@ impl KafkaSettings {
             .set("client.id", client_id)
             .set("socket.keepalive.enable", "true")
             .set("reconnect.backoff.max.ms", "2000");
+        // librdkafka's own debug contexts (e.g. `cgrp,fetch`), for diagnosis
+        if let Ok(debug) = std::env::var("KALON_KAFKA_DEBUG") {
+            config.set("debug", debug);
+        }
         config
     }
 
@@ -67,9 +74,16 @@ pub async fn create_topics(settings: &KafkaSettings) -> Result<Vec<String>> {
 
 /// Creates the given topics; existing ones are left alone. Returns the
 /// names that were created.
-pub async fn create_topic_specs(settings: &KafkaSettings, specs: &[TopicSpec]) -> Result<Vec<String>> {
-    let admin: AdminClient<DefaultClientContext> = settings.client_config("kalon-admin").create()?;
-    let names: Vec<String> = specs.iter().map(|s| s.full_name(&settings.topic_prefix)).collect();
+pub async fn create_topic_specs(
+    settings: &KafkaSettings,
+    specs: &[TopicSpec],
+) -> Result<Vec<String>> {
+    let admin: AdminClient<DefaultClientContext> =
+        settings.client_config("kalon-admin").create()?;
+    let names: Vec<String> = specs
+        .iter()
+        .map(|s| s.full_name(&settings.topic_prefix))
+        .collect();
     let topics: Vec<NewTopic> = specs
         .iter()
         .zip(&names)
@@ -85,16 +99,6 @@ pub async fn create_topic_specs(settings: &KafkaSettings, specs: &[TopicSpec]) -
         }
     }
     Ok(created)
-}
-
-/// Deletes the given topics (tests clean up their random topics).
-pub async fn delete_topics(settings: &KafkaSettings, names: &[String]) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = settings.client_config("kalon-admin").create()?;
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    admin
-        .delete_topics(&refs, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
-        .await?;
-    Ok(())
 }
 
 struct HeaderMap<'a>(&'a mut HashMap<String, String>);
@@ -142,7 +146,8 @@ impl<H: Headers> Extractor for KafkaHeaders<'_, H> {
 pub fn extract_trace<H: Headers>(headers: Option<&H>) -> Option<opentelemetry::Context> {
     use opentelemetry::trace::TraceContextExt;
     let headers = headers?;
-    let context = opentelemetry::global::get_text_map_propagator(|p| p.extract(&KafkaHeaders(headers)));
+    let context =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&KafkaHeaders(headers)));
     context.span().span_context().is_valid().then_some(context)
 }
 
@@ -164,7 +169,9 @@ pub struct Outgoing {
 }
 
 /// Produces every message and waits until the broker acknowledged all of
-/// them (idempotent producer, acks=all). Blocking: call it from a thread or
+/// them (acks=all). A retried send may land twice; Kalon's consumers absorb
+/// that by event id. (The idempotent producer is not used: tansu 0.6's sqlite
+/// engine panics on some of its sequence checks.) Blocking: call it from a thread or
 /// `spawn_blocking`. `on_sent` is called with the running count, for
 /// progress bars. Returns the number acknowledged.
 pub fn produce_all(
@@ -175,7 +182,6 @@ pub fn produce_all(
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let producer: BaseProducer<Deliveries> = settings
         .client_config("kalon-producer")
-        .set("enable.idempotence", "true")
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "500000")
@@ -201,17 +207,28 @@ pub fn produce_all(
             }
         }
         sent += 1;
-        if sent % 1000 == 0 {
+        if sent.is_multiple_of(1000) {
             producer.poll(Duration::ZERO);
             on_sent(sent);
         }
     }
     producer.flush(Duration::from_secs(120))?;
     on_sent(sent);
-    let failed = producer.context().failed.load(std::sync::atomic::Ordering::Relaxed);
+    let failed = producer
+        .context()
+        .failed
+        .load(std::sync::atomic::Ordering::Relaxed);
     if failed > 0 {
-        let first = producer.context().first_error.lock().map(|e| e.clone()).unwrap_or_default();
-        return Err(Error::Delivery { failed, first: first.unwrap_or_default() });
+        let first = producer
+            .context()
+            .first_error
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default();
+        return Err(Error::Delivery {
+            failed,
+            first: first.unwrap_or_default(),
+        });
     }
     Ok(sent - failed)
 }
@@ -230,7 +247,8 @@ impl rdkafka::producer::ProducerContext for Deliveries {
 
     fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
         if let Err((error, _)) = result {
-            self.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if let Ok(mut first) = self.first_error.lock() {
                 first.get_or_insert_with(|| error.to_string());
             }

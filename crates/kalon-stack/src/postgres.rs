@@ -76,21 +76,29 @@ impl PgCluster {
             .with_context(|| format!("cannot create {}", self.dir.display()))?;
         if running_as_root() {
             // the server user must own the data folder and reach it
-            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&self.dir))?;
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&self.dir))?;
             let mut parent = self.dir.parent();
             while let Some(p) = parent {
                 if p.metadata().is_ok_and(|m| m.mode() & 0o001 == 0) {
                     let mode = p.metadata()?.mode() | 0o711;
-                    std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+                    std::fs::set_permissions(
+                        p,
+                        std::os::unix::fs::PermissionsExt::from_mode(mode),
+                    )?;
                 }
                 parent = p.parent();
             }
         }
         let mut initdb = self.command("initdb");
-        initdb
-            .arg("-D")
-            .arg(&self.dir)
-            .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-sync"]);
+        initdb.arg("-D").arg(&self.dir).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-sync",
+        ]);
         run(&mut initdb).context("initdb failed")?;
         Ok(())
     }
@@ -136,7 +144,10 @@ impl PgCluster {
             .arg(self.dir.join("server.log"))
             .args(["-w", "-t", "60", "start"]);
         run(&mut start).with_context(|| {
-            format!("pg_ctl start failed; see {}", self.dir.join("server.log").display())
+            format!(
+                "pg_ctl start failed; see {}",
+                self.dir.join("server.log").display()
+            )
         })?;
         Ok(())
     }
@@ -147,7 +158,9 @@ impl PgCluster {
             return Ok(());
         }
         let mut stop = self.command("pg_ctl");
-        stop.arg("-D").arg(&self.dir).args(["-m", "fast", "-w", "stop"]);
+        stop.arg("-D")
+            .arg(&self.dir)
+            .args(["-m", "fast", "-w", "stop"]);
         run(&mut stop).context("pg_ctl stop failed")?;
         Ok(())
     }

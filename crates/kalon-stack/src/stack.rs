@@ -66,7 +66,10 @@ fn broker_answers(brokers: &str) -> bool {
     let consumer: Result<BaseConsumer, _> = kalon_kafka::KafkaSettings::new(brokers, "")
         .client_config("kalon-stack-probe")
         .create();
-    consumer.is_ok_and(|c| c.fetch_metadata(None, std::time::Duration::from_secs(3)).is_ok())
+    consumer.is_ok_and(|c| {
+        c.fetch_metadata(None, std::time::Duration::from_secs(3))
+            .is_ok()
+    })
 }
 
 /// Brings the stack up: uses what answers at the configured addresses and
@@ -81,12 +84,17 @@ pub async fn up(root: &Path, database_url: &str, brokers: &str) -> anyhow::Resul
     };
 
     if postgres_answers(database_url).await {
-        eprintln!("postgres: using the server at {}", kalon_db::redact(database_url));
+        eprintln!(
+            "postgres: using the server at {}",
+            kalon_db::redact(database_url)
+        );
     } else {
         let dir = root.join("pg");
         let url = kalon_db::with_database(
             &format!("postgres://postgres@127.0.0.1:{PRIVATE_PG_PORT}/"),
-            &kalon_db::options(database_url)?.get_database().unwrap_or("kalon").to_owned(),
+            kalon_db::options(database_url)?
+                .get_database()
+                .unwrap_or("kalon"),
         );
         eprintln!(
             "postgres: nothing answers at {}; starting a private cluster in {} on port {PRIVATE_PG_PORT}",
@@ -112,7 +120,8 @@ pub async fn up(root: &Path, database_url: &str, brokers: &str) -> anyhow::Resul
     let probe = brokers.to_owned();
     if tokio::task::spawn_blocking(move || broker_answers(&probe)).await? {
         eprintln!("kafka: using the broker at {brokers}");
-        state.started_broker_pid = previous.and_then(|p| p.started_broker_pid.filter(|pid| is_tansu(*pid)));
+        state.started_broker_pid =
+            previous.and_then(|p| p.started_broker_pid.filter(|pid| is_tansu(*pid)));
     } else {
         let port: u16 = brokers
             .rsplit(':')
@@ -121,7 +130,10 @@ pub async fn up(root: &Path, database_url: &str, brokers: &str) -> anyhow::Resul
             .context("KALON_KAFKA_BROKERS must be host:port to start a local broker")?;
         let binary = tokio::task::spawn_blocking(tools::install_tansu).await??;
         let dir = root.join("tansu");
-        eprintln!("kafka: starting tansu on 127.0.0.1:{port} (sqlite storage in {})", dir.display());
+        eprintln!(
+            "kafka: starting tansu on 127.0.0.1:{port} (sqlite storage in {})",
+            dir.display()
+        );
         let broker = Broker::start(&binary, port, Storage::Sqlite("tansu.db".into()), &dir)?;
         state.brokers = broker.address();
         state.started_broker_pid = broker.detach();
@@ -143,7 +155,9 @@ pub fn down(root: &Path) -> anyhow::Result<()> {
     };
     match state.started_broker_pid {
         Some(pid) if is_tansu(pid) => {
-            std::process::Command::new("kill").arg(pid.to_string()).status()?;
+            std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status()?;
             eprintln!("kafka: stopped tansu (pid {pid})");
         }
         _ => eprintln!("kafka: not started by the stack; left alone"),

@@ -10,8 +10,8 @@
 //! [`init`] returns a guard; dropping it flushes and shuts the exporters down.
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
 use opentelemetry::{global, KeyValue};
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -54,17 +54,28 @@ pub fn init(service: &'static str) -> anyhow::Result<TelemetryGuard> {
 }
 
 /// As [`init`], with the OTLP endpoint (e.g. `http://127.0.0.1:4318`) given.
-pub fn init_with(service: &'static str, otlp_endpoint: Option<&str>) -> anyhow::Result<TelemetryGuard> {
+pub fn init_with(
+    service: &'static str,
+    otlp_endpoint: Option<&str>,
+) -> anyhow::Result<TelemetryGuard> {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("KALON_LOG_FORMAT").is_ok_and(|f| f == "json");
     let fmt = if json {
-        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed()
     };
 
-    let mut guard = TelemetryGuard { tracer: None, meter: None };
+    let mut guard = TelemetryGuard {
+        tracer: None,
+        meter: None,
+    };
     let otel_layer = match otlp_endpoint {
         None => None,
         Some(endpoint) => {

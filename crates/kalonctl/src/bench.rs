@@ -35,26 +35,49 @@ pub enum Bench {
 
 pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
     match bench {
-        Bench::Ingest { events, no_baseline } => ingest(cli, *events, !*no_baseline).await,
+        Bench::Ingest {
+            events,
+            no_baseline,
+        } => ingest(cli, *events, !*no_baseline).await,
     }
 }
 
 async fn ingest(cli: &Cli, count: u64, baseline: bool) -> anyhow::Result<()> {
     anyhow::ensure!(count > 0, "--events must be positive");
-    let endpoints = crate::stack_up(cli.database_url.as_deref(), cli.brokers.as_deref(), &cli.state_dir, "").await?;
-    let python = if baseline { Some(baseline_python().await?) } else { None };
+    let endpoints = crate::stack_up(
+        cli.database_url.as_deref(),
+        cli.brokers.as_deref(),
+        &cli.state_dir,
+        "",
+    )
+    .await?;
+    let python = if baseline {
+        Some(baseline_python().await?)
+    } else {
+        None
+    };
 
     let tag = format!("{:08x}", rand_u32());
     let dir = tempfile::tempdir()?;
     let binary = tokio::task::spawn_blocking(tools::install_tansu).await??;
-    let broker = Broker::start(&binary, kalon_stack::free_port(), Storage::Memory, dir.path())?;
+    let broker = Broker::start(
+        &binary,
+        kalon_stack::free_port(),
+        Storage::Memory,
+        dir.path(),
+    )?;
     let kafka = KafkaSettings::new(broker.address(), format!("bench{tag}."));
     kalon_kafka::create_topics(&kafka).await?;
-    let database_url = kalon_db::with_database(&endpoints.database_url, &format!("kalon_bench_{tag}"));
+    let database_url =
+        kalon_db::with_database(&endpoints.database_url, &format!("kalon_bench_{tag}"));
     crate::migrate(&database_url).await?;
     let pool = kalon_db::connect(&database_url, 2).await?;
 
-    eprintln!("bench ingest: {count} events, broker {} (memory storage), database {}", kafka.brokers, kalon_db::redact(&database_url));
+    eprintln!(
+        "bench ingest: {count} events, broker {} (memory storage), database {}",
+        kafka.brokers,
+        kalon_db::redact(&database_url)
+    );
     let generated = events::generate(&kafka, count, 0, 42);
     let bytes: usize = generated.messages.iter().map(|m| m.payload.len()).sum();
     let produce_start = Instant::now();
@@ -87,13 +110,24 @@ async fn ingest(cli: &Cli, count: u64, baseline: bool) -> anyhow::Result<()> {
         bail!("ingest reported done but {landed} of {count} rows are in Postgres");
     }
     let rate = count as f64 / seconds;
-    eprintln!("kalon ingest: {count} events in {seconds:.2}s = {rate:.0} events/s ({} batches)", report.batches);
+    eprintln!(
+        "kalon ingest: {count} events in {seconds:.2}s = {rate:.0} events/s ({} batches)",
+        report.batches
+    );
 
     let mut baseline_rate = None;
     if let Some(python) = python {
-        sqlx::query("CREATE TABLE baseline_events (payload jsonb NOT NULL)").execute(&pool).await?;
-        let topics: Vec<String> = EventKind::ALL.iter().map(|k| kafka.topic(k.topic())).collect();
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/bench/baseline_consumer.py");
+        sqlx::query("CREATE TABLE baseline_events (payload jsonb NOT NULL)")
+            .execute(&pool)
+            .await?;
+        let topics: Vec<String> = EventKind::ALL
+            .iter()
+            .map(|k| kafka.topic(k.topic()))
+            .collect();
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/bench/baseline_consumer.py"
+        );
         let pipeline = format!(
             "set -o pipefail; '{}' '{}' '{}' 'baseline-{tag}' {count} {} | psql -X -q -v ON_ERROR_STOP=1 '{}' -c '\\copy baseline_events(payload) FROM STDIN'",
             python.display(),
@@ -113,7 +147,9 @@ async fn ingest(cli: &Cli, count: u64, baseline: bool) -> anyhow::Result<()> {
         if !status.success() {
             bail!("the baseline pipeline failed ({status})");
         }
-        let (copied,): (i64,) = sqlx::query_as("SELECT count(*) FROM baseline_events").fetch_one(&pool).await?;
+        let (copied,): (i64,) = sqlx::query_as("SELECT count(*) FROM baseline_events")
+            .fetch_one(&pool)
+            .await?;
         if copied as u64 != count {
             bail!("baseline copied {copied} of {count} events");
         }
@@ -153,7 +189,10 @@ async fn baseline_python() -> anyhow::Result<std::path::PathBuf> {
     if ready {
         return Ok(python);
     }
-    eprintln!("bench: installing confluent-kafka into {} (one time)", venv.display());
+    eprintln!(
+        "bench: installing confluent-kafka into {} (one time)",
+        venv.display()
+    );
     let made = tokio::process::Command::new("python3")
         .args(["-m", "venv"])
         .arg(&venv)

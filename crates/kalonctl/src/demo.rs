@@ -31,7 +31,11 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
     .await?;
     let pool = kalon_db::connect(&endpoints.database_url, 2).await?;
 
-    let config = IngestConfig::new(&endpoints.database_url, &endpoints.kafka.brokers, &cli.topic_prefix);
+    let config = IngestConfig::new(
+        &endpoints.database_url,
+        &endpoints.kafka.brokers,
+        &cli.topic_prefix,
+    );
     let ingest = Ingest::build(config).await?;
     let handled = ingest.handled();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -64,7 +68,12 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
     println!();
     println!("{:<12} {:>10} {:>10}", "event", "produced", "in postgres");
     for (i, kind) in kalon_events::EventKind::ALL.iter().enumerate() {
-        println!("{:<12} {:>10} {:>10}", kind.topic(), ids[i].len(), landed[i]);
+        println!(
+            "{:<12} {:>10} {:>10}",
+            kind.topic(),
+            ids[i].len(),
+            landed[i]
+        );
     }
     println!(
         "{:<12} {:>10} {:>10}  (dead-letter topic {})",
@@ -96,6 +105,9 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
          DATABASE_URL={}",
         endpoints.database_url
     );
-    anyhow::ensure!(landed.iter().sum::<u64>() == args.events, "not every event landed");
+    anyhow::ensure!(
+        landed.iter().sum::<u64>() == args.events,
+        "not every event landed"
+    );
     Ok(())
 }

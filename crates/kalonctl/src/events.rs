@@ -32,7 +32,10 @@ pub struct Generated {
 }
 
 pub fn kind_index(kind: EventKind) -> usize {
-    EventKind::ALL.iter().position(|k| *k == kind).expect("every kind is listed")
+    EventKind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .expect("every kind is listed")
 }
 
 /// `events` valid events of the usual mix with `malformed` bad payloads
@@ -43,7 +46,7 @@ pub fn generate(kafka: &KafkaSettings, events: u64, malformed: u64, seed: u64) -
         messages: Vec::with_capacity((events + malformed) as usize),
         ids: Default::default(),
     };
-    let every = if malformed == 0 { u64::MAX } else { (events / malformed).max(1) };
+    let every = events.checked_div(malformed).unwrap_or(u64::MAX).max(1);
     let mut bad_left = malformed;
     for i in 0..events {
         let event = generator.next_event();
@@ -101,7 +104,10 @@ pub async fn produce(endpoints: &Endpoints, args: &ProduceArgs) -> anyhow::Resul
     let seed = args.seed.unwrap_or_else(clock_seed);
     let generated = generate(&endpoints.kafka, args.events, args.malformed, seed);
     let sent = send(&endpoints.kafka, generated.messages).await?;
-    eprintln!("produced {sent} messages ({} malformed), seed {seed}", args.malformed);
+    eprintln!(
+        "produced {sent} messages ({} malformed), seed {seed}",
+        args.malformed
+    );
     Ok(())
 }
 
@@ -118,10 +124,12 @@ const TABLES: [&str; 3] = ["impressions", "clicks", "ratings"];
 pub async fn count_landed(pool: &PgPool, ids: &[Vec<Uuid>; 3]) -> anyhow::Result<[u64; 3]> {
     let mut counts = [0u64; 3];
     for ((table, ids), count) in TABLES.iter().zip(ids).zip(counts.iter_mut()) {
-        let (n,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {table} WHERE event_id = ANY($1)"))
-            .bind(ids)
-            .fetch_one(pool)
-            .await?;
+        let (n,): (i64,) = sqlx::query_as(&format!(
+            "SELECT count(*) FROM {table} WHERE event_id = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_one(pool)
+        .await?;
         *count = n as u64;
     }
     Ok(counts)
@@ -131,14 +139,20 @@ pub async fn count_landed(pool: &PgPool, ids: &[Vec<Uuid>; 3]) -> anyhow::Result
 pub async fn count_all(pool: &PgPool) -> anyhow::Result<[u64; 3]> {
     let mut counts = [0u64; 3];
     for (table, count) in TABLES.iter().zip(counts.iter_mut()) {
-        let (n,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {table}")).fetch_one(pool).await?;
+        let (n,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(pool)
+            .await?;
         *count = n as u64;
     }
     Ok(counts)
 }
 
 /// Waits until `landed()` reaches `expected`, showing progress; fails after `timeout`.
-pub async fn wait_landed<F, Fut>(expected: u64, timeout: Duration, mut landed: F) -> anyhow::Result<Duration>
+pub async fn wait_landed<F, Fut>(
+    expected: u64,
+    timeout: Duration,
+    mut landed: F,
+) -> anyhow::Result<Duration>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<u64>>,

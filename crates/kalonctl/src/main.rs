@@ -102,7 +102,12 @@ impl Cli {
 }
 
 /// `stack up` and the preparation every job needs: migrations and topics.
-pub async fn stack_up(cli_db: Option<&str>, cli_brokers: Option<&str>, state_dir: &std::path::Path, prefix: &str) -> anyhow::Result<Endpoints> {
+pub async fn stack_up(
+    cli_db: Option<&str>,
+    cli_brokers: Option<&str>,
+    state_dir: &std::path::Path,
+    prefix: &str,
+) -> anyhow::Result<Endpoints> {
     let state = kalon_stack::stack::up(
         state_dir,
         cli_db.unwrap_or(DEFAULT_DATABASE_URL),
@@ -124,7 +129,9 @@ pub async fn stack_up(cli_db: Option<&str>, cli_brokers: Option<&str>, state_dir
 async fn migrate(url: &str) -> anyhow::Result<()> {
     kalon_db::create_database(url).await?;
     let pool = kalon_db::connect(url, 2).await?;
-    kalon_db::migrate(&pool).await.context("failed to migrate")?;
+    kalon_db::migrate(&pool)
+        .await
+        .context("failed to migrate")?;
     pool.close().await;
     Ok(())
 }
@@ -152,7 +159,11 @@ async fn main() -> anyhow::Result<()> {
             StackAction::Down => kalon_stack::stack::down(&cli.state_dir)?,
             StackAction::Status => {
                 let e = cli.endpoints();
-                print!("{}", kalon_stack::stack::status(&cli.state_dir, &e.database_url, &e.kafka.brokers).await?);
+                print!(
+                    "{}",
+                    kalon_stack::stack::status(&cli.state_dir, &e.database_url, &e.kafka.brokers)
+                        .await?
+                );
             }
             StackAction::Env => {
                 let state = StackState::load(&cli.state_dir)
@@ -163,7 +174,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => {
             let e = cli.endpoints();
             migrate(&e.database_url).await?;
-            eprintln!("migrations applied to {}", kalon_db::redact(&e.database_url));
+            eprintln!(
+                "migrations applied to {}",
+                kalon_db::redact(&e.database_url)
+            );
         }
         Command::Topics { action } => match action {
             TopicsAction::Create => {
@@ -172,7 +186,12 @@ async fn main() -> anyhow::Result<()> {
             }
             TopicsAction::List => {
                 for spec in kalon_events::TOPICS {
-                    println!("{:<32} {:>3} partitions  {}", spec.full_name(&cli.topic_prefix), spec.partitions, spec.purpose);
+                    println!(
+                        "{:<32} {:>3} partitions  {}",
+                        spec.full_name(&cli.topic_prefix),
+                        spec.partitions,
+                        spec.purpose
+                    );
                 }
             }
         },

@@ -10,7 +10,11 @@ use kalon_kafka::KafkaSettings;
 #[derive(Debug, Clone, Args)]
 pub struct IngestConfig {
     /// Postgres URL.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/kalon")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/kalon"
+    )]
     pub database_url: String,
     /// Kafka bootstrap servers.
     #[arg(long, env = "KALON_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
@@ -19,8 +23,18 @@ pub struct IngestConfig {
     #[arg(long, env = "KALON_TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
     /// Consumer group id.
-    #[arg(long, env = "KALON_INGEST_GROUP", default_value = "kalon-ingest")]
+    #[arg(
+        long = "group",
+        env = "KALON_INGEST_GROUP",
+        default_value = "kalon-ingest"
+    )]
     pub group_id: String,
+    /// Static group membership (`group.instance.id`): a restarted process
+    /// with the same id takes its partitions back at once instead of waiting
+    /// for a rebalance. Give each replica its own stable id (pod or host
+    /// name); two live processes must never share one.
+    #[arg(long, env = "KALON_INGEST_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// Most events written in one transaction.
     #[arg(long, env = "KALON_INGEST_BATCH_MAX", default_value_t = 4000)]
     pub batch_max: usize,
@@ -45,6 +59,7 @@ impl IngestConfig {
             brokers: brokers.to_owned(),
             topic_prefix: topic_prefix.to_owned(),
             group_id: format!("{topic_prefix}kalon-ingest"),
+            instance_id: None,
             batch_max: 4000,
             linger_ms: 50,
             writers: 2,

@@ -31,10 +31,25 @@ impl DeadLetter {
         let partition = self.partition.to_string();
         let offset = self.offset.to_string();
         OwnedHeaders::new_with_capacity(5)
-            .insert(Header { key: headers::REASON, value: Some(self.reason) })
-            .insert(Header { key: headers::DETAIL, value: Some(&detail) })
-            .insert(Header { key: headers::SOURCE_TOPIC, value: Some(&self.topic) })
-            .insert(Header { key: headers::SOURCE_PARTITION, value: Some(&partition) })
-            .insert(Header { key: headers::SOURCE_OFFSET, value: Some(&offset) })
+            .insert(Header {
+                key: headers::REASON,
+                value: Some(self.reason),
+            })
+            .insert(Header {
+                key: headers::DETAIL,
+                value: Some(&detail),
+            })
+            .insert(Header {
+                key: headers::SOURCE_TOPIC,
+                value: Some(&self.topic),
+            })
+            .insert(Header {
+                key: headers::SOURCE_PARTITION,
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: headers::SOURCE_OFFSET,
+                value: Some(&offset),
+            })
     }
 }

@@ -5,7 +5,10 @@ use clap::Parser;
 use kalon_ingest::{Ingest, IngestConfig};
 
 #[derive(Parser)]
-#[command(version, about = "Kalon ingest: search events from Kafka into Postgres")]
+#[command(
+    version,
+    about = "Kalon ingest: search events from Kafka into Postgres"
+)]
 struct Cli {
     #[command(flatten)]
     config: IngestConfig,

@@ -61,7 +61,13 @@ impl Metrics {
 
     pub fn events(&self, kind: &'static str, outcome: &'static str, n: u64) {
         if n > 0 {
-            self.events.add(n, &[KeyValue::new("kind", kind), KeyValue::new("outcome", outcome)]);
+            self.events.add(
+                n,
+                &[
+                    KeyValue::new("kind", kind),
+                    KeyValue::new("outcome", outcome),
+                ],
+            );
         }
     }
 

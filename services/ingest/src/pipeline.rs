@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::future::join_all;
 use kalon_events::{Event, EventKind, DEAD_LETTER_TOPIC};
-use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -91,7 +90,11 @@ impl Batch {
     }
 
     fn track(&mut self, topic: &str, partition: i32, offset: i64) -> Arc<str> {
-        match self.offsets.iter_mut().find(|(t, p, _)| &**t == topic && *p == partition) {
+        match self
+            .offsets
+            .iter_mut()
+            .find(|(t, p, _)| &**t == topic && *p == partition)
+        {
             Some(entry) => {
                 entry.2 = entry.2.max(offset);
                 entry.0.clone()
@@ -145,8 +148,11 @@ impl Ingest {
         }
         let kafka = config.kafka();
         let metrics = Metrics::new();
-        let consumer: StreamConsumer<IngestContext> = kafka
-            .client_config("kalon-ingest")
+        let mut client = kafka.client_config("kalon-ingest");
+        if let Some(instance) = &config.instance_id {
+            client.set("group.instance.id", instance);
+        }
+        let consumer: StreamConsumer<IngestContext> = client
             .set("group.id", &config.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -155,17 +161,20 @@ impl Ingest {
             .set("heartbeat.interval.ms", "1000")
             .set("statistics.interval.ms", "5000")
             .set("fetch.wait.max.ms", "100")
-            .set_log_level(RDKafkaLogLevel::Warning)
-            .create_with_context(IngestContext { metrics: metrics.clone() })
+            .create_with_context(IngestContext {
+                metrics: metrics.clone(),
+            })
             .context("failed to create the Kafka consumer")?;
-        let topics: Vec<String> = EventKind::ALL.iter().map(|k| kafka.topic(k.topic())).collect();
+        let topics: Vec<String> = EventKind::ALL
+            .iter()
+            .map(|k| kafka.topic(k.topic()))
+            .collect();
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&refs)
             .context("failed to subscribe to the event topics")?;
         let producer: FutureProducer = kafka
             .client_config("kalon-ingest-dlq")
-            .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .create()
             .context("failed to create the dead-letter producer")?;
@@ -188,7 +197,10 @@ impl Ingest {
 
     /// Consumes until `shutdown` resolves, then finishes the batches in
     /// flight, commits their offsets and returns the totals.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<IngestReport> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<IngestReport> {
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
@@ -216,7 +228,9 @@ impl Ingest {
                 }
                 let handle = inflight.pop_front().expect("front exists");
                 match handle.await.context("a batch writer panicked")? {
-                    Some(done) => self.commit(&done, CommitMode::Async, &mut report, &mut committed),
+                    Some(done) => {
+                        self.commit(&done, CommitMode::Async, &mut report, &mut committed)
+                    }
                     // Stopped while retrying: nothing after it may be committed.
                     None => return self.abandon(inflight, report).await,
                 }
@@ -231,7 +245,10 @@ impl Ingest {
             progress.tick(&report, &self.metrics);
         }
 
-        info!(in_flight = inflight.len(), "shutting down: finishing batches in flight");
+        info!(
+            in_flight = inflight.len(),
+            "shutting down: finishing batches in flight"
+        );
         while let Some(handle) = inflight.pop_front() {
             match handle.await.context("a batch writer panicked")? {
                 Some(done) => self.commit(&done, CommitMode::Async, &mut report, &mut committed),
@@ -293,7 +310,13 @@ impl Ingest {
         batch
     }
 
-    fn commit(&self, done: &Done, mode: CommitMode, report: &mut IngestReport, committed: &mut TopicPartitionList) {
+    fn commit(
+        &self,
+        done: &Done,
+        mode: CommitMode,
+        report: &mut IngestReport,
+        committed: &mut TopicPartitionList,
+    ) {
         report.batches += 1;
         report.written += done.written.total();
         report.duplicates += done.written.duplicates;
@@ -339,13 +362,20 @@ fn accept(prefix: &str, message: &BorrowedMessage<'_>, batch: &mut Batch) {
         payload: payload.to_vec(),
     };
     let Some(kind) = EventKind::from_topic(prefix, &topic) else {
-        batch.dead.push(refuse("unknown_topic", format!("no event kind for topic {topic}")));
+        batch.dead.push(refuse(
+            "unknown_topic",
+            format!("no event kind for topic {topic}"),
+        ));
         return;
     };
     match Event::decode(kind, payload) {
         Ok(event) => {
             batch.rows.push(event);
-            batch.sources.push(Source { topic, partition, offset });
+            batch.sources.push(Source {
+                topic,
+                partition,
+                offset,
+            });
         }
         Err(error) => batch.dead.push(refuse(error.reason(), error.to_string())),
     }
@@ -377,15 +407,24 @@ async fn persist(shared: Arc<Shared>, mut batch: Batch) -> Option<Done> {
     for event in batch.rows.events() {
         counts[event.kind() as usize] += 1;
     }
-    for (kind, (count, inserted)) in EventKind::ALL.iter().zip(counts.iter().zip(written.inserted)) {
+    for (kind, (count, inserted)) in EventKind::ALL
+        .iter()
+        .zip(counts.iter().zip(written.inserted))
+    {
         shared.metrics.events(kind.topic(), "written", inserted);
-        shared.metrics.events(kind.topic(), "duplicate", count - inserted.min(*count));
+        shared
+            .metrics
+            .events(kind.topic(), "duplicate", count - inserted.min(*count));
     }
     for dead in &batch.dead {
         shared.metrics.dead_letter(dead.reason);
     }
     drop(batch.spans);
-    Some(Done { written, dead_letters, offsets: batch.offsets })
+    Some(Done {
+        written,
+        dead_letters,
+        offsets: batch.offsets,
+    })
 }
 
 /// Runs `op` until it succeeds or fails for good. Transient failures are
@@ -495,7 +534,10 @@ struct Progress {
 
 impl Progress {
     fn new() -> Self {
-        Progress { last: Instant::now(), last_written: 0 }
+        Progress {
+            last: Instant::now(),
+            last_written: 0,
+        }
     }
 
     fn tick(&mut self, report: &IngestReport, metrics: &Metrics) {

@@ -217,7 +217,9 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
             // 08: connection exception, 40: transaction rollback (serialization,
             // deadlock), 53: insufficient resources, 57: operator intervention
             // (shutdown, crash recovery), 58: system error
-            ["08", "40", "53", "57", "58"].iter().any(|class| code.starts_with(class))
+            ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
         }
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
