@@ -30,6 +30,12 @@ pub enum Bench {
         /// Skip the confluent-kafka + psql baseline.
         #[arg(long)]
         no_baseline: bool,
+        /// Batches written concurrently by ingest.
+        #[arg(long, default_value_t = 4)]
+        writers: usize,
+        /// Most events per ingest batch.
+        #[arg(long, default_value_t = 2000)]
+        batch_max: usize,
     },
 }
 
@@ -38,11 +44,19 @@ pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
         Bench::Ingest {
             events,
             no_baseline,
-        } => ingest(cli, *events, !*no_baseline).await,
+            writers,
+            batch_max,
+        } => ingest(cli, *events, !*no_baseline, *writers, *batch_max).await,
     }
 }
 
-async fn ingest(cli: &Cli, count: u64, baseline: bool) -> anyhow::Result<()> {
+async fn ingest(
+    cli: &Cli,
+    count: u64,
+    baseline: bool,
+    writers: usize,
+    batch_max: usize,
+) -> anyhow::Result<()> {
     anyhow::ensure!(count > 0, "--events must be positive");
     let endpoints = crate::stack_up(
         cli.database_url.as_deref(),
@@ -89,7 +103,9 @@ async fn ingest(cli: &Cli, count: u64, baseline: bool) -> anyhow::Result<()> {
     );
 
     // Kalon ingest
-    let config = IngestConfig::new(&database_url, &kafka.brokers, &kafka.topic_prefix);
+    let mut config = IngestConfig::new(&database_url, &kafka.brokers, &kafka.topic_prefix);
+    config.writers = writers;
+    config.batch_max = batch_max;
     let started = Instant::now();
     let ingest = Ingest::build(config).await?;
     let handled = ingest.handled();
@@ -98,11 +114,23 @@ async fn ingest(cli: &Cli, count: u64, baseline: bool) -> anyhow::Result<()> {
         let _ = stopped.await;
     }));
     let handled_ref = &handled;
+    let first_batch = std::sync::OnceLock::new();
+    let first_ref = &first_batch;
     events::wait_landed(count, Duration::from_secs(1800), || async move {
-        Ok(handled_ref.load(Ordering::Relaxed))
+        let n = handled_ref.load(Ordering::Relaxed);
+        if n > 0 {
+            first_ref.get_or_init(|| started.elapsed());
+        }
+        Ok(n)
     })
     .await?;
     let seconds = started.elapsed().as_secs_f64();
+    if let Some(first) = first_batch.get() {
+        eprintln!(
+            "kalon ingest: first batch durable {:.2}s after start (group join included)",
+            first.as_secs_f64()
+        );
+    }
     let _ = stop.send(());
     let report = running.await??;
     let landed: u64 = events::count_all(&pool).await?.iter().sum();

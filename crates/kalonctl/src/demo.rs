@@ -66,17 +66,17 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
 
     let landed = count_landed(&pool, &ids).await?;
     println!();
-    println!("{:<12} {:>10} {:>10}", "event", "produced", "in postgres");
+    println!("{:<22} {:>10} {:>11}", "event", "produced", "in postgres");
     for (i, kind) in kalon_events::EventKind::ALL.iter().enumerate() {
         println!(
-            "{:<12} {:>10} {:>10}",
+            "{:<22} {:>10} {:>11}",
             kind.topic(),
             ids[i].len(),
             landed[i]
         );
     }
     println!(
-        "{:<12} {:>10} {:>10}  (dead-letter topic {})",
+        "{:<22} {:>10} {:>11}  (dead-letter topic {})",
         "malformed",
         args.malformed,
         report.dead_letters,

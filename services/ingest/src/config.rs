@@ -36,14 +36,14 @@ pub struct IngestConfig {
     #[arg(long, env = "KALON_INGEST_INSTANCE_ID")]
     pub instance_id: Option<String>,
     /// Most events written in one transaction.
-    #[arg(long, env = "KALON_INGEST_BATCH_MAX", default_value_t = 4000)]
+    #[arg(long, env = "KALON_INGEST_BATCH_MAX", default_value_t = 2000)]
     pub batch_max: usize,
     /// Longest wait for a batch to fill, in milliseconds.
     #[arg(long, env = "KALON_INGEST_LINGER_MS", default_value_t = 50)]
     pub linger_ms: u64,
     /// Batches written concurrently (each on its own connection); offsets
     /// are still committed in order.
-    #[arg(long, env = "KALON_INGEST_WRITERS", default_value_t = 2)]
+    #[arg(long, env = "KALON_INGEST_WRITERS", default_value_t = 4)]
     pub writers: usize,
     /// Cap on the pause between retries of a failing write, in milliseconds.
     #[arg(long, env = "KALON_INGEST_MAX_BACKOFF_MS", default_value_t = 5000)]
@@ -60,9 +60,9 @@ impl IngestConfig {
             topic_prefix: topic_prefix.to_owned(),
             group_id: format!("{topic_prefix}kalon-ingest"),
             instance_id: None,
-            batch_max: 4000,
+            batch_max: 2000,
             linger_ms: 50,
-            writers: 2,
+            writers: 4,
             max_backoff_ms: 5000,
         }
     }

@@ -14,6 +14,11 @@ struct Cli {
     config: IngestConfig,
 }
 
+// Ingest allocates and frees many small strings per event; mimalloc handles
+// that pattern markedly faster than glibc malloc (see `kalonctl bench ingest`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

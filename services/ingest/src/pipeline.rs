@@ -55,12 +55,14 @@ impl ClientContext for IngestContext {
 
 impl ConsumerContext for IngestContext {}
 
-/// Where one accepted event came from, to dead-letter it later if the
-/// database refuses it.
+/// Where one accepted event came from and what it said, to write it alone
+/// (and dead-letter it) if the database refuses its batch.
 struct Source {
     topic: Arc<str>,
     partition: i32,
     offset: i64,
+    kind: EventKind,
+    payload: Vec<u8>,
 }
 
 /// Messages gathered for one transaction.
@@ -375,6 +377,8 @@ fn accept(prefix: &str, message: &BorrowedMessage<'_>, batch: &mut Batch) {
                 topic,
                 partition,
                 offset,
+                kind,
+                payload: payload.to_vec(),
             });
         }
         Err(error) => batch.dead.push(refuse(error.reason(), error.to_string())),
@@ -403,10 +407,7 @@ async fn persist(shared: Arc<Shared>, mut batch: Batch) -> Option<Done> {
     shared.metrics.batch(size, started.elapsed().as_secs_f64());
     let dead_letters = batch.dead.len() as u64;
     send_dead_letters(&shared, &batch.dead).await?;
-    let mut counts = [0u64; 3];
-    for event in batch.rows.events() {
-        counts[event.kind() as usize] += 1;
-    }
+    let counts = batch.rows.counts();
     for (kind, (count, inserted)) in EventKind::ALL
         .iter()
         .zip(counts.iter().zip(written.inserted))
@@ -469,9 +470,10 @@ async fn pause(shared: &Shared, backoff: Duration) -> bool {
 async fn write_one_by_one(shared: &Shared, batch: &Batch) -> Option<(Written, Vec<DeadLetter>)> {
     let mut total = Written::default();
     let mut refused = Vec::new();
-    for (event, source) in batch.rows.events().iter().zip(&batch.sources) {
+    for source in &batch.sources {
+        let event = Event::decode(source.kind, &source.payload).expect("decoded once already");
         let mut single = Rows::default();
-        single.push(event.clone());
+        single.push(event);
         match retry(shared, "write event", || single.write(&shared.pool)).await? {
             Ok(written) => {
                 for (sum, n) in total.inserted.iter_mut().zip(written.inserted) {
@@ -486,7 +488,7 @@ async fn write_one_by_one(shared: &Shared, batch: &Batch) -> Option<(Written, Ve
                 partition: source.partition,
                 offset: source.offset,
                 key: None,
-                payload: event.to_json(),
+                payload: source.payload.clone(),
             }),
         }
     }

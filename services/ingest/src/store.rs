@@ -2,8 +2,7 @@
 //! `INSERT ... SELECT FROM UNNEST(...)` per event table, duplicates ignored.
 
 use chrono::{DateTime, Utc};
-use kalon_events::{Click, Event, EventKind, Impression, Rating, ResultItem};
-use sqlx::types::Json;
+use kalon_events::{Click, Event, EventKind, Impression, Rating};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -13,9 +12,8 @@ pub struct Rows {
     impressions: ImpressionColumns,
     clicks: ClickColumns,
     ratings: RatingColumns,
-    /// The events in arrival order, kept to retry them one by one when the
-    /// database refuses the batch as a whole.
-    events: Vec<Event>,
+    /// Events per kind (impression, click, rating).
+    counts: [u64; 3],
 }
 
 #[derive(Default)]
@@ -28,7 +26,8 @@ struct ImpressionColumns {
     query: Vec<String>,
     model_version: Vec<String>,
     variant: Vec<String>,
-    results: Vec<Json<Vec<ResultItem>>>,
+    /// Each impression's results as JSON text, stored verbatim in a `json` column.
+    results: Vec<String>,
 }
 
 #[derive(Default)]
@@ -49,7 +48,7 @@ struct RatingColumns {
     query: Vec<String>,
     image_id: Vec<String>,
     stars: Vec<i16>,
-    aspect: Vec<String>,
+    aspect: Vec<&'static str>,
 }
 
 /// What one write did.
@@ -77,24 +76,26 @@ fn kind_index(kind: EventKind) -> usize {
 
 impl Rows {
     pub fn len(&self) -> usize {
-        self.events.len()
+        self.counts.iter().sum::<u64>() as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.len() == 0
     }
 
-    pub fn events(&self) -> &[Event] {
-        &self.events
+    /// Events per kind, in the order of `EventKind::ALL`.
+    pub fn counts(&self) -> [u64; 3] {
+        self.counts
     }
 
+    /// Adds an event, moving its fields into the columns.
     pub fn push(&mut self, event: Event) {
-        match &event {
+        self.counts[kind_index(event.kind())] += 1;
+        match event {
             Event::Impression(e) => self.impressions.push(e),
             Event::Click(e) => self.clicks.push(e),
             Event::Rating(e) => self.ratings.push(e),
         }
-        self.events.push(event);
     }
 
     /// Writes every row in one transaction. Duplicate event ids (already in
@@ -102,17 +103,13 @@ impl Rows {
     pub async fn write(&self, pool: &PgPool) -> Result<Written, sqlx::Error> {
         let mut tx = pool.begin().await?;
         let mut written = Written::default();
-        let mut counts = [0u64; 3];
-        for event in &self.events {
-            counts[kind_index(event.kind())] += 1;
-        }
         if !self.impressions.event_id.is_empty() {
             let c = &self.impressions;
             written.inserted[0] = sqlx::query(
                 "INSERT INTO impressions (event_id, occurred_at, request_id, session_id, user_id, \
                  query, model_version, variant, results) \
                  SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], \
-                 $5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[]) \
+                 $5::text[], $6::text[], $7::text[], $8::text[], $9::text[]::json[]) \
                  ON CONFLICT DO NOTHING",
             )
             .bind(&c.event_id)
@@ -166,45 +163,46 @@ impl Rows {
             .rows_affected();
         }
         tx.commit().await?;
-        written.duplicates = counts.iter().sum::<u64>() - written.total();
+        written.duplicates = self.len() as u64 - written.total();
         Ok(written)
     }
 }
 
 impl ImpressionColumns {
-    fn push(&mut self, e: &Impression) {
+    fn push(&mut self, e: Impression) {
         self.event_id.push(e.event_id);
         self.occurred_at.push(e.occurred_at);
-        self.request_id.push(e.request_id.clone());
-        self.session_id.push(e.session_id.clone());
-        self.user_id.push(e.user_id.clone());
-        self.query.push(e.query.clone());
-        self.model_version.push(e.model_version.clone());
-        self.variant.push(e.variant.clone());
-        self.results.push(Json(e.results.clone()));
+        self.request_id.push(e.request_id);
+        self.session_id.push(e.session_id);
+        self.user_id.push(e.user_id);
+        self.query.push(e.query);
+        self.model_version.push(e.model_version);
+        self.variant.push(e.variant);
+        self.results
+            .push(serde_json::to_string(&e.results).expect("results serialize"));
     }
 }
 
 impl ClickColumns {
-    fn push(&mut self, e: &Click) {
+    fn push(&mut self, e: Click) {
         self.event_id.push(e.event_id);
         self.occurred_at.push(e.occurred_at);
-        self.request_id.push(e.request_id.clone());
-        self.image_id.push(e.image_id.clone());
+        self.request_id.push(e.request_id);
+        self.image_id.push(e.image_id);
         self.rank.push(e.rank as i32);
         self.dwell_ms.push(e.dwell_ms.map(|ms| ms as i64));
     }
 }
 
 impl RatingColumns {
-    fn push(&mut self, e: &Rating) {
+    fn push(&mut self, e: Rating) {
         self.event_id.push(e.event_id);
         self.occurred_at.push(e.occurred_at);
-        self.request_id.push(e.request_id.clone());
-        self.query.push(e.query.clone());
-        self.image_id.push(e.image_id.clone());
+        self.request_id.push(e.request_id);
+        self.query.push(e.query);
+        self.image_id.push(e.image_id);
         self.stars.push(e.stars as i16);
-        self.aspect.push(e.aspect.as_str().to_owned());
+        self.aspect.push(e.aspect.as_str());
     }
 }
 

@@ -1,0 +1,180 @@
+//! One trace crosses produce -> consume: a message carrying a W3C
+//! `traceparent` header gets an `ingest.event` span in the producer's trace,
+//! exported over OTLP/HTTP; ingest's metrics are exported too. The collector
+//! is a real HTTP server in this test speaking OTLP/HTTP protobuf.
+//!
+//! Telemetry is process-global, so this binary holds this one test.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kalon_events::generate::Generator;
+use kalon_ingest::Ingest;
+use kalon_kafka::Outgoing;
+use kalon_tests::TestEnv;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message as _;
+use rdkafka::message::{Header, OwnedHeaders};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+#[derive(Default)]
+struct Received {
+    traces: Vec<ExportTraceServiceRequest>,
+    metrics: Vec<ExportMetricsServiceRequest>,
+}
+
+/// A minimal OTLP/HTTP collector: accepts POST /v1/traces and /v1/metrics
+/// (protobuf bodies, keep-alive connections) and keeps what it decodes.
+async fn collector() -> (String, Arc<Mutex<Received>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let received = Arc::new(Mutex::new(Received::default()));
+    let store = received.clone();
+    tokio::spawn(async move {
+        loop {
+            let (socket, _) = listener.accept().await.unwrap();
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(socket);
+                loop {
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        reader.read_line(&mut line).await.unwrap();
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap();
+                            }
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).await.unwrap();
+                    {
+                        let mut store = store.lock().unwrap();
+                        if request_line.contains("/v1/traces") {
+                            store
+                                .traces
+                                .push(ExportTraceServiceRequest::decode(&body[..]).unwrap());
+                        } else if request_line.contains("/v1/metrics") {
+                            store
+                                .metrics
+                                .push(ExportMetricsServiceRequest::decode(&body[..]).unwrap());
+                        }
+                    }
+                    let response = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    reader
+                        .get_mut()
+                        .write_all(response.as_bytes())
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+    });
+    (address, received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_crosses_kafka_into_ingest_and_metrics_are_exported() {
+    let (endpoint, received) = collector().await;
+    let telemetry = kalon_telemetry::init_with("kalon-ingest", Some(&endpoint)).unwrap();
+
+    let env = TestEnv::new().await;
+    let trace_id = format!("{:032x}", rand::random::<u128>() | 1);
+    let parent_span = format!("{:016x}", rand::random::<u64>() | 1);
+    let traceparent = format!("00-{trace_id}-{parent_span}-01");
+    let mut generator = Generator::new(9);
+    let events: Vec<_> = (0..20).map(|_| generator.next_event()).collect();
+    let messages = events
+        .iter()
+        .enumerate()
+        .map(|(i, event)| Outgoing {
+            topic: env.kafka.topic(event.kind().topic()),
+            key: None,
+            payload: event.to_json(),
+            // only the first carries the producer's trace
+            headers: (i == 0).then(|| {
+                OwnedHeaders::new().insert(Header {
+                    key: "traceparent",
+                    value: Some(&traceparent),
+                })
+            }),
+        })
+        .collect();
+    env.send(messages).await;
+
+    let ingest = Ingest::build(env.ingest_config()).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(ingest.run(async {
+        let _ = stopped.await;
+    }));
+    env.wait_for_rows(events.len() as i64, Duration::from_secs(60))
+        .await;
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+    // flush both exporters
+    tokio::task::spawn_blocking(move || drop(telemetry))
+        .await
+        .unwrap();
+
+    {
+        let received = received.lock().unwrap();
+        let spans: Vec<_> = received
+            .traces
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .filter(|s| s.name == "ingest.event")
+            .collect();
+        assert_eq!(
+            spans.len(),
+            1,
+            "one ingest.event span, for the one traced message"
+        );
+        let span = spans[0];
+        assert_eq!(
+            hex(&span.trace_id),
+            trace_id,
+            "the span continues the producer's trace"
+        );
+        assert_eq!(
+            hex(&span.parent_span_id),
+            parent_span,
+            "its parent is the producer's span"
+        );
+
+        let metric_names: std::collections::BTreeSet<&str> = received
+            .metrics
+            .iter()
+            .flat_map(|r| &r.resource_metrics)
+            .flat_map(|r| &r.scope_metrics)
+            .flat_map(|s| &s.metrics)
+            .map(|m| m.name.as_str())
+            .collect();
+        for name in [
+            "kalon.ingest.events",
+            "kalon.ingest.batch.size",
+            "kalon.ingest.commit.duration",
+        ] {
+            assert!(
+                metric_names.contains(name),
+                "{name} exported; got {metric_names:?}"
+            );
+        }
+    }
+    env.cleanup().await;
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
