@@ -369,3 +369,51 @@ async fn sigterm_finishes_the_batch_and_commits() {
     assert_exactly(&env, &events).await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_database_refuses_is_dead_lettered_and_its_batch_lands() {
+    let env = TestEnv::new().await;
+    let mut generator = Generator::new(7);
+    let mut good: Vec<Event> = (0..200)
+        .map(|_| generator.event_of(EventKind::Rating))
+        .collect();
+    // valid by the contract, refused by Postgres: text cannot hold NUL
+    let mut poison = match generator.event_of(EventKind::Rating) {
+        Event::Rating(rating) => rating,
+        _ => unreachable!(),
+    };
+    poison.query = "sunset\u{0}beach".into();
+    let poison = Event::Rating(poison);
+    assert!(Event::decode(EventKind::Rating, &poison.to_json()).is_ok());
+    let mut stream = good.split_off(100);
+    stream.insert(0, poison.clone());
+    let all: Vec<Event> = good.iter().cloned().chain(stream.iter().cloned()).collect();
+    env.produce(&all).await;
+
+    let (stop, running) = spawn_ingest(Ingest::build(env.ingest_config()).await.unwrap());
+    let expected: Vec<Event> = all.iter().filter(|e| **e != poison).cloned().collect();
+    env.wait_for_rows(expected.len() as i64, Duration::from_secs(60))
+        .await;
+    let dead = {
+        let kafka = env.kafka.clone();
+        tokio::task::spawn_blocking(move || {
+            read_topic(
+                &kafka,
+                &kafka.topic(DEAD_LETTER_TOPIC),
+                1,
+                Duration::from_secs(30),
+            )
+        })
+        .await
+        .unwrap()
+    };
+    stop.send(()).unwrap();
+    let report = running.await.unwrap().unwrap();
+
+    assert_exactly(&env, &expected).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].headers[dlq::REASON], "rejected_by_database");
+    assert_eq!(dead[0].payload, poison.to_json());
+    assert_eq!(report.dead_letters, 1);
+    env.cleanup().await;
+}
