@@ -7,11 +7,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use kalon_events::generate::Generator;
-use kalon_events::{Event, EventKind, DEAD_LETTER_TOPIC};
+use kalon_events::{Event, EventKind};
 use kalon_ingest::{dead_letter_headers as dlq, Ingest, IngestReport};
 use kalon_kafka::Outgoing;
 use kalon_stack::{PgCluster, Storage};
-use kalon_tests::{read_topic, TestEnv};
+use kalon_tests::TestEnv;
 use tokio::sync::oneshot;
 
 /// Ingest running in this process until the returned sender fires.
@@ -136,19 +136,7 @@ async fn malformed_events_go_to_the_dead_letter_topic_with_reasons() {
     let (stop, running) = spawn_ingest(Ingest::build(env.ingest_config()).await.unwrap());
     env.wait_for_rows(good.len() as i64, Duration::from_secs(60))
         .await;
-    let dead = {
-        let kafka = env.kafka.clone();
-        tokio::task::spawn_blocking(move || {
-            read_topic(
-                &kafka,
-                &kafka.topic(DEAD_LETTER_TOPIC),
-                1_000,
-                Duration::from_secs(60),
-            )
-        })
-        .await
-        .unwrap()
-    };
+    let dead = env.dead_letters(1_000, Duration::from_secs(60)).await;
     stop.send(()).unwrap();
     let report = running.await.unwrap().unwrap();
 
@@ -394,19 +382,7 @@ async fn an_event_the_database_refuses_is_dead_lettered_and_its_batch_lands() {
     let expected: Vec<Event> = all.iter().filter(|e| **e != poison).cloned().collect();
     env.wait_for_rows(expected.len() as i64, Duration::from_secs(60))
         .await;
-    let dead = {
-        let kafka = env.kafka.clone();
-        tokio::task::spawn_blocking(move || {
-            read_topic(
-                &kafka,
-                &kafka.topic(DEAD_LETTER_TOPIC),
-                1,
-                Duration::from_secs(30),
-            )
-        })
-        .await
-        .unwrap()
-    };
+    let dead = env.dead_letters(1, Duration::from_secs(30)).await;
     stop.send(()).unwrap();
     let report = running.await.unwrap().unwrap();
 

@@ -175,6 +175,22 @@ impl TestEnv {
         }
     }
 
+    /// Reads `count` messages from the test's dead-letter topic, or what
+    /// arrived within `timeout`.
+    pub async fn dead_letters(&self, count: usize, timeout: Duration) -> Vec<Received> {
+        let kafka = self.kafka.clone();
+        tokio::task::spawn_blocking(move || {
+            read_topic(
+                &kafka,
+                &kafka.topic(kalon_events::DEAD_LETTER_TOPIC),
+                count,
+                timeout,
+            )
+        })
+        .await
+        .expect("reader thread")
+    }
+
     /// Drops the test's database. Its topics stay: deleting topics while
     /// other tests produce trips tansu 0.6's sqlite engine, and random names
     /// keep tests apart anyway.

@@ -72,22 +72,43 @@ fn broker_answers(brokers: &str) -> bool {
     })
 }
 
-/// Brings the stack up: uses what answers at the configured addresses and
-/// starts the rest. Running it twice is harmless.
-pub async fn up(root: &Path, database_url: &str, brokers: &str) -> anyhow::Result<StackState> {
+/// Brings the stack up: uses what answers at the given addresses (else
+/// those of the last `up` here, else the defaults) and starts the rest.
+/// Running it twice is harmless.
+pub async fn up(
+    root: &Path,
+    database_url: Option<&str>,
+    brokers: Option<&str>,
+) -> anyhow::Result<StackState> {
     let previous = StackState::load(root);
+    let database_url = database_url
+        .map(str::to_owned)
+        .or_else(|| previous.as_ref().map(|p| p.database_url.clone()))
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+    let brokers = brokers
+        .map(str::to_owned)
+        .or_else(|| previous.as_ref().map(|p| p.brokers.clone()))
+        .unwrap_or_else(|| DEFAULT_BROKERS.to_owned());
+    // what the last `up` started at these same addresses is still ours
+    let ours = previous.filter(|p| p.database_url == database_url || p.brokers == brokers);
     let mut state = StackState {
-        database_url: database_url.to_owned(),
-        brokers: brokers.to_owned(),
+        database_url: database_url.clone(),
+        brokers: brokers.clone(),
         started_postgres: None,
         started_broker_pid: None,
     };
+    let database_url = database_url.as_str();
+    let brokers = brokers.as_str();
 
     if postgres_answers(database_url).await {
         eprintln!(
             "postgres: using the server at {}",
             kalon_db::redact(database_url)
         );
+        state.started_postgres = ours
+            .as_ref()
+            .filter(|p| p.database_url == database_url)
+            .and_then(|p| p.started_postgres.clone());
     } else {
         let dir = root.join("pg");
         let url = kalon_db::with_database(
@@ -110,18 +131,14 @@ pub async fn up(root: &Path, database_url: &str, brokers: &str) -> anyhow::Resul
         state.database_url = url;
         state.started_postgres = Some(cluster);
     }
-    if let Some(previous) = &previous {
-        if state.started_postgres.is_none() && previous.started_postgres.is_some() {
-            state.started_postgres = previous.started_postgres.clone();
-        }
-    }
     kalon_db::create_database(&state.database_url).await?;
 
     let probe = brokers.to_owned();
     if tokio::task::spawn_blocking(move || broker_answers(&probe)).await? {
         eprintln!("kafka: using the broker at {brokers}");
-        state.started_broker_pid =
-            previous.and_then(|p| p.started_broker_pid.filter(|pid| is_tansu(*pid)));
+        state.started_broker_pid = ours
+            .filter(|p| p.brokers == brokers)
+            .and_then(|p| p.started_broker_pid.filter(|pid| is_tansu(*pid)));
     } else {
         let port: u16 = brokers
             .rsplit(':')

@@ -108,12 +108,7 @@ pub async fn stack_up(
     state_dir: &std::path::Path,
     prefix: &str,
 ) -> anyhow::Result<Endpoints> {
-    let state = kalon_stack::stack::up(
-        state_dir,
-        cli_db.unwrap_or(DEFAULT_DATABASE_URL),
-        cli_brokers.unwrap_or(DEFAULT_BROKERS),
-    )
-    .await?;
+    let state = kalon_stack::stack::up(state_dir, cli_db, cli_brokers).await?;
     let endpoints = Endpoints {
         database_url: state.database_url.clone(),
         kafka: KafkaSettings::new(&state.brokers, prefix),
