@@ -6,9 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-tools.sh
 cargo build --workspace --bins --locked
-# the stack's addresses become DATABASE_URL and KALON_KAFKA_BROKERS for the tests
+# the stack's Postgres is where tests make their databases
 eval "$(cargo run -q --locked -p kalonctl -- stack up)"
-export DATABASE_URL KALON_KAFKA_BROKERS
+export DATABASE_URL
+# each test starts its own in-memory tansu broker (KALON_TEST_BROKERS=host:port
+# makes them share one instead): no test can slow or break another's broker
+unset KALON_KAFKA_BROKERS
 if command -v cargo-nextest >/dev/null; then
   cargo nextest run --workspace --locked --no-fail-fast
 else

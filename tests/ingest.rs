@@ -3,7 +3,7 @@
 //! Postgres restart, graceful shutdown.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use kalon_events::generate::Generator;
@@ -178,9 +178,40 @@ fn replica_id(env: &TestEnv) -> String {
     format!("{}replica-1", env.kafka.topic_prefix)
 }
 
-fn start_ingest_process(env: &TestEnv, binary: &std::path::Path) -> Child {
+/// A `kalon-ingest` process, killed when dropped so a failing test leaves
+/// no consumer behind.
+struct IngestProcess(Child);
+
+impl IngestProcess {
+    fn kill_9(&mut self) {
+        self.0.kill().expect("kill -9");
+        self.0.wait().expect("reap");
+    }
+
+    fn has_exited(&mut self) -> bool {
+        self.0.try_wait().expect("try_wait").is_some()
+    }
+
+    fn sigterm_and_wait(&mut self) -> ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success());
+        self.0.wait().expect("wait")
+    }
+}
+
+impl Drop for IngestProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_ingest_process(env: &TestEnv, binary: &std::path::Path) -> IngestProcess {
     let config = env.ingest_config();
-    Command::new(binary)
+    let child = Command::new(binary)
         .args([
             "--database-url",
             &config.database_url,
@@ -200,7 +231,8 @@ fn start_ingest_process(env: &TestEnv, binary: &std::path::Path) -> Child {
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .stdin(Stdio::null())
         .spawn()
-        .expect("start kalon-ingest")
+        .expect("start kalon-ingest");
+    IngestProcess(child)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,15 +247,13 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
         env.produce(chunk).await;
         // let it get into the stream, then kill it without warning
         tokio::time::sleep(Duration::from_millis(700 + 300 * round as u64)).await;
-        child.kill().expect("kill -9");
-        child.wait().unwrap();
+        child.kill_9();
         child = start_ingest_process(&env, &binary);
     }
     env.wait_for_rows(events.len() as i64, Duration::from_secs(120))
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill_9();
     assert_exactly(&env, &events).await;
     env.cleanup().await;
 }
@@ -320,23 +350,17 @@ async fn sigterm_finishes_the_batch_and_commits() {
     let mut child = start_ingest_process(&env, &binary);
     // stop it while it drains
     loop {
-        assert!(child.try_wait().unwrap().is_none(), "ingest exited early");
+        assert!(!child.has_exited(), "ingest exited early");
         let landed: i64 = env.counts().await.iter().sum();
         if landed > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let output = child.wait_with_output().unwrap();
+    let status = child.sigterm_and_wait();
     assert!(
-        output.status.success(),
-        "ingest exits cleanly on SIGTERM: {:?}",
-        output.status
+        status.success(),
+        "ingest exits cleanly on SIGTERM: {status:?}"
     );
     let landed_at_stop: i64 = env.counts().await.iter().sum();
 

@@ -1,7 +1,7 @@
 //! Helpers for Kalon's integration tests. Every test gets its own database
 //! (random name, migrations applied) and its own topics (random prefix), so
-//! tests run in parallel against one server and one broker. The broker is the
-//! stack's (`KALON_KAFKA_BROKERS`) when given, else a private tansu.
+//! tests run in parallel against one Postgres server. Each test starts its
+//! own in-memory tansu broker unless `KALON_TEST_BROKERS` names a shared one.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -59,9 +59,10 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
-    /// On the shared broker when `KALON_KAFKA_BROKERS` is set, else a private one.
+    /// On a private in-memory broker, or on a shared one when
+    /// `KALON_TEST_BROKERS` names it.
     pub async fn new() -> TestEnv {
-        match std::env::var("KALON_KAFKA_BROKERS") {
+        match std::env::var("KALON_TEST_BROKERS") {
             Ok(brokers) if !brokers.is_empty() => Self::on(brokers, None, None).await,
             _ => {
                 let (broker, dir) = private_broker(Storage::Memory);
