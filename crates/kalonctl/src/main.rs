@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod events;
+mod sim;
 
 use std::path::PathBuf;
 
@@ -48,6 +49,11 @@ enum Command {
     Produce(events::ProduceArgs),
     /// The main job: stack up, produce a stream of events, ingest it, show what landed.
     Demo(demo::DemoArgs),
+    /// The simulated world.
+    Sim {
+        #[command(subcommand)]
+        action: sim::Sim,
+    },
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
@@ -197,6 +203,11 @@ async fn main() -> anyhow::Result<()> {
         },
         Command::Produce(args) => events::produce(&cli.endpoints(), args).await?,
         Command::Demo(args) => demo::run(&cli, args).await?,
+        Command::Sim { action } => {
+            // image generation is CPU work: off the async runtime
+            let action = action.clone();
+            tokio::task::spawn_blocking(move || sim::run(&action)).await??
+        }
         Command::Bench { which } => bench::run(&cli, which).await?,
     }
     Ok(())

@@ -1,0 +1,69 @@
+//! `kalonctl sim ...`: the simulated world.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use kalon_world::WorldSpec;
+
+#[derive(Clone, Subcommand)]
+pub enum Sim {
+    /// Generate a world into a folder: PNG images, captions, queries, HPIR items, hidden truth.
+    Generate {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 10_000)]
+        images: usize,
+        /// Edge of the square images in pixels.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value = "world")]
+        out: PathBuf,
+    },
+}
+
+pub fn run(sim: &Sim) -> anyhow::Result<()> {
+    match sim {
+        Sim::Generate {
+            seed,
+            images,
+            size,
+            out,
+        } => {
+            anyhow::ensure!(*size >= 16, "--size must be at least 16 pixels");
+            let mut spec = WorldSpec::new(*seed, *images);
+            spec.image_size = *size;
+            let bar = ProgressBar::new(*images as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg:>10} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message("images");
+            let started = Instant::now();
+            let exported = kalon_world::export(&spec, out, |n| {
+                if n % 100 == 0 {
+                    bar.set_position(n as u64);
+                }
+            })?;
+            bar.finish();
+            let seconds = started.elapsed().as_secs_f64();
+            eprintln!(
+                "world seed {seed}: {} images ({:.1} MB of PNG), {} queries, {} HPIR items in {}",
+                exported.images,
+                exported.png_bytes as f64 / 1e6,
+                exported.queries,
+                exported.hpir_items,
+                out.display()
+            );
+            println!(
+                "{}",
+                serde_json::json!({"sim": "generate", "seed": seed, "images": exported.images, "seconds": (seconds * 100.0).round() / 100.0, "images_per_s": (exported.images as f64 / seconds).round()})
+            );
+            Ok(())
+        }
+    }
+}
