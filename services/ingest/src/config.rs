@@ -35,6 +35,12 @@ pub struct IngestConfig {
     /// name); two live processes must never share one.
     #[arg(long, env = "KALON_INGEST_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// Consume every partition of the event topics without joining the
+    /// group (offsets are still committed under `--group`). For a single
+    /// replica, and for brokers whose group coordinator cannot be trusted
+    /// with crashed members (tansu 0.6). Never run two replicas this way.
+    #[arg(long, env = "KALON_INGEST_ASSIGN_ALL")]
+    pub assign_all: bool,
     /// Most events written in one transaction.
     #[arg(long, env = "KALON_INGEST_BATCH_MAX", default_value_t = 2000)]
     pub batch_max: usize,
@@ -60,6 +66,7 @@ impl IngestConfig {
             topic_prefix: topic_prefix.to_owned(),
             group_id: format!("{topic_prefix}kalon-ingest"),
             instance_id: None,
+            assign_all: false,
             batch_max: 2000,
             linger_ms: 50,
             writers: 4,

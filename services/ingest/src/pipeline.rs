@@ -172,9 +172,30 @@ impl Ingest {
             .map(|k| kafka.topic(k.topic()))
             .collect();
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&refs)
-            .context("failed to subscribe to the event topics")?;
+        if config.assign_all {
+            let mut partitions = TopicPartitionList::new();
+            for topic in &topics {
+                let metadata = consumer
+                    .fetch_metadata(Some(topic), Duration::from_secs(10))
+                    .with_context(|| format!("failed to read the partitions of {topic}"))?;
+                for found in metadata.topics() {
+                    anyhow::ensure!(
+                        !found.partitions().is_empty(),
+                        "topic {topic} has no partitions; create it with `kalonctl topics create`"
+                    );
+                    for partition in found.partitions() {
+                        partitions.add_partition_offset(topic, partition.id(), Offset::Stored)?;
+                    }
+                }
+            }
+            consumer
+                .assign(&partitions)
+                .context("failed to assign the event partitions")?;
+        } else {
+            consumer
+                .subscribe(&refs)
+                .context("failed to subscribe to the event topics")?;
+        }
         let producer: FutureProducer = kafka
             .client_config("kalon-ingest-dlq")
             .set("linger.ms", "5")
