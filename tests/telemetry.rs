@@ -1,5 +1,6 @@
-//! One trace crosses produce -> consume: a message carrying a W3C
-//! `traceparent` header gets an `ingest.event` span in the producer's trace,
+//! One trace crosses produce -> consume: a producer span's context, injected
+//! into a message's headers as W3C `traceparent` by `kalon_kafka::inject_trace`,
+//! is continued by an `ingest.event` span in the producer's trace,
 //! exported over OTLP/HTTP; ingest's metrics are exported too. The collector
 //! is a real HTTP server in this test speaking OTLP/HTTP protobuf.
 //!
@@ -12,12 +13,14 @@ use kalon_events::generate::Generator;
 use kalon_ingest::Ingest;
 use kalon_kafka::Outgoing;
 use kalon_tests::TestEnv;
+use opentelemetry::trace::TraceContextExt;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message as _;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 #[derive(Default)]
 struct Received {
@@ -89,9 +92,14 @@ async fn a_trace_crosses_kafka_into_ingest_and_metrics_are_exported() {
     let telemetry = kalon_telemetry::init_with("kalon-ingest", Some(&endpoint)).unwrap();
 
     let env = TestEnv::new().await;
-    let trace_id = format!("{:032x}", rand::random::<u128>() | 1);
-    let parent_span = format!("{:016x}", rand::random::<u64>() | 1);
-    let traceparent = format!("00-{trace_id}-{parent_span}-01");
+    // the producer side: a span of its own, its context injected into headers
+    let producer = tracing::info_span!("search.produce");
+    let traced_headers = producer.in_scope(|| kalon_kafka::inject_trace(OwnedHeaders::new()));
+    let producer_context = producer.context().span().span_context().clone();
+    assert!(producer_context.is_valid(), "the producer span has a trace");
+    let trace_id = producer_context.trace_id().to_string();
+    let parent_span = producer_context.span_id().to_string();
+    drop(producer);
     let mut generator = Generator::new(9);
     let events: Vec<_> = (0..20).map(|_| generator.next_event()).collect();
     let messages = events
@@ -102,12 +110,7 @@ async fn a_trace_crosses_kafka_into_ingest_and_metrics_are_exported() {
             key: None,
             payload: event.to_json(),
             // only the first carries the producer's trace
-            headers: (i == 0).then(|| {
-                OwnedHeaders::new().insert(Header {
-                    key: "traceparent",
-                    value: Some(&traceparent),
-                })
-            }),
+            headers: (i == 0).then(|| traced_headers.clone()),
         })
         .collect();
     env.send(messages).await;

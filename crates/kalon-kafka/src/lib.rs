@@ -151,15 +151,6 @@ pub fn extract_trace<H: Headers>(headers: Option<&H>) -> Option<opentelemetry::C
     context.span().span_context().is_valid().then_some(context)
 }
 
-/// The value of one header as text.
-pub fn header_str<'a, H: Headers>(headers: Option<&'a H>, key: &str) -> Option<&'a str> {
-    headers?
-        .iter()
-        .find(|h| h.key == key)
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-}
-
 /// One message to produce.
 pub struct Outgoing {
     pub topic: String,
