@@ -52,18 +52,16 @@ async fn assert_exactly(env: &TestEnv, events: &[Event]) {
     // read every row back as the event it claims to be: the row as JSON,
     // decoded and validated by the same contract as the producer's event
     let mut stored: HashMap<uuid::Uuid, Event> = HashMap::new();
-    for (kind, table) in EventKind::ALL
-        .iter()
-        .zip(["impressions", "clicks", "ratings"])
-    {
+    for kind in EventKind::ALL {
         let rows: Vec<(serde_json::Value,)> = sqlx::query_as(&format!(
-            "SELECT to_jsonb(t) - 'ingested_at' FROM {table} t"
+            "SELECT to_jsonb(t) - 'ingested_at' FROM {} t",
+            kind.table()
         ))
         .fetch_all(&env.pool)
         .await
         .unwrap();
         for (row,) in rows {
-            let event = Event::decode(*kind, &serde_json::to_vec(&row).unwrap())
+            let event = Event::decode(kind, &serde_json::to_vec(&row).unwrap())
                 .unwrap_or_else(|e| panic!("row {row} is not a valid {kind:?}: {e}"));
             stored.insert(event.event_id(), event);
         }
@@ -121,12 +119,7 @@ async fn malformed_events_go_to_the_dead_letter_topic_with_reasons() {
             });
         } else {
             let event = generator.next_event();
-            messages.push(Outgoing {
-                topic: env.kafka.topic(event.kind().topic()),
-                key: None,
-                payload: event.to_json(),
-                headers: None,
-            });
+            messages.push(Outgoing::event(&env.kafka, &event));
             good.push(event);
         }
     }
@@ -314,15 +307,8 @@ async fn postgres_restart_during_a_stream_loses_nothing() {
         let kafka = env.kafka.clone();
         tokio::spawn(async move {
             for chunk in kafka_env_events.chunks(1_000) {
-                let messages: Vec<Outgoing> = chunk
-                    .iter()
-                    .map(|e| Outgoing {
-                        topic: kafka.topic(e.kind().topic()),
-                        key: None,
-                        payload: e.to_json(),
-                        headers: None,
-                    })
-                    .collect();
+                let messages: Vec<Outgoing> =
+                    chunk.iter().map(|e| Outgoing::event(&kafka, e)).collect();
                 let k = kafka.clone();
                 tokio::task::spawn_blocking(move || kalon_kafka::produce_all(&k, messages, |_| {}))
                     .await

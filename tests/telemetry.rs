@@ -106,11 +106,9 @@ async fn a_trace_crosses_kafka_into_ingest_and_metrics_are_exported() {
         .iter()
         .enumerate()
         .map(|(i, event)| Outgoing {
-            topic: env.kafka.topic(event.kind().topic()),
-            key: None,
-            payload: event.to_json(),
             // only the first carries the producer's trace
             headers: (i == 0).then(|| traced_headers.clone()),
+            ..Outgoing::event(&env.kafka, event)
         })
         .collect();
     env.send(messages).await;

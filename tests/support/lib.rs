@@ -120,12 +120,7 @@ impl TestEnv {
     pub async fn produce(&self, events: &[Event]) {
         let messages: Vec<Outgoing> = events
             .iter()
-            .map(|e| Outgoing {
-                topic: self.kafka.topic(e.kind().topic()),
-                key: Some(e.event_id().as_bytes().to_vec()),
-                payload: e.to_json(),
-                headers: None,
-            })
+            .map(|e| Outgoing::event(&self.kafka, e))
             .collect();
         self.send(messages).await;
     }
@@ -143,18 +138,9 @@ impl TestEnv {
 
     /// Rows per event table (impressions, clicks, ratings).
     pub async fn counts(&self) -> [i64; 3] {
-        let mut out = [0; 3];
-        for (table, n) in ["impressions", "clicks", "ratings"]
-            .iter()
-            .zip(out.iter_mut())
-        {
-            let (count,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {table}"))
-                .fetch_one(&self.pool)
-                .await
-                .expect("count rows");
-            *n = count;
-        }
-        out
+        kalon_db::event_counts(&self.pool)
+            .await
+            .expect("count rows")
     }
 
     /// Waits until the event tables hold `total` rows; panics after `timeout`.

@@ -100,6 +100,17 @@ pub async fn ensure_partitions(pool: &PgPool, months_ahead: i32) -> Result<i32> 
     Ok(created)
 }
 
+/// Rows in each event table, in the order of `EventKind::ALL`.
+pub async fn event_counts(pool: &PgPool) -> Result<[i64; 3]> {
+    let mut counts = [0; 3];
+    for kind in kalon_events::EventKind::ALL {
+        let sql = format!("SELECT count(*) FROM {}", kind.table());
+        let (n,): (i64,) = sqlx::query_as(&sql).fetch_one(pool).await?;
+        counts[kind.index()] = n;
+    }
+    Ok(counts)
+}
+
 /// Creates the database named in `url` when it does not exist, connecting to
 /// the server's `postgres` database to do so.
 pub async fn create_database(url: &str) -> Result<()> {

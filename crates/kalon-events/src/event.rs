@@ -27,6 +27,24 @@ impl EventKind {
         }
     }
 
+    /// Position in [`EventKind::ALL`], for per-kind arrays.
+    pub const fn index(self) -> usize {
+        match self {
+            EventKind::Impression => 0,
+            EventKind::Click => 1,
+            EventKind::Rating => 2,
+        }
+    }
+
+    /// The Postgres table ingest writes this kind into.
+    pub const fn table(self) -> &'static str {
+        match self {
+            EventKind::Impression => "impressions",
+            EventKind::Click => "clicks",
+            EventKind::Rating => "ratings",
+        }
+    }
+
     /// The kind whose topic is `topic` once `prefix` is stripped.
     pub fn from_topic(prefix: &str, topic: &str) -> Option<EventKind> {
         let name = topic.strip_prefix(prefix)?;

@@ -61,8 +61,9 @@ mod tests {
         let names: HashSet<_> = TOPICS.iter().map(|t| t.name).collect();
         assert_eq!(names.len(), TOPICS.len());
         assert!(TOPICS.iter().all(|t| t.partitions >= 1));
-        for kind in EventKind::ALL {
+        for (i, kind) in EventKind::ALL.into_iter().enumerate() {
             assert!(names.contains(kind.topic()), "{kind:?} has no topic");
+            assert_eq!(kind.index(), i, "index() is the position in ALL");
         }
     }
 }

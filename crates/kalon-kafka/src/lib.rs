@@ -159,6 +159,19 @@ pub struct Outgoing {
     pub headers: Option<OwnedHeaders>,
 }
 
+impl Outgoing {
+    /// The message a producer puts on the bus for `event`: its kind's
+    /// topic, keyed by event id, no headers.
+    pub fn event(settings: &KafkaSettings, event: &kalon_events::Event) -> Outgoing {
+        Outgoing {
+            topic: settings.topic(event.kind().topic()),
+            key: Some(event.event_id().as_bytes().to_vec()),
+            payload: event.to_json(),
+            headers: None,
+        }
+    }
+}
+
 /// Produces every message and waits until the broker acknowledged all of
 /// them (acks=all). A retried send may land twice; Kalon's consumers absorb
 /// that by event id. (The idempotent producer is not used: tansu 0.6's sqlite

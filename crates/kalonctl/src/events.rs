@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kalon_events::generate::Generator;
-use kalon_events::{Event, EventKind};
+use kalon_events::EventKind;
 use kalon_kafka::{KafkaSettings, Outgoing};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -31,13 +31,6 @@ pub struct Generated {
     pub ids: [Vec<Uuid>; 3],
 }
 
-pub fn kind_index(kind: EventKind) -> usize {
-    EventKind::ALL
-        .iter()
-        .position(|k| *k == kind)
-        .expect("every kind is listed")
-}
-
 /// `events` valid events of the usual mix with `malformed` bad payloads
 /// spread evenly among them.
 pub fn generate(kafka: &KafkaSettings, events: u64, malformed: u64, seed: u64) -> Generated {
@@ -50,8 +43,8 @@ pub fn generate(kafka: &KafkaSettings, events: u64, malformed: u64, seed: u64) -
     let mut bad_left = malformed;
     for i in 0..events {
         let event = generator.next_event();
-        out.ids[kind_index(event.kind())].push(event.event_id());
-        out.messages.push(message(kafka, &event));
+        out.ids[event.kind().index()].push(event.event_id());
+        out.messages.push(Outgoing::event(kafka, &event));
         if bad_left > 0 && i % every == 0 {
             let (kind, payload, _) = generator.malformed();
             out.messages.push(Outgoing {
@@ -64,16 +57,6 @@ pub fn generate(kafka: &KafkaSettings, events: u64, malformed: u64, seed: u64) -
         }
     }
     out
-}
-
-/// The message a producer puts on the bus for `event`.
-pub fn message(kafka: &KafkaSettings, event: &Event) -> Outgoing {
-    Outgoing {
-        topic: kafka.topic(event.kind().topic()),
-        key: Some(event.event_id().as_bytes().to_vec()),
-        payload: event.to_json(),
-        headers: None,
-    }
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -118,33 +101,26 @@ pub fn clock_seed() -> u64 {
         .unwrap_or(1)
 }
 
-const TABLES: [&str; 3] = ["impressions", "clicks", "ratings"];
-
 /// How many of `ids` are in each event table.
 pub async fn count_landed(pool: &PgPool, ids: &[Vec<Uuid>; 3]) -> anyhow::Result<[u64; 3]> {
     let mut counts = [0u64; 3];
-    for ((table, ids), count) in TABLES.iter().zip(ids).zip(counts.iter_mut()) {
-        let (n,): (i64,) = sqlx::query_as(&format!(
-            "SELECT count(*) FROM {table} WHERE event_id = ANY($1)"
-        ))
-        .bind(ids)
-        .fetch_one(pool)
-        .await?;
-        *count = n as u64;
+    for kind in EventKind::ALL {
+        let sql = format!(
+            "SELECT count(*) FROM {} WHERE event_id = ANY($1)",
+            kind.table()
+        );
+        let (n,): (i64,) = sqlx::query_as(&sql)
+            .bind(&ids[kind.index()])
+            .fetch_one(pool)
+            .await?;
+        counts[kind.index()] = n as u64;
     }
     Ok(counts)
 }
 
 /// Rows per event table.
 pub async fn count_all(pool: &PgPool) -> anyhow::Result<[u64; 3]> {
-    let mut counts = [0u64; 3];
-    for (table, count) in TABLES.iter().zip(counts.iter_mut()) {
-        let (n,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {table}"))
-            .fetch_one(pool)
-            .await?;
-        *count = n as u64;
-    }
-    Ok(counts)
+    Ok(kalon_db::event_counts(pool).await?.map(|n| n as u64))
 }
 
 /// Waits until `landed()` reaches `expected`, showing progress; fails after `timeout`.

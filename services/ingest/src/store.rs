@@ -2,7 +2,7 @@
 //! `INSERT ... SELECT FROM UNNEST(...)` per event table, duplicates ignored.
 
 use chrono::{DateTime, Utc};
-use kalon_events::{Click, Event, EventKind, Impression, Rating};
+use kalon_events::{Click, Event, Impression, Rating};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -66,14 +66,6 @@ impl Written {
     }
 }
 
-fn kind_index(kind: EventKind) -> usize {
-    match kind {
-        EventKind::Impression => 0,
-        EventKind::Click => 1,
-        EventKind::Rating => 2,
-    }
-}
-
 impl Rows {
     pub fn len(&self) -> usize {
         self.counts.iter().sum::<u64>() as usize
@@ -90,7 +82,7 @@ impl Rows {
 
     /// Adds an event, moving its fields into the columns.
     pub fn push(&mut self, event: Event) {
-        self.counts[kind_index(event.kind())] += 1;
+        self.counts[event.kind().index()] += 1;
         match event {
             Event::Impression(e) => self.impressions.push(e),
             Event::Click(e) => self.clicks.push(e),
