@@ -11,6 +11,10 @@ use anyhow::Context;
 #[derive(Debug, Clone)]
 pub enum Storage {
     /// Lost when the broker stops; fastest (benchmarks).
+    ///
+    /// Not for consumers that resume from committed offsets: tansu 0.6's
+    /// memory engine answers a fetch that starts inside a record batch with
+    /// the next batch, so the rest of that batch is skipped.
     Memory,
     /// A SQLite file (relative to the broker's working directory); survives restarts.
     Sqlite(String),
