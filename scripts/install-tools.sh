@@ -15,6 +15,39 @@ if [ ! -x "$tansu_root/bin/tansu" ]; then
   rm -rf "$cache/tansu-build"
 fi
 
+# ONNX Runtime's shared library for the `ort` crate (load-dynamic), taken out
+# of PyPI's CPU wheel; the encoder crate finds it here or at ORT_DYLIB_PATH
+ort_version=1.31.1
+ort_dir="$cache/onnxruntime-$ort_version"
+if [ ! -f "$ort_dir/libonnxruntime.so.$ort_version" ]; then
+  echo "fetching libonnxruntime.so.$ort_version from PyPI's onnxruntime==$ort_version wheel" >&2
+  wheel_dir="$(mktemp -d)"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+    --platform manylinux_2_28_x86_64 "onnxruntime==$ort_version" -d "$wheel_dir"
+  mkdir -p "$ort_dir.tmp"
+  python3 - "$wheel_dir" "$ort_dir.tmp" "$ort_version" <<'PY'
+import glob, sys, zipfile
+wheel_dir, out, version = sys.argv[1:]
+(wheel,) = glob.glob(f"{wheel_dir}/onnxruntime-*.whl")
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith("onnxruntime/capi/libonnxruntime"):
+            with z.open(name) as src, open(f"{out}/{name.rsplit('/', 1)[1]}", "wb") as dst:
+                dst.write(src.read())
+PY
+  rm -rf "$wheel_dir" "$ort_dir"
+  mv "$ort_dir.tmp" "$ort_dir"
+fi
+
+# Python with the `onnx` package: tests check Kalon's exported models with
+# onnx.checker, and tests/fixtures/make_fixtures.py builds foreign models
+py_env="$cache/py-onnx"
+if [ ! -x "$py_env/bin/python" ] || ! "$py_env/bin/python" -c 'import onnx' 2>/dev/null; then
+  echo "installing the onnx Python package into $py_env" >&2
+  python3 -m venv "$py_env"
+  "$py_env/bin/pip" install -q "onnx==1.23.2" "numpy<3"
+fi
+
 missing=()
 command -v cc >/dev/null || missing+=(build-essential)
 command -v psql >/dev/null || missing+=(postgresql-client)

@@ -267,32 +267,33 @@ pub fn committed_messages(kafka: &KafkaSettings, group: &str) -> i64 {
 
 /// The `kalon-ingest` binary, built if needed (tests that kill the process).
 pub fn ingest_binary() -> PathBuf {
+    workspace_binary("kalon-ingest", "kalon-ingest")
+}
+
+/// Builds (if stale) and locates binary `bin` of workspace package `package`.
+pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
     let status = std::process::Command::new(env!("CARGO"))
         .args([
             "build",
             "--quiet",
             "-p",
-            "kalon-ingest",
+            package,
             "--bin",
-            "kalon-ingest",
+            bin,
             "--manifest-path",
             manifest,
         ])
         .status()
         .expect("run cargo build");
-    assert!(status.success(), "building kalon-ingest failed");
+    assert!(status.success(), "building {bin} failed");
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> -> target/<profile>/kalon-ingest
+    // target/<profile>/deps/<test> -> target/<profile>/<bin>
     let path = exe
         .parent()
         .and_then(|d| d.parent())
         .expect("target dir")
-        .join("kalon-ingest");
-    assert!(
-        path.is_file(),
-        "no kalon-ingest binary at {}",
-        path.display()
-    );
+        .join(bin);
+    assert!(path.is_file(), "no {bin} binary at {}", path.display());
     path
 }

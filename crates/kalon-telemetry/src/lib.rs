@@ -59,8 +59,8 @@ pub fn init_with(
     otlp_endpoint: Option<&str>,
 ) -> anyhow::Result<TelemetryGuard> {
     global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,ort=warn"));
     let json = std::env::var("KALON_LOG_FORMAT").is_ok_and(|f| f == "json");
     let fmt = if json {
         tracing_subscriber::fmt::layer()

@@ -37,6 +37,20 @@ pub enum Bench {
         #[arg(long, default_value_t = 2000)]
         batch_max: usize,
     },
+    /// Encoder throughput on ONNX Runtime (images/s, texts/s) at batch 1 and 32, on a world's held-out pairs.
+    Encoder {
+        /// World (and pretrained model) seed, built when missing.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 10_000)]
+        images: usize,
+        /// An encoder directory instead of the seed's reference model.
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// Inputs embedded per measurement.
+        #[arg(long, default_value_t = 512)]
+        count: usize,
+    },
 }
 
 pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
@@ -47,6 +61,19 @@ pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
             writers,
             batch_max,
         } => ingest(cli, *events, !*no_baseline, *writers, *batch_max).await,
+        Bench::Encoder {
+            seed,
+            images,
+            model,
+            count,
+        } => {
+            let (state_dir, model, seed, images, count) =
+                (cli.state_dir.clone(), model.clone(), *seed, *images, *count);
+            tokio::task::spawn_blocking(move || {
+                crate::model::bench_encoder(&state_dir, seed, images, model.as_deref(), count)
+            })
+            .await?
+        }
     }
 }
 

@@ -3,7 +3,6 @@
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use kalon_events::generate::Generator;
 use kalon_events::EventKind;
 use kalon_kafka::{KafkaSettings, Outgoing};
@@ -59,21 +58,10 @@ pub fn generate(kafka: &KafkaSettings, events: u64, malformed: u64, seed: u64) -
     out
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(what.to_owned());
-    bar
-}
-
 /// Produces all messages with a progress bar; returns how many the broker acknowledged.
 pub async fn send(kafka: &KafkaSettings, messages: Vec<Outgoing>) -> anyhow::Result<u64> {
     let kafka = kafka.clone();
-    let progress = bar(messages.len() as u64, "produce");
+    let progress = crate::progress_bar(messages.len() as u64, "produce");
     let shown = progress.clone();
     let sent = tokio::task::spawn_blocking(move || {
         kalon_kafka::produce_all(&kafka, messages, |n| shown.set_position(n))
@@ -134,7 +122,7 @@ where
     Fut: std::future::Future<Output = anyhow::Result<u64>>,
 {
     let start = Instant::now();
-    let progress = bar(expected, "ingest");
+    let progress = crate::progress_bar(expected, "ingest");
     loop {
         let n = landed().await?;
         progress.set_position(n);

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod events;
+mod model;
 mod sim;
 
 use std::path::PathBuf;
@@ -31,6 +32,20 @@ struct Cli {
     command: Command,
 }
 
+/// A progress bar on stderr in Kalon's one style.
+pub(crate) fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// The local stack: PostgreSQL and a Kafka-API broker (tansu).
@@ -53,6 +68,21 @@ enum Command {
     Sim {
         #[command(subcommand)]
         action: sim::Sim,
+    },
+    /// Train models.
+    Train {
+        #[command(subcommand)]
+        action: model::Train,
+    },
+    /// Encoders on ONNX Runtime.
+    Encoder {
+        #[command(subcommand)]
+        action: model::EncoderAction,
+    },
+    /// Evaluate models.
+    Eval {
+        #[command(subcommand)]
+        action: model::Eval,
     },
     /// Benchmarks that print figures.
     Bench {
@@ -207,6 +237,18 @@ async fn main() -> anyhow::Result<()> {
             // image generation is CPU work: off the async runtime
             let action = action.clone();
             tokio::task::spawn_blocking(move || sim::run(&action)).await??
+        }
+        Command::Train { action } => {
+            let action = action.clone();
+            tokio::task::spawn_blocking(move || model::run_train(&action)).await??
+        }
+        Command::Encoder { action } => {
+            let action = action.clone();
+            tokio::task::spawn_blocking(move || model::run_encoder(&action)).await??
+        }
+        Command::Eval { action } => {
+            let (action, state_dir) = (action.clone(), cli.state_dir.clone());
+            tokio::task::spawn_blocking(move || model::run_eval(&state_dir, &action)).await??
         }
         Command::Bench { which } => bench::run(&cli, which).await?,
     }

@@ -1,10 +1,9 @@
 //! `kalonctl sim ...`: the simulated world.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Subcommand;
-use indicatif::{ProgressBar, ProgressStyle};
 use kalon_world::WorldSpec;
 
 #[derive(Clone, Subcommand)]
@@ -31,34 +30,9 @@ pub fn run(sim: &Sim) -> anyhow::Result<()> {
             size,
             out,
         } => {
-            anyhow::ensure!(*size >= 16, "--size must be at least 16 pixels");
-            let mut spec = WorldSpec::new(*seed, *images);
-            spec.image_size = *size;
-            let bar = ProgressBar::new(*images as u64);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{msg:>10} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
-            bar.set_message("images");
             let started = Instant::now();
-            let exported = kalon_world::export(&spec, out, |n| {
-                if n % 100 == 0 {
-                    bar.set_position(n as u64);
-                }
-            })?;
-            bar.finish();
+            let exported = generate(*seed, *images, *size, out)?;
             let seconds = started.elapsed().as_secs_f64();
-            eprintln!(
-                "world seed {seed}: {} images ({:.1} MB of PNG), {} queries, {} HPIR items in {}",
-                exported.images,
-                exported.png_bytes as f64 / 1e6,
-                exported.queries,
-                exported.hpir_items,
-                out.display()
-            );
             println!(
                 "{}",
                 serde_json::json!({"sim": "generate", "seed": seed, "images": exported.images, "seconds": (seconds * 100.0).round() / 100.0, "images_per_s": (exported.images as f64 / seconds).round()})
@@ -66,4 +40,33 @@ pub fn run(sim: &Sim) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Generates a world into `out` with a progress bar; says what it wrote on
+/// stderr.
+pub fn generate(
+    seed: u64,
+    images: usize,
+    size: usize,
+    out: &Path,
+) -> anyhow::Result<kalon_world::Exported> {
+    anyhow::ensure!(size >= 16, "--size must be at least 16 pixels");
+    let mut spec = WorldSpec::new(seed, images);
+    spec.image_size = size;
+    let bar = crate::progress_bar(images as u64, "images");
+    let exported = kalon_world::export(&spec, out, |n| {
+        if n % 100 == 0 {
+            bar.set_position(n as u64);
+        }
+    })?;
+    bar.finish();
+    eprintln!(
+        "world seed {seed}: {} images ({:.1} MB of PNG), {} queries, {} HPIR items in {}",
+        exported.images,
+        exported.png_bytes as f64 / 1e6,
+        exported.queries,
+        exported.hpir_items,
+        out.display()
+    );
+    Ok(exported)
 }

@@ -1,0 +1,429 @@
+//! Encoders on ONNX Runtime: Kalon's exporter round trip, a model made by
+//! another tool, contract violations, the runtime library, and pretraining
+//! through `kalonctl` end to end.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use kalon_encoder::{Encoder, EncoderError, EncoderOptions, Manifest, WordTokenizer};
+use kalon_model::onnx::{self, Dim, Elem, GraphBuilder};
+use kalon_model::train::{image_spec, tokens};
+use kalon_model::{ModelConfig, TwoTower};
+use rand::{Rng, SeedableRng};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/foreign-encoder")
+}
+
+/// Checks a file with the `onnx` Python package's full checker.
+fn onnx_checker(path: &Path) {
+    let python = kalon_stack::tools::cache_dir().join("py-onnx/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run `bash scripts/install-tools.sh`",
+        python.display()
+    );
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import onnx, sys; m = onnx.load(sys.argv[1]); onnx.checker.check_model(m, full_check=True); print(m.ir_version)",
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "onnx.checker refused {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ir: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(ir <= 13, "IR version {ir}");
+}
+
+fn random_model(seed: u64) -> (TwoTower, VarMap, WordTokenizer) {
+    let device = Device::Cpu;
+    let tokenizer = WordTokenizer::build(
+        [
+            "a red cat on a beach",
+            "blue dog in a forest",
+            "stunning neon house",
+        ],
+        1,
+        16,
+    );
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let model = TwoTower::new(ModelConfig::reference(tokenizer.vocab_size()), vb).unwrap();
+    kalon_model::model::seeded_init(&varmap, seed).unwrap();
+    (model, varmap, tokenizer)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn options(batch_size: usize) -> EncoderOptions {
+    EncoderOptions {
+        batch_size,
+        ..EncoderOptions::default()
+    }
+}
+
+#[test]
+fn exported_model_round_trips_candle_and_onnx_runtime_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, varmap, tokenizer) = random_model(7);
+    kalon_model::export::export(&model, &varmap, &tokenizer, dir.path(), Default::default())
+        .unwrap();
+    onnx_checker(&dir.path().join("image.onnx"));
+    onnx_checker(&dir.path().join("text.onnx"));
+
+    // batch size 2 so 5 inputs take three ONNX Runtime calls
+    let encoder = Encoder::load(dir.path(), &options(2)).unwrap();
+    let device = Device::Cpu;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let n = 5;
+    let pixels: Vec<f32> = (0..n * 3 * 64 * 64)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let from_candle = model
+        .image
+        .forward(&Tensor::from_vec(pixels.clone(), (n, 3, 64, 64), &device).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let from_ort = encoder.image.embed_pixels(&pixels).unwrap();
+    assert_eq!(from_ort.len(), n);
+    let diff = max_abs_diff(&from_candle, &from_ort.data);
+    assert!(diff <= 1e-4, "image tower: candle and ORT differ by {diff}");
+
+    let texts = [
+        "a red cat on a beach",
+        "",
+        "words the vocabulary never saw",
+        "blue dog blue dog blue dog blue dog blue dog blue dog blue dog blue dog",
+        "Stunning NEON house!",
+    ];
+    let (ids, mask) = tokens(&tokenizer, &texts, &device).unwrap();
+    let from_candle = model
+        .text
+        .forward(&ids, &mask)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let from_ort = encoder.text.embed_texts(&texts).unwrap();
+    let diff = max_abs_diff(&from_candle, &from_ort.data);
+    assert!(diff <= 1e-4, "text tower: candle and ORT differ by {diff}");
+    // outputs are unit vectors and not all alike
+    for row in from_ort.rows() {
+        let norm: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
+    }
+    assert!(max_abs_diff(from_ort.row(0), from_ort.row(4)) > 1e-3);
+
+    // the files decode to the same pixels the trainer feeds candle
+    let spec = image_spec(&model.config);
+    let img = kalon_encoder::image::RgbImage::from_fn(64, 64, |x, y| {
+        kalon_encoder::image::Rgb([(x * 4) as u8, (y * 4) as u8, 200])
+    });
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, kalon_encoder::image::ImageFormat::Png)
+        .unwrap();
+    let mut raw = Vec::new();
+    kalon_encoder::preprocess::push_rgb8(img.as_raw(), &spec, &mut raw);
+    let from_candle = model
+        .image
+        .forward(&Tensor::from_vec(raw, (1, 3, 64, 64), &device).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let from_file = encoder.image.embed_files(&[png.into_inner()]).unwrap();
+    assert!(max_abs_diff(&from_candle, &from_file.data) <= 1e-4);
+}
+
+#[tokio::test]
+async fn a_model_made_with_the_onnx_python_package_loads_through_the_contract() {
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("expected.json")).unwrap()).unwrap();
+    let floats = |key: &str| -> Vec<f32> {
+        expected[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let encoder = std::sync::Arc::new(Encoder::load(&fixture(), &options(32)).unwrap());
+    assert_eq!(encoder.manifest.embedding_dim, 8);
+    let images = encoder.image.embed_pixels(&floats("pixels")).unwrap();
+    let diff = max_abs_diff(&images.data, &floats("image_embeds"));
+    assert!(diff <= 1e-4, "image embeddings differ from numpy by {diff}");
+    let texts: Vec<String> = expected["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect();
+    // through the async path (blocking pool)
+    let embedded = encoder.embed_texts_async(texts).await.unwrap();
+    let diff = max_abs_diff(&embedded.data, &floats("text_embeds"));
+    assert!(diff <= 1e-4, "text embeddings differ from numpy by {diff}");
+}
+
+/// Copies the fixture encoder so a test can break one part of it.
+fn broken_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+fn load_error(dir: &Path) -> EncoderError {
+    match Encoder::load(dir, &EncoderOptions::default()) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn contract_violations_and_broken_files_are_clear_errors() {
+    // wrong dtype: a text tower taking int32 ids
+    let dir = broken_copy();
+    let mut g = GraphBuilder::new("int32_text");
+    let dims = [Dim::Named("n"), Dim::Fixed(6)];
+    let ids = g.input("input_ids", Elem::I32, &dims);
+    g.input("attention_mask", Elem::I64, &dims);
+    let table = g.weight("table", &[9, 8], &[0.5; 72]);
+    g.node("Gather", &[&table, &ids], vec![], None);
+    let words = "gather_1";
+    let axis = g.ints("axis", &[1]);
+    g.node(
+        "ReduceSum",
+        &[words, &axis],
+        vec![onnx::attr_int("keepdims", 0)],
+        Some("text_embeds"),
+    );
+    g.output("text_embeds", Elem::F32, &[Dim::Named("n"), Dim::Fixed(8)]);
+    std::fs::write(
+        dir.path().join("text.onnx"),
+        onnx::to_bytes(&g.finish("", &[])),
+    )
+    .unwrap();
+    let err = load_error(dir.path());
+    let msg = err.to_string();
+    assert!(
+        matches!(err, EncoderError::Contract { tower: "text", .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("input_ids") && msg.contains("Int32") && msg.contains("Int64"),
+        "{msg}"
+    );
+
+    // wrong shape: the manifest promises 64x64 pixels, the tower takes 32x32
+    let dir = broken_copy();
+    let mut manifest = Manifest::load(dir.path()).unwrap();
+    manifest.image.size = 64;
+    manifest.save(dir.path()).unwrap();
+    let err = load_error(dir.path());
+    let msg = err.to_string();
+    assert!(
+        matches!(err, EncoderError::Contract { tower: "image", .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("[?, 3, 64, 64]") && msg.contains("32"),
+        "{msg}"
+    );
+
+    // wrong shape at inference: a tensor of the wrong size
+    let encoder = Encoder::load(&fixture(), &EncoderOptions::default()).unwrap();
+    let err = encoder
+        .image
+        .embed_tensor(&[1, 3, 64, 64], &vec![0.0; 3 * 64 * 64])
+        .unwrap_err();
+    assert!(matches!(err, EncoderError::Input(_)), "{err}");
+    assert!(err.to_string().contains("[n, 3, 32, 32]"), "{err}");
+    let err = encoder.image.embed_pixels(&[0.0; 100]).unwrap_err();
+    assert!(matches!(err, EncoderError::Input(_)), "{err}");
+    let err = encoder
+        .text
+        .embed_tokens(&[1, 2, 3], &[1, 1, 1])
+        .unwrap_err();
+    assert!(matches!(err, EncoderError::Input(_)), "{err}");
+
+    // a truncated file
+    let dir = broken_copy();
+    let path = dir.path().join("image.onnx");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_error(dir.path());
+    assert!(matches!(err, EncoderError::ModelFile { .. }), "{err}");
+    assert!(err.to_string().contains("image.onnx"), "{err}");
+
+    // a corrupt file
+    let dir = broken_copy();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let junk: Vec<u8> = (0..4096).map(|_| rng.random()).collect();
+    std::fs::write(dir.path().join("text.onnx"), junk).unwrap();
+    let err = load_error(dir.path());
+    assert!(matches!(err, EncoderError::ModelFile { .. }), "{err}");
+    assert!(err.to_string().contains("text.onnx"), "{err}");
+
+    // no manifest, and a manifest of another format
+    let dir = broken_copy();
+    std::fs::remove_file(dir.path().join("kalon-model.json")).unwrap();
+    let err = load_error(dir.path());
+    assert!(matches!(err, EncoderError::Manifest { .. }), "{err}");
+    let dir = broken_copy();
+    let path = dir.path().join("kalon-model.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("kalon-encoder/1", "kalon-encoder/9")).unwrap();
+    let err = load_error(dir.path()).to_string();
+    assert!(err.contains("kalon-encoder/9"), "{err}");
+}
+
+fn kalonctl() -> PathBuf {
+    kalon_tests::workspace_binary("kalonctl", "kalonctl")
+}
+
+#[test]
+fn a_missing_or_broken_runtime_library_is_a_clear_error_not_a_panic() {
+    let bin = kalonctl();
+    let run = |dylib: Option<&Path>| {
+        let mut cmd = Command::new(&bin);
+        cmd.args(["encoder", "check", "--model"]).arg(fixture());
+        match dylib {
+            Some(path) => cmd.env("ORT_DYLIB_PATH", path),
+            None => cmd.env_remove("ORT_DYLIB_PATH"),
+        };
+        let out = cmd.output().unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (status, _, stderr) = run(Some(Path::new("/nonexistent/libonnxruntime.so")));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("ONNX Runtime library not found") && stderr.contains("install-tools.sh"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("libonnxruntime.so");
+    std::fs::write(&junk, b"not a shared library").unwrap();
+    let (status, _, stderr) = run(Some(&junk));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot load the ONNX Runtime library"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // the cached library works, and the check reports unit embeddings
+    let (status, stdout, stderr) = run(None);
+    assert!(status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["contract"], "ok");
+    assert_eq!(report["embedding_dim"], 8);
+    let norm = report["image_embedding_norm"].as_f64().unwrap();
+    assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+}
+
+#[test]
+fn pretraining_from_the_command_line_beats_chance_on_held_out_captions() {
+    // a seed no test used before: the command must build that world itself
+    let seed: u64 = rand::rng().random_range(1_000..1_000_000);
+    let state = tempfile::tempdir().unwrap();
+    let out = Command::new(kalonctl())
+        .args([
+            "eval",
+            "retrieval",
+            "--images",
+            "2000",
+            "--epochs",
+            "6",
+            "--batch-size",
+            "64",
+        ])
+        .args(["--seed", &seed.to_string()])
+        .arg("--state-dir")
+        .arg(state.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "seed {seed}: {stderr}");
+    assert!(stdout.contains("recall@10"), "a table: {stdout}");
+    let last = stdout.lines().last().unwrap();
+    let report: serde_json::Value = serde_json::from_str(last).unwrap();
+    for key in ["recall_at_1", "recall_at_5", "recall_at_10", "chance_at_10"] {
+        let v = report[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+    }
+    assert_eq!(report["pairs"], 200);
+    let (r10, chance) = (
+        report["recall_at_10"].as_f64().unwrap(),
+        report["chance_at_10"].as_f64().unwrap(),
+    );
+    assert!(
+        r10 >= 2.5 * chance,
+        "seed {seed}: recall@10 {r10} vs chance {chance}"
+    );
+
+    // the model it wrote says how training went: the loss fell
+    let models = state.path().join("models");
+    let model_dir = std::fs::read_dir(&models)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let manifest = Manifest::load(&model_dir).unwrap();
+    let (first, last) = (
+        manifest.notes["first_loss"].as_f64().unwrap(),
+        manifest.notes["final_loss"].as_f64().unwrap(),
+    );
+    assert!(last < first * 0.9, "loss {first} -> {last}");
+    onnx_checker(&model_dir.join("image.onnx"));
+}
+
+#[test]
+fn pretraining_is_deterministic_for_a_seed() {
+    let world = tempfile::tempdir().unwrap();
+    kalon_world::export(&kalon_world::WorldSpec::new(11, 200), world.path(), |_| {}).unwrap();
+    let run = |seed| {
+        let config = kalon_model::train::PretrainConfig {
+            seed,
+            epochs: 1,
+            batch_size: 32,
+            max_pairs: Some(96),
+            ..Default::default()
+        };
+        kalon_model::train::pretrain(world.path(), &config, |_| {})
+            .unwrap()
+            .losses
+    };
+    let first = run(5);
+    assert_eq!(first.len(), 3);
+    assert_eq!(first, run(5), "same seed, same losses");
+    assert_ne!(first, run(6), "another seed differs");
+}
