@@ -367,6 +367,10 @@ fn pretraining_from_the_command_line_beats_chance_on_held_out_captions() {
         .args(["--seed", &seed.to_string()])
         .arg("--state-dir")
         .arg(state.path())
+        // one core, so the broker and ingest tests running beside it keep
+        // theirs (their timeouts are about events, not CPU starvation)
+        .env("RAYON_NUM_THREADS", "1")
+        .env("KALON_ENCODER_THREADS", "1")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

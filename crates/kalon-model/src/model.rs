@@ -142,17 +142,7 @@ impl ImageTower {
         let w = self.proj.weight();
         let b = self.proj.bias().expect("projection has a bias");
         let y = g.linear(&flat, "proj", (w.dims(), &values(w)?), &values(b)?);
-        g.node(
-            "LpNormalization",
-            &[&y],
-            vec![attr_int("axis", 1), attr_int("p", 2)],
-            Some(IMAGE_EMBEDS),
-        );
-        g.output(
-            IMAGE_EMBEDS,
-            Elem::F32,
-            &[Dim::Named("batch"), Dim::Fixed(self.dim as i64)],
-        );
+        g.unit_vectors_out(&y, IMAGE_EMBEDS, self.dim);
         Ok(g.finish("Kalon reference image tower", &[]))
     }
 }
@@ -226,17 +216,7 @@ impl TextTower {
         let h = g.node("Relu", &[&h], vec![], None);
         let (w, b) = (self.proj.weight(), self.proj.bias().expect("bias"));
         let y = g.linear(&h, "proj", (w.dims(), &values(w)?), &values(b)?);
-        g.node(
-            "LpNormalization",
-            &[&y],
-            vec![attr_int("axis", 1), attr_int("p", 2)],
-            Some(TEXT_EMBEDS),
-        );
-        g.output(
-            TEXT_EMBEDS,
-            Elem::F32,
-            &[Dim::Named("batch"), Dim::Fixed(self.dim as i64)],
-        );
+        g.unit_vectors_out(&y, TEXT_EMBEDS, self.dim);
         Ok(g.finish("Kalon reference text tower", &[]))
     }
 }

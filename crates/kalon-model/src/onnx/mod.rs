@@ -173,6 +173,21 @@ impl GraphBuilder {
         self.node("Gemm", &[x, &w, &b], vec![attr_int("transB", 1)], None)
     }
 
+    /// L2-normalises the rows of `x` (`[batch, dim]`) into graph output `name`.
+    pub fn unit_vectors_out(&mut self, x: &str, name: &str, dim: usize) {
+        self.node(
+            "LpNormalization",
+            &[x],
+            vec![attr_int("axis", 1), attr_int("p", 2)],
+            Some(name),
+        );
+        self.output(
+            name,
+            Elem::F32,
+            &[Dim::Named("batch"), Dim::Fixed(dim as i64)],
+        );
+    }
+
     /// The finished model.
     pub fn finish(self, doc: &str, metadata: &[(&str, String)]) -> ModelProto {
         ModelProto {
