@@ -1,0 +1,15 @@
+//! Ranked DPO alignment (after Zhang et al., arXiv 2406.09397).
+//!
+//! - [`algorithm`]: the score, the Ranked DPO loss, D_po construction and
+//!   the HPIR-style agreement, in one place, as `docs/ALGORITHM.md` states
+//!   them.
+//! - [`pairs`]: the preference pair every source (D_po, clicks, ratings,
+//!   LMM judgments) produces.
+//! - [`scorer`]: aesthetic scorers behind one trait.
+
+pub mod algorithm;
+pub mod pairs;
+pub mod scorer;
+
+pub use pairs::{PairSource, PreferencePair};
+pub use scorer::{AestheticScorer, LowLevelScorer};

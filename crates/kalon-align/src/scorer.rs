@@ -1,0 +1,184 @@
+//! Aesthetic scorers behind one trait.
+//!
+//! [`LowLevelScorer`] measures what simple image statistics can see:
+//! Hasler-Suesstrunk colourfulness, sharpness as the variance of the
+//! Laplacian, exposure (distance of mean luminance from mid-grey) and
+//! contrast (standard deviation of luminance). It cannot see harmony,
+//! composition or style; that gap is what the paper's LMM judgments and
+//! people's clicks fill. Scores are compared within one query's candidates,
+//! so [`normalise`] turns them into z-scores per query.
+
+use kalon_encoder::image::RgbImage;
+
+/// Scores images; higher is more beautiful.
+pub trait AestheticScorer: Send + Sync {
+    fn name(&self) -> &str;
+    /// Raw scores, one per image (comparable within one call).
+    fn score(&self, images: &[RgbImage]) -> anyhow::Result<Vec<f64>>;
+}
+
+/// Z-scores in place (all zero when the scores do not vary).
+pub fn normalise(scores: &mut [f64]) {
+    let n = scores.len() as f64;
+    if scores.is_empty() {
+        return;
+    }
+    let mean = scores.iter().sum::<f64>() / n;
+    let sd = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n).sqrt();
+    for s in scores.iter_mut() {
+        *s = if sd > 1e-12 { (*s - mean) / sd } else { 0.0 };
+    }
+}
+
+/// Low-level measures of one image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LowLevel {
+    /// Hasler-Suesstrunk `sigma_rgyb + 0.3 mu_rgyb` on 0..255 values.
+    pub colourfulness: f64,
+    /// Variance of the 4-neighbour Laplacian of luminance (0..1 scale).
+    pub sharpness: f64,
+    /// 1 at mean luminance 0.5, 0 at black or white.
+    pub exposure: f64,
+    /// Standard deviation of luminance (0..1 scale).
+    pub contrast: f64,
+}
+
+fn mean_sd(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+    let (n, sum) = values
+        .clone()
+        .fold((0.0, 0.0), |(n, s), v| (n + 1.0, s + v));
+    let mean = sum / n;
+    let var = values.map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+/// Measures one image.
+pub fn low_level(image: &RgbImage) -> LowLevel {
+    let px = || image.pixels().map(|p| p.0.map(f64::from));
+    let (mu_rg, sd_rg) = mean_sd(px().map(|[r, g, _]| r - g));
+    let (mu_yb, sd_yb) = mean_sd(px().map(|[r, g, b]| 0.5 * (r + g) - b));
+    let colourfulness =
+        (sd_rg.powi(2) + sd_yb.powi(2)).sqrt() + 0.3 * (mu_rg.powi(2) + mu_yb.powi(2)).sqrt();
+    let (w, h) = image.dimensions();
+    let luma: Vec<f64> = px()
+        .map(|[r, g, b]| (0.299 * r + 0.587 * g + 0.114 * b) / 255.0)
+        .collect();
+    let at = |x: u32, y: u32| luma[(y * w + x) as usize];
+    let mut laplacian = Vec::new();
+    for y in 1..h.saturating_sub(1) {
+        for x in 1..w.saturating_sub(1) {
+            laplacian
+                .push(at(x - 1, y) + at(x + 1, y) + at(x, y - 1) + at(x, y + 1) - 4.0 * at(x, y));
+        }
+    }
+    let (_, sd_lap) = mean_sd(laplacian.iter().copied());
+    let (mean_luma, sd_luma) = mean_sd(luma.iter().copied());
+    LowLevel {
+        colourfulness,
+        sharpness: if laplacian.is_empty() {
+            0.0
+        } else {
+            sd_lap.powi(2)
+        },
+        exposure: 1.0 - 2.0 * (mean_luma - 0.5).abs(),
+        contrast: sd_luma,
+    }
+}
+
+/// A weighted sum of the low-level measures (each brought to a comparable
+/// range first).
+#[derive(Debug, Clone)]
+pub struct LowLevelScorer {
+    pub weights: LowLevel,
+}
+
+impl Default for LowLevelScorer {
+    fn default() -> Self {
+        LowLevelScorer {
+            weights: LowLevel {
+                colourfulness: 1.0,
+                sharpness: 1.0,
+                exposure: 1.0,
+                contrast: 1.0,
+            },
+        }
+    }
+}
+
+impl AestheticScorer for LowLevelScorer {
+    fn name(&self) -> &str {
+        "low-level"
+    }
+
+    fn score(&self, images: &[RgbImage]) -> anyhow::Result<Vec<f64>> {
+        let w = &self.weights;
+        Ok(images
+            .iter()
+            .map(|image| {
+                let m = low_level(image);
+                // colourfulness ~0..150, sharpness ~0..0.1 (log), exposure 0..1, contrast 0..0.5
+                w.colourfulness * m.colourfulness / 100.0
+                    + w.sharpness * (1.0 + 1e3 * m.sharpness).ln() / 5.0
+                    + w.exposure * m.exposure
+                    + w.contrast * m.contrast * 4.0
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kalon_encoder::image::Rgb;
+
+    fn checker(size: u32, a: [u8; 3], b: [u8; 3]) -> RgbImage {
+        RgbImage::from_fn(size, size, |x, y| {
+            if (x / 2 + y / 2) % 2 == 0 {
+                Rgb(a)
+            } else {
+                Rgb(b)
+            }
+        })
+    }
+
+    #[test]
+    fn measures_follow_their_definitions() {
+        // grey: no colour, no edges, mid exposure, no contrast
+        let grey = RgbImage::from_pixel(16, 16, Rgb([128, 128, 128]));
+        let m = low_level(&grey);
+        assert_eq!(m.colourfulness, 0.0);
+        assert!(m.sharpness < 1e-20, "{m:?}");
+        assert!(m.exposure > 0.99 && m.contrast < 1e-12, "{m:?}");
+        // pure red: rg = 255, yb = 127.5, no spread -> 0.3 * sqrt(255^2 + 127.5^2)
+        let red = low_level(&RgbImage::from_pixel(8, 8, Rgb([255, 0, 0])));
+        assert!(
+            (red.colourfulness - 0.3 * (255f64.powi(2) + 127.5f64.powi(2)).sqrt()).abs() < 1e-9
+        );
+        // black is badly exposed
+        assert_eq!(low_level(&RgbImage::new(8, 8)).exposure, 0.0);
+        // a fine checkerboard is sharp and contrasty; its blurred copy less so
+        let sharp = checker(32, [230, 230, 230], [25, 25, 25]);
+        let blurred = kalon_encoder::image::imageops::blur(&sharp, 1.5);
+        let (s, b) = (low_level(&sharp), low_level(&blurred));
+        assert!(s.sharpness > 10.0 * b.sharpness, "{s:?} vs {b:?}");
+        assert!(s.contrast > b.contrast);
+    }
+
+    #[test]
+    fn the_scorer_prefers_colourful_sharp_well_exposed_images_and_normalises() {
+        let scorer = LowLevelScorer::default();
+        let good = checker(32, [220, 60, 40], [40, 90, 200]);
+        let dull =
+            kalon_encoder::image::imageops::blur(&checker(32, [90, 90, 90], [60, 60, 60]), 2.0);
+        let dark = RgbImage::from_pixel(32, 32, Rgb([10, 5, 5]));
+        let mut scores = scorer.score(&[good, dull, dark]).unwrap();
+        assert!(scores[0] > scores[1] && scores[0] > scores[2], "{scores:?}");
+        normalise(&mut scores);
+        let mean: f64 = scores.iter().sum::<f64>() / 3.0;
+        let var: f64 = scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / 3.0;
+        assert!(mean.abs() < 1e-12 && (var - 1.0).abs() < 1e-9);
+        let mut flat = vec![2.0, 2.0];
+        normalise(&mut flat);
+        assert_eq!(flat, vec![0.0, 0.0]);
+    }
+}
