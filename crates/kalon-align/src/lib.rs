@@ -7,9 +7,12 @@
 //!   LMM judgments) produces.
 //! - [`scorer`]: aesthetic scorers behind one trait.
 
+pub mod adapter;
 pub mod algorithm;
 pub mod pairs;
+pub mod rephrase;
 pub mod scorer;
+pub mod world;
 
 pub use pairs::{PairSource, PreferencePair};
 pub use scorer::{AestheticScorer, LowLevelScorer};

@@ -41,6 +41,8 @@ pub struct LowLevel {
     pub exposure: f64,
     /// Standard deviation of luminance (0..1 scale).
     pub contrast: f64,
+    /// Immerkaer's fast estimate of the noise standard deviation (0..1 scale).
+    pub noise: f64,
 }
 
 fn mean_sd(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
@@ -64,13 +66,40 @@ pub fn low_level(image: &RgbImage) -> LowLevel {
         .map(|[r, g, b]| (0.299 * r + 0.587 * g + 0.114 * b) / 255.0)
         .collect();
     let at = |x: u32, y: u32| luma[(y * w + x) as usize];
+    // sharpness on the 2x2-averaged image: edges survive, pixel noise
+    // averages out (noise is measured on its own below)
+    let (hw, hh) = (w / 2, h / 2);
+    let half: Vec<f64> = (0..hh)
+        .flat_map(|y| (0..hw).map(move |x| (x, y)))
+        .map(|(x, y)| {
+            (at(2 * x, 2 * y)
+                + at(2 * x + 1, 2 * y)
+                + at(2 * x, 2 * y + 1)
+                + at(2 * x + 1, 2 * y + 1))
+                / 4.0
+        })
+        .collect();
+    let hat = |x: u32, y: u32| half[(y * hw + x) as usize];
     let mut laplacian = Vec::new();
-    for y in 1..h.saturating_sub(1) {
-        for x in 1..w.saturating_sub(1) {
-            laplacian
-                .push(at(x - 1, y) + at(x + 1, y) + at(x, y - 1) + at(x, y + 1) - 4.0 * at(x, y));
+    for y in 1..hh.saturating_sub(1) {
+        for x in 1..hw.saturating_sub(1) {
+            laplacian.push(
+                hat(x - 1, y) + hat(x + 1, y) + hat(x, y - 1) + hat(x, y + 1) - 4.0 * hat(x, y),
+            );
         }
     }
+    // Immerkaer (1996): sigma = sqrt(pi / 2) / (6 (W-2)(H-2)) * sum |I * M|,
+    // M = [1 -2 1; -2 4 -2; 1 -2 1]
+    let mut abs_sum = 0.0;
+    for y in 1..h.saturating_sub(1) {
+        for x in 1..w.saturating_sub(1) {
+            let m = at(x - 1, y - 1) + at(x + 1, y - 1) + at(x - 1, y + 1) + at(x + 1, y + 1)
+                - 2.0 * (at(x, y - 1) + at(x - 1, y) + at(x + 1, y) + at(x, y + 1))
+                + 4.0 * at(x, y);
+            abs_sum += m.abs();
+        }
+    }
+    let inner = (f64::from(w.saturating_sub(2)) * f64::from(h.saturating_sub(2))).max(1.0);
     let (_, sd_lap) = mean_sd(laplacian.iter().copied());
     let (mean_luma, sd_luma) = mean_sd(luma.iter().copied());
     LowLevel {
@@ -82,6 +111,7 @@ pub fn low_level(image: &RgbImage) -> LowLevel {
         },
         exposure: 1.0 - 2.0 * (mean_luma - 0.5).abs(),
         contrast: sd_luma,
+        noise: (std::f64::consts::PI / 2.0).sqrt() * abs_sum / (6.0 * inner),
     }
 }
 
@@ -100,6 +130,7 @@ impl Default for LowLevelScorer {
                 sharpness: 1.0,
                 exposure: 1.0,
                 contrast: 1.0,
+                noise: 1.0,
             },
         }
     }
@@ -121,6 +152,7 @@ impl AestheticScorer for LowLevelScorer {
                     + w.sharpness * (1.0 + 1e3 * m.sharpness).ln() / 5.0
                     + w.exposure * m.exposure
                     + w.contrast * m.contrast * 4.0
+                    - w.noise * m.noise * 20.0
             })
             .collect())
     }
@@ -162,6 +194,21 @@ mod tests {
         let (s, b) = (low_level(&sharp), low_level(&blurred));
         assert!(s.sharpness > 10.0 * b.sharpness, "{s:?} vs {b:?}");
         assert!(s.contrast > b.contrast);
+        // Immerkaer's estimate recovers the noise of a flat grey image
+        // (uniform noise of +-0.15 has standard deviation 0.15 / sqrt(3))
+        let mut state = 12345u64;
+        let noisy = RgbImage::from_fn(64, 64, |_, _| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = (state >> 33) as f64 / (1u64 << 31) as f64; // 0..1
+            let v = (128.0 + 255.0 * 0.15 * (2.0 * u - 1.0)).round() as u8;
+            Rgb([v, v, v])
+        });
+        let n = low_level(&noisy).noise;
+        let want = 0.15 / 3f64.sqrt();
+        assert!((n - want).abs() < 0.15 * want, "noise {n} vs {want}");
+        assert!(low_level(&grey).noise < 1e-9);
     }
 
     #[test]

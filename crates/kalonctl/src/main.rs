@@ -1,5 +1,6 @@
 //! `kalonctl`: everything an operator does by hand.
 
+mod align;
 mod bench;
 mod demo;
 mod events;

@@ -68,6 +68,8 @@ pub enum Train {
         #[command(flatten)]
         args: PretrainArgs,
     },
+    /// Ranked DPO alignment: D_po from LLM rephrasing + aesthetic re-ranking, an adapter on the image tower trained on the original queries, exported into the tower's ONNX graph.
+    Align(crate::align::TrainAlignArgs),
 }
 
 #[derive(Clone, Subcommand)]
@@ -88,6 +90,21 @@ pub enum Eval {
         retrain: bool,
         #[command(flatten)]
         args: PretrainArgs,
+    },
+    /// Pretrained vs aligned on held-out queries: HPIR agreement per aspect, recall@10, and the rephrasing ablation; builds world, pretrained and aligned models when missing.
+    Align {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 10_000)]
+        images: usize,
+        /// Also write the figures as one JSON object to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Align again even when an aligned model for this world exists.
+        #[arg(long)]
+        retrain: bool,
+        #[command(flatten)]
+        args: crate::align::AlignArgs,
     },
 }
 
@@ -193,6 +210,9 @@ pub fn held_out_files(world: &Path) -> anyhow::Result<(Vec<Vec<u8>>, Vec<String>
 pub fn run_train(train: &Train) -> anyhow::Result<()> {
     match train {
         Train::Pretrain { world, out, args } => pretrain(world, out, args),
+        Train::Align(a) => {
+            crate::align::align(&a.world, &a.model, &a.out, &a.args.config(a.seed)).map(|_| ())
+        }
     }
 }
 
@@ -231,6 +251,13 @@ pub fn run_eval(state_dir: &Path, eval: &Eval) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
+        Eval::Align {
+            seed,
+            images,
+            json,
+            retrain,
+            args,
+        } => crate::align::eval_align(state_dir, *seed, *images, json.as_deref(), args, *retrain),
     }
 }
 

@@ -4,6 +4,7 @@
 //! which ONNX Runtime 1.31 (and every release since 1.13) loads. Weights are
 //! initializers with raw little-endian data.
 
+pub mod append;
 pub mod proto;
 
 use prost::Message;

@@ -1,0 +1,127 @@
+//! Query rephrasing behind one trait, with the paper's prompt variants.
+//!
+//! The HTTP implementation (an OpenAI-compatible LLM) comes with the
+//! enricher; [`WorldRephraser`] plays the LLM from the simulated world's
+//! public knowledge: which words people use for pictures they like.
+
+use serde::{Deserialize, Serialize};
+
+/// The paper's prompt variants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PromptVariant {
+    /// The query unchanged (the ablation's baseline).
+    Original,
+    /// Add visual detail a beautiful result would have.
+    Detail,
+    /// A list of k expected qualities.
+    KList,
+    /// A keyword dictionary (subject, qualities).
+    KwDict,
+    /// The query repeated.
+    Repeat,
+    /// Rewrite as one fluent enriched query.
+    Reorg,
+}
+
+impl PromptVariant {
+    pub const ALL: [PromptVariant; 6] = [
+        PromptVariant::Original,
+        PromptVariant::Detail,
+        PromptVariant::KList,
+        PromptVariant::KwDict,
+        PromptVariant::Repeat,
+        PromptVariant::Reorg,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PromptVariant::Original => "original",
+            PromptVariant::Detail => "detail",
+            PromptVariant::KList => "k-list",
+            PromptVariant::KwDict => "kw-dict",
+            PromptVariant::Repeat => "repeat",
+            PromptVariant::Reorg => "reorg",
+        }
+    }
+}
+
+/// Rewrites a query with aesthetic expectations.
+pub trait Rephraser: Send + Sync {
+    fn rephrase(&self, query: &str, variant: PromptVariant) -> anyhow::Result<String>;
+}
+
+/// The simulated world's LLM: adds the praise words the world's people use
+/// for pictures they like, in each variant's format, dropping one of them
+/// per query (deterministically) as an LLM's answers vary.
+#[derive(Debug, Clone, Default)]
+pub struct WorldRephraser {
+    pub seed: u64,
+}
+
+const PRAISE: [&str; 3] = ["stunning", "beautiful", "amazing"];
+
+impl Rephraser for WorldRephraser {
+    fn rephrase(&self, query: &str, variant: PromptVariant) -> anyhow::Result<String> {
+        let query = query.trim();
+        anyhow::ensure!(!query.is_empty(), "cannot rephrase an empty query");
+        // FNV-1a of seed and query picks the word left out
+        let hash = query
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64 ^ self.seed, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        let skip = (hash % PRAISE.len() as u64) as usize;
+        let words: Vec<&str> = PRAISE
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != skip)
+            .map(|(_, w)| *w)
+            .collect();
+        Ok(match variant {
+            PromptVariant::Original => query.to_owned(),
+            PromptVariant::Detail => {
+                format!("{query}, {} and sharp, well exposed", words.join(" "))
+            }
+            PromptVariant::KList => format!("{query}: 1. {} 2. {}", words[0], words[1]),
+            PromptVariant::KwDict => format!("subject: {query}; quality: {}", words.join(", ")),
+            PromptVariant::Repeat => format!("{query} {query}"),
+            PromptVariant::Reorg => format!("a {} {} photo of {query}", words[0], words[1]),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_keeps_the_query_and_original_is_unchanged() {
+        let r = WorldRephraser { seed: 3 };
+        for variant in PromptVariant::ALL {
+            let out = r.rephrase("moody white car", variant).unwrap();
+            assert!(out.contains("moody white car"), "{variant:?}: {out}");
+            assert_eq!(
+                out,
+                r.rephrase("moody white car", variant).unwrap(),
+                "deterministic"
+            );
+        }
+        assert_eq!(
+            r.rephrase(" red cat ", PromptVariant::Original).unwrap(),
+            "red cat"
+        );
+        let detail = r.rephrase("red cat", PromptVariant::Detail).unwrap();
+        assert_eq!(
+            PRAISE.iter().filter(|w| detail.contains(**w)).count(),
+            2,
+            "{detail}"
+        );
+        assert!(r.rephrase("  ", PromptVariant::Detail).is_err());
+        let names: Vec<_> = PromptVariant::ALL.iter().map(|v| v.name()).collect();
+        assert_eq!(
+            names,
+            ["original", "detail", "k-list", "kw-dict", "repeat", "reorg"]
+        );
+    }
+}

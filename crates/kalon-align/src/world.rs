@@ -1,0 +1,428 @@
+//! Alignment on a world directory: D_po construction, adapter training with
+//! the Ranked DPO objective, and the offline evaluation.
+//!
+//! Everything the model sees goes through the encoder contract (ONNX
+//! Runtime): image embeddings of the catalog, text embeddings of queries,
+//! rephrasings and captions are computed once; the adapter then trains on
+//! them. Candidates for D_po come from the training images only, so the
+//! held-out captions' images stay unseen.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use kalon_encoder::image::RgbImage;
+use kalon_encoder::{Embeddings, Encoder};
+use kalon_model::train::{info_nce, Pairs, Split};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::Adapter;
+use crate::algorithm::{
+    dpo_matrix, dpo_pairs, hpir_agreement, ranked_dpo_loss, DpoParams, DpoSpec, Judged,
+};
+use crate::rephrase::{PromptVariant, Rephraser};
+use crate::scorer::{normalise, AestheticScorer};
+
+/// A world's data, embedded once by the (frozen) encoder.
+pub struct Embedded {
+    pub ids: Vec<String>,
+    pub index: HashMap<String, usize>,
+    /// Unit image embeddings, catalog order (training images first).
+    pub images: Embeddings,
+    pub captions: Vec<String>,
+    pub caption_embeds: Embeddings,
+    /// How many leading rows are training images.
+    pub train: usize,
+    rgb: Vec<u8>,
+    size: usize,
+}
+
+impl Embedded {
+    pub fn load(world: &Path, encoder: &Encoder) -> anyhow::Result<Embedded> {
+        let size = encoder.manifest.image.size as usize;
+        let train = Pairs::load(world, Split::Train, size, None)?;
+        let held = Pairs::load(world, Split::HeldOut, size, None)?;
+        let n_train = train.len();
+        let ids: Vec<String> = train.ids.iter().chain(&held.ids).cloned().collect();
+        let captions: Vec<String> = train
+            .captions
+            .iter()
+            .chain(&held.captions)
+            .cloned()
+            .collect();
+        let mut rgb = train.rgb;
+        rgb.extend_from_slice(&held.rgb);
+        let mut pixels = Vec::with_capacity(ids.len() * 3 * size * size);
+        for image in rgb.chunks_exact(3 * size * size) {
+            kalon_encoder::preprocess::push_rgb8(image, &encoder.manifest.image, &mut pixels);
+        }
+        let images = encoder.image.embed_pixels(&pixels)?;
+        let caption_embeds = encoder.text.embed_texts(&captions)?;
+        let index = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), i))
+            .collect();
+        Ok(Embedded {
+            ids,
+            index,
+            images,
+            captions,
+            caption_embeds,
+            train: n_train,
+            rgb,
+            size,
+        })
+    }
+
+    pub fn image(&self, i: usize) -> RgbImage {
+        let per = 3 * self.size * self.size;
+        RgbImage::from_raw(
+            self.size as u32,
+            self.size as u32,
+            self.rgb[i * per..(i + 1) * per].to_vec(),
+        )
+        .expect("whole image")
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Indices of the `k` rows of `images[..limit]` most similar to `text`.
+fn top_k(text: &[f32], images: &Embeddings, limit: usize, k: usize) -> Vec<usize> {
+    let mut scored: Vec<(f32, usize)> = (0..limit).map(|i| (dot(text, images.row(i)), i)).collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    scored.into_iter().take(k).map(|(_, i)| i).collect()
+}
+
+/// One D_po pair as indices: query row, winner image, loser image.
+#[derive(Debug, Clone, Copy)]
+pub struct IndexedPair {
+    pub query: usize,
+    pub winner: usize,
+    pub loser: usize,
+    pub weight: f32,
+}
+
+/// D_po for `queries`: rephrase, retrieve top K for the rephrasing among the
+/// training images, order by relevance to the original query, take every
+/// `stride`-th into a `u x v` matrix with rows sorted by `scorer`, pairs by
+/// the product order. Returns the pairs and the original queries' embeddings.
+pub fn build_dpo(
+    data: &Embedded,
+    encoder: &Encoder,
+    queries: &[String],
+    rephraser: &dyn Rephraser,
+    variant: PromptVariant,
+    scorer: &dyn AestheticScorer,
+    spec: &DpoSpec,
+) -> anyhow::Result<(Vec<IndexedPair>, Embeddings)> {
+    spec.validate()?;
+    let rephrased = queries
+        .iter()
+        .map(|q| rephraser.rephrase(q, variant))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let original = encoder.text.embed_texts(queries)?;
+    let enriched = encoder.text.embed_texts(&rephrased)?;
+    let mut pairs = Vec::new();
+    for q in 0..queries.len() {
+        let candidates = top_k(enriched.row(q), &data.images, data.train, spec.k);
+        // order of semantic relevance to the ORIGINAL query
+        let mut ranked = candidates.clone();
+        ranked.sort_by(|a, b| {
+            dot(original.row(q), data.images.row(*b))
+                .total_cmp(&dot(original.row(q), data.images.row(*a)))
+        });
+        let images: Vec<RgbImage> = ranked.iter().map(|&i| data.image(i)).collect();
+        let mut scores = scorer.score(&images)?;
+        normalise(&mut scores);
+        let local: Vec<usize> = (0..ranked.len()).collect();
+        let matrix = dpo_matrix(&local, &scores, spec);
+        for (w, l) in dpo_pairs(&matrix) {
+            pairs.push(IndexedPair {
+                query: q,
+                winner: ranked[w],
+                loser: ranked[l],
+                weight: 1.0,
+            });
+        }
+    }
+    Ok((pairs, original))
+}
+
+/// Settings of an alignment run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AlignConfig {
+    pub seed: u64,
+    pub steps: usize,
+    pub pair_batch: usize,
+    pub caption_batch: usize,
+    pub learning_rate: f64,
+    pub params: DpoParams,
+    pub spec: DpoSpec,
+    /// Training queries used for D_po.
+    pub queries: usize,
+    pub variant: PromptVariant,
+}
+
+impl Default for AlignConfig {
+    fn default() -> Self {
+        AlignConfig {
+            seed: 1,
+            steps: 400,
+            pair_batch: 256,
+            caption_batch: 256,
+            learning_rate: 3e-3,
+            params: DpoParams::default(),
+            spec: DpoSpec {
+                k: 48,
+                u: 3,
+                v: 4,
+                stride: 3,
+            },
+            queries: 600,
+            variant: PromptVariant::Detail,
+        }
+    }
+}
+
+/// One training step's figures (JSONL log and progress).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct AlignStep {
+    pub step: usize,
+    pub steps: usize,
+    pub loss: f32,
+    pub dpo_loss: f32,
+    pub pt_loss: f32,
+    /// Share of the batch's pairs the adapted model orders right.
+    pub pair_accuracy: f32,
+}
+
+fn gather(rows: &Embeddings, idx: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+    let mut data = Vec::with_capacity(idx.len() * rows.dim);
+    for &i in idx {
+        data.extend_from_slice(rows.row(i));
+    }
+    Tensor::from_vec(data, (idx.len(), rows.dim), device)
+}
+
+/// Trains the adapter with Ranked DPO + `alpha` InfoNCE on caption batches.
+pub fn train_adapter(
+    data: &Embedded,
+    queries: &Embeddings,
+    pairs: &[IndexedPair],
+    config: &AlignConfig,
+    mut on_step: impl FnMut(AlignStep),
+) -> anyhow::Result<Adapter> {
+    anyhow::ensure!(!pairs.is_empty(), "no preference pairs to train on");
+    let device = Device::Cpu;
+    let adapter = Adapter::new(data.images.dim, &device)?;
+    let mut optimizer = AdamW::new(
+        adapter.varmap.all_vars(),
+        ParamsAdamW {
+            lr: config.learning_rate,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
+    let tau = config.params.tau;
+    // InfoNCE at the score's own temperature: logits = cos / tau
+    let log_scale = Tensor::new(&[(1.0 / tau).ln() as f32], &device)?.reshape(())?;
+    for step in 0..config.steps {
+        let batch: Vec<IndexedPair> = (0..config.pair_batch.min(pairs.len()))
+            .map(|_| pairs[rng.random_range(0..pairs.len())])
+            .collect();
+        let q = gather(
+            queries,
+            &batch.iter().map(|p| p.query).collect::<Vec<_>>(),
+            &device,
+        )?;
+        let w = gather(
+            &data.images,
+            &batch.iter().map(|p| p.winner).collect::<Vec<_>>(),
+            &device,
+        )?;
+        let l = gather(
+            &data.images,
+            &batch.iter().map(|p| p.loser).collect::<Vec<_>>(),
+            &device,
+        )?;
+        let score =
+            |v: &Tensor| -> candle_core::Result<Tensor> { (q.mul(v)?.sum(1)? / tau)?.contiguous() };
+        let (ref_w, ref_l) = (score(&w)?.detach(), score(&l)?.detach());
+        let (theta_w, theta_l) = (score(&adapter.forward(&w)?)?, score(&adapter.forward(&l)?)?);
+        let weights = Tensor::from_vec(
+            batch.iter().map(|p| p.weight).collect::<Vec<_>>(),
+            batch.len(),
+            &device,
+        )?;
+        let dpo = ranked_dpo_loss(&theta_w, &ref_w, &theta_l, &ref_l, &weights, &config.params)?;
+        let mut captions: Vec<usize> = (0..data.train).collect();
+        captions.shuffle(&mut rng);
+        captions.truncate(config.caption_batch.min(data.train));
+        let images = adapter.forward(&gather(&data.images, &captions, &device)?)?;
+        let texts = gather(&data.caption_embeds, &captions, &device)?;
+        let pt = info_nce(&images, &texts, &log_scale, 0.1)?;
+        let loss = (&dpo + (&pt * config.params.alpha)?)?;
+        optimizer.backward_step(&loss)?;
+        let right = theta_w
+            .ge(&theta_l)?
+            .to_dtype(candle_core::DType::F32)?
+            .mean_all()?;
+        on_step(AlignStep {
+            step: step + 1,
+            steps: config.steps,
+            loss: loss.to_scalar()?,
+            dpo_loss: dpo.to_scalar()?,
+            pt_loss: pt.to_scalar()?,
+            pair_accuracy: right.to_scalar()?,
+        });
+    }
+    Ok(adapter)
+}
+
+/// One HPIR item of `hpir.jsonl`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HpirLine {
+    pub query: String,
+    pub row_a: Vec<String>,
+    pub row_b: Vec<String>,
+    pub accuracy: LabelLine,
+    pub aesthetic: LabelLine,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LabelLine {
+    pub choice: String,
+    pub confidence: f64,
+}
+
+pub fn read_hpir(world: &Path) -> anyhow::Result<Vec<HpirLine>> {
+    let path = world.join("hpir.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    text.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
+}
+
+/// Training queries of a world (`queries.jsonl`, split train).
+pub fn train_queries(world: &Path) -> anyhow::Result<Vec<String>> {
+    let path = world.join("queries.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let row: serde_json::Value = serde_json::from_str(line)?;
+        if row["split"] == "train" {
+            out.push(row["text"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// Agreement per aspect of a scoring `(query text embedding row, image row)`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Agreement {
+    pub hpir_accuracy: f64,
+    pub hpir_aesthetic: f64,
+}
+
+/// HPIR agreement: `query_embeds[i]` embeds `items[i].query` (possibly
+/// rephrased); `images` are (adapted) catalog embeddings.
+pub fn agreement(
+    items: &[HpirLine],
+    query_embeds: &Embeddings,
+    data: &Embedded,
+    images: &Embeddings,
+) -> anyhow::Result<Agreement> {
+    let mut acc = Vec::new();
+    let mut aes = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let mean = |row: &[String]| -> anyhow::Result<f64> {
+            let mut sum = 0.0;
+            for id in row {
+                let j = *data
+                    .index
+                    .get(id)
+                    .ok_or_else(|| anyhow::anyhow!("HPIR image {id} is not in the catalog"))?;
+                sum += f64::from(dot(query_embeds.row(i), images.row(j)));
+            }
+            Ok(sum / row.len() as f64)
+        };
+        let (a, b) = (mean(&item.row_a)?, mean(&item.row_b)?);
+        acc.push(Judged {
+            mean_a: a,
+            mean_b: b,
+            people_chose_a: item.accuracy.choice == "A",
+            confidence: item.accuracy.confidence,
+        });
+        aes.push(Judged {
+            mean_a: a,
+            mean_b: b,
+            people_chose_a: item.aesthetic.choice == "A",
+            confidence: item.aesthetic.confidence,
+        });
+    }
+    Ok(Agreement {
+        hpir_accuracy: hpir_agreement(&acc),
+        hpir_aesthetic: hpir_agreement(&aes),
+    })
+}
+
+/// Recall@10 of held-out captions against held-out images.
+pub fn held_out_recall_at_10(data: &Embedded, images: &Embeddings) -> f64 {
+    let dim = images.dim;
+    let rows = |e: &Embeddings| Embeddings {
+        dim,
+        data: e.data[data.train * dim..].to_vec(),
+    };
+    kalon_model::eval::recall_at(&rows(&data.caption_embeds), &rows(images), &[10])[0]
+}
+
+/// HPIR agreement of an aesthetic scorer alone (rows by mean score): how
+/// good the teacher of D_po's re-ranking is, on the same held-out items.
+pub fn scorer_agreement(
+    items: &[HpirLine],
+    data: &Embedded,
+    scorer: &dyn AestheticScorer,
+) -> anyhow::Result<Agreement> {
+    let mut acc = Vec::new();
+    let mut aes = Vec::new();
+    for item in items {
+        let mean = |row: &[String]| -> anyhow::Result<f64> {
+            let images = row
+                .iter()
+                .map(|id| {
+                    data.index
+                        .get(id)
+                        .map(|&j| data.image(j))
+                        .ok_or_else(|| anyhow::anyhow!("HPIR image {id} is not in the catalog"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let scores = scorer.score(&images)?;
+            Ok(scores.iter().sum::<f64>() / scores.len() as f64)
+        };
+        let (a, b) = (mean(&item.row_a)?, mean(&item.row_b)?);
+        acc.push(Judged {
+            mean_a: a,
+            mean_b: b,
+            people_chose_a: item.accuracy.choice == "A",
+            confidence: item.accuracy.confidence,
+        });
+        aes.push(Judged {
+            mean_a: a,
+            mean_b: b,
+            people_chose_a: item.aesthetic.choice == "A",
+            confidence: item.aesthetic.confidence,
+        });
+    }
+    Ok(Agreement {
+        hpir_accuracy: hpir_agreement(&acc),
+        hpir_aesthetic: hpir_agreement(&aes),
+    })
+}

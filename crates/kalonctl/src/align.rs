@@ -1,0 +1,250 @@
+//! `kalonctl train align` and `kalonctl eval align`: Ranked DPO alignment.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use kalon_align::rephrase::{PromptVariant, WorldRephraser};
+use kalon_align::world::{self, AlignConfig, Embedded};
+use kalon_align::LowLevelScorer;
+use kalon_encoder::{Embeddings, Encoder, EncoderOptions};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::model::{prepare, PretrainArgs};
+
+#[derive(Clone, Args)]
+pub struct AlignArgs {
+    /// Optimisation steps of the adapter.
+    #[arg(long, default_value_t = AlignConfig::default().steps)]
+    pub steps: usize,
+    /// Training queries used to build D_po.
+    #[arg(long, default_value_t = AlignConfig::default().queries)]
+    pub queries: usize,
+    #[arg(long, default_value_t = AlignConfig::default().params.beta)]
+    pub beta: f64,
+    #[arg(long, default_value_t = AlignConfig::default().params.eps)]
+    pub eps: f64,
+    /// Weight of the InfoNCE regulariser.
+    #[arg(long, default_value_t = AlignConfig::default().params.alpha)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = AlignConfig::default().learning_rate)]
+    pub learning_rate: f64,
+}
+
+impl AlignArgs {
+    pub fn config(&self, seed: u64) -> AlignConfig {
+        let mut config = AlignConfig {
+            seed,
+            steps: self.steps,
+            queries: self.queries,
+            learning_rate: self.learning_rate,
+            ..AlignConfig::default()
+        };
+        config.params.beta = self.beta;
+        config.params.eps = self.eps;
+        config.params.alpha = self.alpha;
+        config
+    }
+}
+
+/// Builds D_po on `world` with the encoder in `model`, trains the adapter
+/// and writes the aligned encoder to `out`; returns the embedded world.
+pub fn align(
+    world: &Path,
+    model: &Path,
+    out: &Path,
+    config: &AlignConfig,
+) -> anyhow::Result<Embedded> {
+    let started = Instant::now();
+    let encoder = Encoder::load(model, &EncoderOptions::from_env()?)?;
+    let data = Embedded::load(world, &encoder)?;
+    let mut queries = world::train_queries(world)?;
+    queries.shuffle(&mut rand::rngs::StdRng::seed_from_u64(config.seed));
+    queries.truncate(config.queries);
+    let (pairs, query_embeds) = world::build_dpo(
+        &data,
+        &encoder,
+        &queries,
+        &WorldRephraser { seed: config.seed },
+        config.variant,
+        &LowLevelScorer::default(),
+        &config.spec,
+    )?;
+    eprintln!(
+        "D_po: {} pairs from {} training queries ({:?} rephrasing)",
+        pairs.len(),
+        queries.len(),
+        config.variant
+    );
+    std::fs::create_dir_all(out)?;
+    let log_path = out.join("align-log.jsonl");
+    let mut log = std::io::BufWriter::new(
+        std::fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?,
+    );
+    let bar = crate::progress_bar(config.steps as u64, "align");
+    let mut last = None;
+    let adapter = world::train_adapter(&data, &query_embeds, &pairs, config, |step| {
+        bar.set_position(step.step as u64);
+        bar.set_message(format!("loss {:.3}", step.loss));
+        let _ = serde_json::to_writer(&mut log, &step);
+        let _ = log.write_all(b"\n");
+        last = Some(step);
+    })?;
+    bar.finish();
+    log.flush()?;
+    let seconds = started.elapsed().as_secs_f64();
+    let notes = serde_json::json!({
+        "trainer": "kalonctl train align (Ranked DPO adapter)",
+        "parent": model.display().to_string(),
+        "world": world.display().to_string(),
+        "pairs": pairs.len(),
+        "config": config,
+        "last_step": last,
+        "seconds": (seconds * 10.0).round() / 10.0,
+        "pairs_per_s": ((config.steps * config.pair_batch) as f64 / seconds).round(),
+    });
+    let serde_json::Value::Object(notes) = notes else {
+        unreachable!("an object literal")
+    };
+    adapter.export(model, out, notes)?;
+    eprintln!(
+        "aligned in {seconds:.1} s; encoder written to {}",
+        out.display()
+    );
+    Ok(data)
+}
+
+/// Evaluation of one encoder on the world's held-out data.
+fn evaluate(
+    encoder: &Encoder,
+    data: &Embedded,
+    items: &[world::HpirLine],
+    variant: PromptVariant,
+) -> anyhow::Result<(world::Agreement, Embeddings)> {
+    let mut pixels = Vec::new();
+    for i in 0..data.ids.len() {
+        kalon_encoder::preprocess::push_image(&data.image(i), &encoder.manifest.image, &mut pixels);
+    }
+    let images = encoder.image.embed_pixels(&pixels)?;
+    let rephraser = WorldRephraser::default();
+    let texts = items
+        .iter()
+        .map(|i| kalon_align::rephrase::Rephraser::rephrase(&rephraser, &i.query, variant))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let queries = encoder.text.embed_texts(&texts)?;
+    Ok((world::agreement(items, &queries, data, &images)?, images))
+}
+
+pub fn eval_align(
+    state_dir: &Path,
+    seed: u64,
+    images: usize,
+    json: Option<&Path>,
+    args: &AlignArgs,
+    retrain: bool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let prepared = prepare(
+        state_dir,
+        seed,
+        images,
+        None,
+        false,
+        &PretrainArgs::defaults(),
+    )?;
+    let aligned_dir = state_dir
+        .join("models")
+        .join(format!("aligned-seed-{seed}-{images}"));
+    let config = args.config(seed);
+    let data = if retrain || !aligned_dir.join(kalon_encoder::MANIFEST_FILE).exists() {
+        align(&prepared.world, &prepared.model, &aligned_dir, &config)?
+    } else {
+        let encoder = Encoder::load(&prepared.model, &EncoderOptions::from_env()?)?;
+        Embedded::load(&prepared.world, &encoder)?
+    };
+    let items = world::read_hpir(&prepared.world)?;
+    let options = EncoderOptions::from_env()?;
+    let pretrained = Encoder::load(&prepared.model, &options)?;
+    let aligned = Encoder::load(&aligned_dir, &options)?;
+    let mut report = serde_json::Map::new();
+    println!(
+        "held-out evaluation, world seed {seed}: {} HPIR items, {} held-out captions",
+        items.len(),
+        data.ids.len() - data.train
+    );
+    println!(
+        "{:<12} {:>14} {:>14} {:>12}",
+        "model", "hpir_accuracy", "hpir_aesthetic", "recall@10"
+    );
+    for (name, encoder) in [("pretrained", &pretrained), ("aligned", &aligned)] {
+        let (agreement, image_embeds) = evaluate(encoder, &data, &items, PromptVariant::Original)?;
+        let recall = world::held_out_recall_at_10(&data, &image_embeds);
+        println!(
+            "{name:<12} {:>14.3} {:>14.3} {recall:>12.3}",
+            agreement.hpir_accuracy, agreement.hpir_aesthetic
+        );
+        report.insert(
+            name.into(),
+            serde_json::json!({
+                "hpir_accuracy": agreement.hpir_accuracy,
+                "hpir_aesthetic": agreement.hpir_aesthetic,
+                "recall_at_10": recall,
+            }),
+        );
+    }
+    let teacher = world::scorer_agreement(&items, &data, &LowLevelScorer::default())?;
+    println!(
+        "{:<12} {:>14.3} {:>14.3} {:>12}",
+        "scorer only", teacher.hpir_accuracy, teacher.hpir_aesthetic, "-"
+    );
+    report.insert("scorer".into(), serde_json::to_value(teacher)?);
+    println!(
+        "\nrephrasing ablation (pretrained model, eval queries rephrased by the world's LLM):"
+    );
+    println!(
+        "{:<12} {:>14} {:>14}",
+        "variant", "hpir_accuracy", "hpir_aesthetic"
+    );
+    let mut ablation = serde_json::Map::new();
+    for variant in PromptVariant::ALL {
+        let (agreement, _) = evaluate(&pretrained, &data, &items, variant)?;
+        println!(
+            "{:<12} {:>14.3} {:>14.3}",
+            variant.name(),
+            agreement.hpir_accuracy,
+            agreement.hpir_aesthetic
+        );
+        ablation.insert(variant.name().into(), serde_json::to_value(agreement)?);
+    }
+    report.insert("rephrasing_ablation".into(), ablation.into());
+    report.insert("seed".into(), seed.into());
+    let report = serde_json::Value::Object(report);
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    println!("{report}");
+    Ok(())
+}
+
+#[derive(Clone, Args)]
+pub struct TrainAlignArgs {
+    /// World directory (`kalonctl sim generate`).
+    #[arg(long, default_value = "world")]
+    pub world: PathBuf,
+    /// The pretrained encoder directory to align.
+    #[arg(long, default_value = "models/ref")]
+    pub model: PathBuf,
+    /// Where to write the aligned encoder.
+    #[arg(long, default_value = "models/aligned")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub args: AlignArgs,
+}

@@ -1,0 +1,177 @@
+//! Ranked DPO alignment on a small world: D_po, the adapter's training
+//! objective, and the aligned tower's export into ONNX.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use kalon_align::adapter::Adapter;
+use kalon_align::algorithm::{product_order_count, DpoSpec};
+use kalon_align::rephrase::{PromptVariant, WorldRephraser};
+use kalon_align::world::{self, AlignConfig, Embedded};
+use kalon_align::LowLevelScorer;
+use kalon_encoder::{Encoder, EncoderOptions, WordTokenizer};
+use kalon_model::{ModelConfig, TwoTower};
+use rand::{Rng, SeedableRng};
+
+fn fixture() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/foreign-encoder")
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// An adapter with random (non-zero) weights.
+fn random_adapter(dim: usize, seed: u64) -> Adapter {
+    let adapter = Adapter::new(dim, &Device::Cpu).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let values: Vec<f32> = (0..dim * dim)
+        .map(|_| rng.random_range(-0.5..0.5))
+        .collect();
+    let vars = adapter.varmap.all_vars();
+    vars[0]
+        .set(&Tensor::from_vec(values, (dim, dim), &Device::Cpu).unwrap())
+        .unwrap();
+    adapter
+}
+
+/// The exported aligned tower computes `adapter(tower(x))` in ONNX Runtime
+/// as candle does, for Kalon's own tower and for one made by another tool.
+fn check_export(parent: &Path, pixels: &[f32]) {
+    let parent_encoder = Encoder::load(parent, &EncoderOptions::default()).unwrap();
+    let dim = parent_encoder.manifest.embedding_dim;
+    let adapter = random_adapter(dim, 9);
+    let out = tempfile::tempdir().unwrap();
+    adapter
+        .export(parent, out.path(), Default::default())
+        .unwrap();
+    let aligned = Encoder::load(out.path(), &EncoderOptions::default()).unwrap();
+    let backbone = parent_encoder.image.embed_pixels(pixels).unwrap();
+    let expected = adapter.apply(&backbone.data).unwrap();
+    let got = aligned.image.embed_pixels(pixels).unwrap();
+    let diff = max_abs_diff(&expected, &got.data);
+    assert!(
+        diff <= 1e-4,
+        "{}: candle and ORT differ by {diff}",
+        parent.display()
+    );
+    // it really changed the embeddings, and the text tower is untouched
+    assert!(max_abs_diff(&backbone.data, &got.data) > 1e-2);
+    assert_eq!(
+        parent_encoder.text.embed_texts(&["red cat"]).unwrap(),
+        aligned.text.embed_texts(&["red cat"]).unwrap()
+    );
+    assert!(aligned.manifest.name.ends_with("-aligned"));
+}
+
+#[test]
+fn the_adapter_exports_into_the_towers_own_onnx_graph() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    // a tower made with the onnx Python package (32x32, 8-d)
+    let pixels: Vec<f32> = (0..3 * 3 * 32 * 32)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    check_export(&fixture(), &pixels);
+
+    // Kalon's reference model (64x64, 64-d)
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = WordTokenizer::build(["red cat", "blue dog"], 1, 16);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+    let model = TwoTower::new(ModelConfig::reference(tokenizer.vocab_size()), vb).unwrap();
+    kalon_model::model::seeded_init(&varmap, 4).unwrap();
+    kalon_model::export::export(&model, &varmap, &tokenizer, dir.path(), Default::default())
+        .unwrap();
+    let pixels: Vec<f32> = (0..2 * 3 * 64 * 64)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    check_export(dir.path(), &pixels);
+}
+
+#[test]
+fn dpo_on_a_small_world_and_the_adapter_learns_its_pairs() {
+    let world_dir = tempfile::tempdir().unwrap();
+    kalon_world::export(
+        &kalon_world::WorldSpec::new(21, 400),
+        world_dir.path(),
+        |_| {},
+    )
+    .unwrap();
+    // a random reference model is enough to exercise the mechanics
+    let model_dir = tempfile::tempdir().unwrap();
+    let tokenizer = WordTokenizer::build(
+        std::fs::read_to_string(world_dir.path().join("captions.jsonl"))
+            .unwrap()
+            .lines(),
+        1,
+        16,
+    );
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+    let model = TwoTower::new(ModelConfig::reference(tokenizer.vocab_size()), vb).unwrap();
+    kalon_model::model::seeded_init(&varmap, 4).unwrap();
+    kalon_model::export::export(
+        &model,
+        &varmap,
+        &tokenizer,
+        model_dir.path(),
+        Default::default(),
+    )
+    .unwrap();
+    let encoder = Encoder::load(model_dir.path(), &EncoderOptions::default()).unwrap();
+    let data = Embedded::load(world_dir.path(), &encoder).unwrap();
+    assert_eq!(data.train, 360, "every tenth pair held out");
+
+    let queries: Vec<String> = world::train_queries(world_dir.path()).unwrap()[..20].to_vec();
+    let spec = DpoSpec {
+        k: 24,
+        u: 3,
+        v: 4,
+        stride: 2,
+    };
+    let (pairs, query_embeds) = world::build_dpo(
+        &data,
+        &encoder,
+        &queries,
+        &WorldRephraser { seed: 1 },
+        PromptVariant::Detail,
+        &LowLevelScorer::default(),
+        &spec,
+    )
+    .unwrap();
+    assert_eq!(pairs.len(), queries.len() * product_order_count(3, 4));
+    assert!(
+        pairs
+            .iter()
+            .all(|p| p.winner < data.train && p.loser < data.train),
+        "candidates are training images"
+    );
+    assert!(pairs.iter().all(|p| p.winner != p.loser));
+
+    let config = AlignConfig {
+        steps: 60,
+        pair_batch: 128,
+        caption_batch: 64,
+        params: kalon_align::algorithm::DpoParams {
+            alpha: 0.1,
+            ..Default::default()
+        },
+        ..AlignConfig::default()
+    };
+    let mut steps = Vec::new();
+    world::train_adapter(&data, &query_embeds, &pairs, &config, |s| steps.push(s)).unwrap();
+    assert_eq!(steps.len(), 60);
+    // the adapter starts as the identity: h = 0 and L_pair = ln 2 exactly
+    assert!(
+        (steps[0].dpo_loss - std::f32::consts::LN_2).abs() < 1e-4,
+        "{:?}",
+        steps[0]
+    );
+    let tail: f32 = steps[50..].iter().map(|s| s.dpo_loss).sum::<f32>() / 10.0;
+    assert!(tail < 0.6, "the DPO objective falls: ln 2 -> {tail}");
+}
