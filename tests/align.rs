@@ -164,7 +164,8 @@ fn dpo_on_a_small_world_and_the_adapter_learns_its_pairs() {
         ..AlignConfig::default()
     };
     let mut steps = Vec::new();
-    world::train_adapter(&data, &query_embeds, &pairs, &config, |s| steps.push(s)).unwrap();
+    let set = data.training_set(&query_embeds, &pairs);
+    world::train_adapter(&set, &config, |s| steps.push(s)).unwrap();
     assert_eq!(steps.len(), 60);
     // the adapter starts as the identity: h = 0 and L_pair = ln 2 exactly
     assert!(

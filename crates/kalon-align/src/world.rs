@@ -211,17 +211,44 @@ fn gather(rows: &Embeddings, idx: &[usize], device: &Device) -> candle_core::Res
     Tensor::from_vec(data, (idx.len(), rows.dim), device)
 }
 
+/// What the adapter trains on: unit embeddings computed once by the frozen
+/// encoder. Image row `i < train` belongs with caption row `i`.
+pub struct TrainingSet<'a> {
+    pub images: &'a Embeddings,
+    pub captions: &'a Embeddings,
+    pub train: usize,
+    pub queries: &'a Embeddings,
+    pub pairs: &'a [IndexedPair],
+}
+
+impl Embedded {
+    /// This world's embeddings with D_po's queries and pairs.
+    pub fn training_set<'a>(
+        &'a self,
+        queries: &'a Embeddings,
+        pairs: &'a [IndexedPair],
+    ) -> TrainingSet<'a> {
+        TrainingSet {
+            images: &self.images,
+            captions: &self.caption_embeds,
+            train: self.train,
+            queries,
+            pairs,
+        }
+    }
+}
+
 /// Trains the adapter with Ranked DPO + `alpha` InfoNCE on caption batches.
 pub fn train_adapter(
-    data: &Embedded,
-    queries: &Embeddings,
-    pairs: &[IndexedPair],
+    set: &TrainingSet<'_>,
     config: &AlignConfig,
     mut on_step: impl FnMut(AlignStep),
 ) -> anyhow::Result<Adapter> {
+    let (queries, pairs) = (set.queries, set.pairs);
     anyhow::ensure!(!pairs.is_empty(), "no preference pairs to train on");
+    anyhow::ensure!(set.train >= 2, "need at least two caption pairs");
     let device = Device::Cpu;
-    let adapter = Adapter::new(data.images.dim, &device)?;
+    let adapter = Adapter::new(set.images.dim, &device)?;
     let mut optimizer = AdamW::new(
         adapter.varmap.all_vars(),
         ParamsAdamW {
@@ -244,12 +271,12 @@ pub fn train_adapter(
             &device,
         )?;
         let w = gather(
-            &data.images,
+            set.images,
             &batch.iter().map(|p| p.winner).collect::<Vec<_>>(),
             &device,
         )?;
         let l = gather(
-            &data.images,
+            set.images,
             &batch.iter().map(|p| p.loser).collect::<Vec<_>>(),
             &device,
         )?;
@@ -263,11 +290,11 @@ pub fn train_adapter(
             &device,
         )?;
         let dpo = ranked_dpo_loss(&theta_w, &ref_w, &theta_l, &ref_l, &weights, &config.params)?;
-        let mut captions: Vec<usize> = (0..data.train).collect();
+        let mut captions: Vec<usize> = (0..set.train).collect();
         captions.shuffle(&mut rng);
-        captions.truncate(config.caption_batch.min(data.train));
-        let images = adapter.forward(&gather(&data.images, &captions, &device)?)?;
-        let texts = gather(&data.caption_embeds, &captions, &device)?;
+        captions.truncate(config.caption_batch.min(set.train));
+        let images = adapter.forward(&gather(set.images, &captions, &device)?)?;
+        let texts = gather(set.captions, &captions, &device)?;
         let pt = info_nce(&images, &texts, &log_scale, 0.1)?;
         let loss = (&dpo + (&pt * config.params.alpha)?)?;
         optimizer.backward_step(&loss)?;

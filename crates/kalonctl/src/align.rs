@@ -87,7 +87,8 @@ pub fn align(
     );
     let bar = crate::progress_bar(config.steps as u64, "align");
     let mut last = None;
-    let adapter = world::train_adapter(&data, &query_embeds, &pairs, config, |step| {
+    let set = data.training_set(&query_embeds, &pairs);
+    let adapter = world::train_adapter(&set, config, |step| {
         bar.set_position(step.step as u64);
         bar.set_message(format!("loss {:.3}", step.loss));
         let _ = serde_json::to_writer(&mut log, &step);

@@ -37,6 +37,14 @@ pub enum Bench {
         #[arg(long, default_value_t = 2000)]
         batch_max: usize,
     },
+    /// Ranked DPO adapter training throughput (pairs/s) against the same model and loss in JAX on CPU (bench/align_peer.py).
+    Align {
+        #[arg(long, default_value_t = 200)]
+        steps: usize,
+        /// Skip the JAX peer.
+        #[arg(long)]
+        no_baseline: bool,
+    },
     /// Encoder throughput on ONNX Runtime (images/s, texts/s) at batch 1 and 32, on a world's held-out pairs.
     Encoder {
         /// World (and pretrained model) seed, built when missing.
@@ -61,6 +69,7 @@ pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
             writers,
             batch_max,
         } => ingest(cli, *events, !*no_baseline, *writers, *batch_max).await,
+        Bench::Align { steps, no_baseline } => align(*steps, !*no_baseline).await,
         Bench::Encoder {
             seed,
             images,
@@ -233,10 +242,25 @@ fn rand_u32() -> u32 {
 
 /// A Python with confluent-kafka, in a venv in the tool cache (made once).
 async fn baseline_python() -> anyhow::Result<std::path::PathBuf> {
-    let venv = tools::cache_dir().join("bench-venv");
+    bench_python(
+        "bench-venv",
+        "confluent_kafka",
+        &["confluent-kafka==2.16.1"],
+    )
+    .await
+}
+
+/// A Python in a venv under the cache with `requirements` installed (once);
+/// `module` is imported to tell whether it is ready.
+async fn bench_python(
+    name: &str,
+    module: &str,
+    requirements: &[&str],
+) -> anyhow::Result<std::path::PathBuf> {
+    let venv = tools::cache_dir().join(name);
     let python = venv.join("bin").join("python");
     let ready = tokio::process::Command::new(&python)
-        .args(["-c", "import confluent_kafka"])
+        .args(["-c", &format!("import {module}")])
         .stderr(Stdio::null())
         .status()
         .await
@@ -245,7 +269,8 @@ async fn baseline_python() -> anyhow::Result<std::path::PathBuf> {
         return Ok(python);
     }
     eprintln!(
-        "bench: installing confluent-kafka into {} (one time)",
+        "bench: installing {} into {} (one time)",
+        requirements.join(" "),
         venv.display()
     );
     let made = tokio::process::Command::new("python3")
@@ -253,12 +278,103 @@ async fn baseline_python() -> anyhow::Result<std::path::PathBuf> {
         .arg(&venv)
         .status()
         .await
-        .context("python3 is needed for the baseline (or pass --no-baseline)")?;
+        .context("python3 is needed for the peer (or pass --no-baseline)")?;
     anyhow::ensure!(made.success(), "python3 -m venv failed");
     let pip = tokio::process::Command::new(&python)
-        .args(["-m", "pip", "install", "-q", "confluent-kafka==2.16.1"])
+        .args(["-m", "pip", "install", "-q"])
+        .args(requirements)
         .status()
         .await?;
-    anyhow::ensure!(pip.success(), "pip install confluent-kafka failed");
+    anyhow::ensure!(
+        pip.success(),
+        "pip install {} failed",
+        requirements.join(" ")
+    );
     Ok(python)
+}
+
+/// `bench align`: synthetic unit embeddings of a 10,000-image world (64-d,
+/// 600 queries, 28,800 pairs); Kalon's trainer, then the JAX peer on data
+/// of the same sizes, same batch sizes and steps.
+async fn align(steps: usize, peer: bool) -> anyhow::Result<()> {
+    use kalon_align::world::{train_adapter, AlignConfig, IndexedPair, TrainingSet};
+    use kalon_encoder::Embeddings;
+    use rand::{Rng, SeedableRng};
+    const IMAGES: usize = 10_000;
+    const TRAIN: usize = 9_000;
+    const DIM: usize = 64;
+    const QUERIES: usize = 600;
+    const PAIRS: usize = 28_800;
+    anyhow::ensure!(steps > 0, "--steps must be positive");
+    let config = AlignConfig {
+        steps,
+        ..AlignConfig::default()
+    };
+    let kalon = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut unit = |rows: usize| {
+            let mut data: Vec<f32> = (0..rows * DIM)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            kalon_encoder::encoder::l2_normalise(&mut data, DIM);
+            Embeddings { dim: DIM, data }
+        };
+        let (images, captions, queries) = (unit(IMAGES), unit(IMAGES), unit(QUERIES));
+        let pairs: Vec<IndexedPair> = (0..PAIRS)
+            .map(|_| IndexedPair {
+                query: rng.random_range(0..QUERIES),
+                winner: rng.random_range(0..TRAIN),
+                loser: rng.random_range(0..TRAIN),
+                weight: 1.0,
+            })
+            .collect();
+        let set = TrainingSet {
+            images: &images,
+            captions: &captions,
+            train: TRAIN,
+            queries: &queries,
+            pairs: &pairs,
+        };
+        let started = Instant::now();
+        train_adapter(&set, &config, |_| {})?;
+        Ok((steps * config.pair_batch) as f64 / started.elapsed().as_secs_f64())
+    })
+    .await??;
+    println!("kalon (candle, CPU): {kalon:.0} pairs/s");
+    let mut figures = serde_json::json!({
+        "bench": "align",
+        "steps": steps,
+        "pair_batch": AlignConfig::default().pair_batch,
+        "caption_batch": AlignConfig::default().caption_batch,
+        "pairs_per_s": kalon.round(),
+    });
+    if peer {
+        let python = bench_python("bench-jax", "jax", &["jax[cpu]==0.10.2"]).await?;
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/align_peer.py");
+        let out = tokio::process::Command::new(python)
+            .arg(&script)
+            .args(["--steps", &steps.to_string()])
+            .output()
+            .await
+            .with_context(|| format!("cannot run {}", script.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "the JAX peer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8_lossy(&out.stdout);
+        let peer: serde_json::Value =
+            serde_json::from_str(line.trim().lines().last().unwrap_or_default())
+                .context("the JAX peer printed no JSON line")?;
+        let peer_rate = peer["pairs_per_s"].as_f64().unwrap_or_default();
+        println!(
+            "peer (JAX, CPU): {peer_rate:.0} pairs/s; ratio {:.2}",
+            kalon / peer_rate
+        );
+        figures["peer_pairs_per_s"] = peer_rate.round().into();
+        figures["ratio"] = ((kalon / peer_rate * 100.0).round() / 100.0).into();
+    }
+    println!("{figures}");
+    Ok(())
 }
