@@ -94,7 +94,7 @@ fn the_adapter_exports_into_the_towers_own_onnx_graph() {
 }
 
 #[test]
-fn dpo_on_a_small_world_and_the_adapter_learns_its_pairs() {
+fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     let world_dir = tempfile::tempdir().unwrap();
     kalon_world::export(
         &kalon_world::WorldSpec::new(21, 400),
@@ -175,4 +175,45 @@ fn dpo_on_a_small_world_and_the_adapter_learns_its_pairs() {
     );
     let tail: f32 = steps[50..].iter().map(|s| s.dpo_loss).sum::<f32>() / 10.0;
     assert!(tail < 0.6, "the DPO objective falls: ln 2 -> {tail}");
+
+    // the whole image tower of the reference model, same objective: it
+    // starts where the frozen encoder is (h = 0, as ORT and candle agree to
+    // 1e-4), and its export is a complete encoder that serves
+    let tower_config = AlignConfig {
+        steps: 4,
+        pair_batch: 16,
+        caption_batch: 16,
+        ..config
+    };
+    let mut tower_steps = Vec::new();
+    let (tower, varmap, tokenizer) =
+        world::train_tower(&data, &set, model_dir.path(), &tower_config, |s| {
+            tower_steps.push(s)
+        })
+        .unwrap();
+    assert_eq!(tower_steps.len(), 4);
+    assert!(
+        (tower_steps[0].dpo_loss - std::f32::consts::LN_2).abs() < 1e-3,
+        "{:?}",
+        tower_steps[0]
+    );
+    let out = tempfile::tempdir().unwrap();
+    kalon_model::export::export(&tower, &varmap, &tokenizer, out.path(), Default::default())
+        .unwrap();
+    let aligned = Encoder::load(out.path(), &EncoderOptions::default()).unwrap();
+    let image = data.image(0);
+    let before = encoder
+        .image
+        .embed_images(std::slice::from_ref(&image))
+        .unwrap();
+    let after = aligned.image.embed_images(&[image]).unwrap();
+    assert!(
+        max_abs_diff(&before.data, &after.data) > 1e-4,
+        "the tower moved"
+    );
+    assert_eq!(
+        encoder.text.embed_texts(&["red cat"]).unwrap(),
+        aligned.text.embed_texts(&["red cat"]).unwrap(),
+        "the text tower is frozen"
+    );
 }

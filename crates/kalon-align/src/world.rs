@@ -15,7 +15,6 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use kalon_encoder::image::RgbImage;
 use kalon_encoder::{Embeddings, Encoder};
 use kalon_model::train::{info_nce, Pairs, Split};
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -28,62 +27,61 @@ use crate::scorer::{normalise, AestheticScorer};
 
 /// A world's data, embedded once by the (frozen) encoder.
 pub struct Embedded {
-    pub ids: Vec<String>,
+    /// Image-caption pairs, training pairs first, then the held-out ones.
+    pub pairs: Pairs,
     pub index: HashMap<String, usize>,
-    /// Unit image embeddings, catalog order (training images first).
+    /// Unit image embeddings, in `pairs` order.
     pub images: Embeddings,
-    pub captions: Vec<String>,
     pub caption_embeds: Embeddings,
-    /// How many leading rows are training images.
+    /// How many leading rows are training pairs.
     pub train: usize,
-    rgb: Vec<u8>,
-    size: usize,
 }
 
 impl Embedded {
     pub fn load(world: &Path, encoder: &Encoder) -> anyhow::Result<Embedded> {
         let size = encoder.manifest.image.size as usize;
-        let train = Pairs::load(world, Split::Train, size, None)?;
+        let mut pairs = Pairs::load(world, Split::Train, size, None)?;
+        let train = pairs.len();
         let held = Pairs::load(world, Split::HeldOut, size, None)?;
-        let n_train = train.len();
-        let ids: Vec<String> = train.ids.iter().chain(&held.ids).cloned().collect();
-        let captions: Vec<String> = train
-            .captions
-            .iter()
-            .chain(&held.captions)
-            .cloned()
-            .collect();
-        let mut rgb = train.rgb;
-        rgb.extend_from_slice(&held.rgb);
-        let mut pixels = Vec::with_capacity(ids.len() * 3 * size * size);
-        for image in rgb.chunks_exact(3 * size * size) {
+        pairs.ids.extend(held.ids);
+        pairs.captions.extend(held.captions);
+        pairs.rgb.extend(held.rgb);
+        let mut pixels = Vec::with_capacity(pairs.len() * 3 * size * size);
+        for image in pairs.rgb.chunks_exact(3 * size * size) {
             kalon_encoder::preprocess::push_rgb8(image, &encoder.manifest.image, &mut pixels);
         }
         let images = encoder.image.embed_pixels(&pixels)?;
-        let caption_embeds = encoder.text.embed_texts(&captions)?;
-        let index = ids
+        let caption_embeds = encoder.text.embed_texts(&pairs.captions)?;
+        let index = pairs
+            .ids
             .iter()
             .enumerate()
             .map(|(i, id)| (id.clone(), i))
             .collect();
         Ok(Embedded {
-            ids,
+            pairs,
             index,
             images,
-            captions,
             caption_embeds,
-            train: n_train,
-            rgb,
-            size,
+            train,
         })
     }
 
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
     pub fn image(&self, i: usize) -> RgbImage {
-        let per = 3 * self.size * self.size;
+        let size = self.pairs.size;
+        let per = 3 * size * size;
         RgbImage::from_raw(
-            self.size as u32,
-            self.size as u32,
-            self.rgb[i * per..(i + 1) * per].to_vec(),
+            size as u32,
+            size as u32,
+            self.pairs.rgb[i * per..(i + 1) * per].to_vec(),
         )
         .expect("whole image")
     }
@@ -238,19 +236,23 @@ impl Embedded {
     }
 }
 
-/// Trains the adapter with Ranked DPO + `alpha` InfoNCE on caption batches.
-pub fn train_adapter(
+/// The Ranked DPO + `alpha` InfoNCE loop shared by what can be trained:
+/// `embed` maps image rows to the trained model's unit embeddings, `vars`
+/// are what the optimiser moves. Reference scores come from the frozen
+/// encoder's embeddings in `set`.
+fn optimise(
     set: &TrainingSet<'_>,
     config: &AlignConfig,
-    mut on_step: impl FnMut(AlignStep),
-) -> anyhow::Result<Adapter> {
+    vars: Vec<candle_core::Var>,
+    embed: &dyn Fn(&[usize]) -> candle_core::Result<Tensor>,
+    on_step: &mut dyn FnMut(AlignStep),
+) -> anyhow::Result<()> {
     let (queries, pairs) = (set.queries, set.pairs);
     anyhow::ensure!(!pairs.is_empty(), "no preference pairs to train on");
     anyhow::ensure!(set.train >= 2, "need at least two caption pairs");
     let device = Device::Cpu;
-    let adapter = Adapter::new(set.images.dim, &device)?;
     let mut optimizer = AdamW::new(
-        adapter.varmap.all_vars(),
+        vars,
         ParamsAdamW {
             lr: config.learning_rate,
             weight_decay: 0.0,
@@ -265,35 +267,24 @@ pub fn train_adapter(
         let batch: Vec<IndexedPair> = (0..config.pair_batch.min(pairs.len()))
             .map(|_| pairs[rng.random_range(0..pairs.len())])
             .collect();
-        let q = gather(
-            queries,
-            &batch.iter().map(|p| p.query).collect::<Vec<_>>(),
-            &device,
-        )?;
-        let w = gather(
-            set.images,
-            &batch.iter().map(|p| p.winner).collect::<Vec<_>>(),
-            &device,
-        )?;
-        let l = gather(
-            set.images,
-            &batch.iter().map(|p| p.loser).collect::<Vec<_>>(),
-            &device,
-        )?;
+        let rows = |pick: fn(&IndexedPair) -> usize| batch.iter().map(pick).collect::<Vec<_>>();
+        let (winners, losers) = (rows(|p| p.winner), rows(|p| p.loser));
+        let q = gather(queries, &rows(|p| p.query), &device)?;
         let score =
             |v: &Tensor| -> candle_core::Result<Tensor> { (q.mul(v)?.sum(1)? / tau)?.contiguous() };
-        let (ref_w, ref_l) = (score(&w)?.detach(), score(&l)?.detach());
-        let (theta_w, theta_l) = (score(&adapter.forward(&w)?)?, score(&adapter.forward(&l)?)?);
+        let ref_w = score(&gather(set.images, &winners, &device)?)?;
+        let ref_l = score(&gather(set.images, &losers, &device)?)?;
+        let (theta_w, theta_l) = (score(&embed(&winners)?)?, score(&embed(&losers)?)?);
         let weights = Tensor::from_vec(
             batch.iter().map(|p| p.weight).collect::<Vec<_>>(),
             batch.len(),
             &device,
         )?;
         let dpo = ranked_dpo_loss(&theta_w, &ref_w, &theta_l, &ref_l, &weights, &config.params)?;
-        let mut captions: Vec<usize> = (0..set.train).collect();
-        captions.shuffle(&mut rng);
-        captions.truncate(config.caption_batch.min(set.train));
-        let images = adapter.forward(&gather(set.images, &captions, &device)?)?;
+        let captions: Vec<usize> =
+            rand::seq::index::sample(&mut rng, set.train, config.caption_batch.min(set.train))
+                .into_vec();
+        let images = embed(&captions)?;
         let texts = gather(set.captions, &captions, &device)?;
         let pt = info_nce(&images, &texts, &log_scale, 0.1)?;
         let loss = (&dpo + (&pt * config.params.alpha)?)?;
@@ -311,7 +302,65 @@ pub fn train_adapter(
             pair_accuracy: right.to_scalar()?,
         });
     }
+    Ok(())
+}
+
+/// Trains the alignment adapter (any image tower; embeddings only).
+pub fn train_adapter(
+    set: &TrainingSet<'_>,
+    config: &AlignConfig,
+    mut on_step: impl FnMut(AlignStep),
+) -> anyhow::Result<Adapter> {
+    let device = Device::Cpu;
+    let adapter = Adapter::new(set.images.dim, &device)?;
+    let embed = |rows: &[usize]| adapter.forward(&gather(set.images, rows, &device)?);
+    optimise(set, config, adapter.varmap.all_vars(), &embed, &mut on_step)?;
     Ok(adapter)
+}
+
+/// What [`train_tower`] returns: the model, its weights and its tokenizer.
+pub type TrainedTower = (
+    kalon_model::TwoTower,
+    candle_nn::VarMap,
+    kalon_encoder::WordTokenizer,
+);
+
+/// Trains the whole image tower of Kalon's reference model (its candle
+/// weights in `model_dir`); the text tower stays frozen.
+pub fn train_tower(
+    data: &Embedded,
+    set: &TrainingSet<'_>,
+    model_dir: &Path,
+    config: &AlignConfig,
+    mut on_step: impl FnMut(AlignStep),
+) -> anyhow::Result<TrainedTower> {
+    let device = Device::Cpu;
+    let (model, varmap, tokenizer) = kalon_model::export::load(model_dir, &device)?;
+    let vars = {
+        let all = varmap.data().lock().expect("varmap lock");
+        let mut named: Vec<(&String, &candle_core::Var)> = all
+            .iter()
+            .filter(|(name, _)| name.starts_with("image."))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named
+            .into_iter()
+            .map(|(_, var)| var.clone())
+            .collect::<Vec<_>>()
+    };
+    anyhow::ensure!(
+        !vars.is_empty(),
+        "{} has no image tower weights",
+        model_dir.display()
+    );
+    let spec = kalon_model::train::image_spec(&model.config);
+    let embed = |rows: &[usize]| {
+        model
+            .image
+            .forward(&data.pairs.pixels(rows, &spec, &device)?)
+    };
+    optimise(set, config, vars, &embed, &mut on_step)?;
+    Ok((model, varmap, tokenizer))
 }
 
 /// One HPIR item of `hpir.jsonl`.

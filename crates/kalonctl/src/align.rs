@@ -32,6 +32,10 @@ pub struct AlignArgs {
     pub alpha: f64,
     #[arg(long, default_value_t = AlignConfig::default().learning_rate)]
     pub learning_rate: f64,
+    /// Train the whole image tower of Kalon's reference model (its candle
+    /// weights) instead of the adapter.
+    #[arg(long)]
+    pub tower: bool,
 }
 
 impl AlignArgs {
@@ -52,11 +56,17 @@ impl AlignArgs {
 
 /// Builds D_po on `world` with the encoder in `model`, trains the adapter
 /// and writes the aligned encoder to `out`; returns the embedded world.
+enum Trained {
+    Adapter(kalon_align::adapter::Adapter),
+    Tower(Box<world::TrainedTower>),
+}
+
 pub fn align(
     world: &Path,
     model: &Path,
     out: &Path,
     config: &AlignConfig,
+    tower: bool,
 ) -> anyhow::Result<Embedded> {
     let started = Instant::now();
     let encoder = Encoder::load(model, &EncoderOptions::from_env()?)?;
@@ -88,30 +98,47 @@ pub fn align(
     let bar = crate::progress_bar(config.steps as u64, "align");
     let mut last = None;
     let set = data.training_set(&query_embeds, &pairs);
-    let adapter = world::train_adapter(&set, config, |step| {
+    let on_step = |step: world::AlignStep| {
         bar.set_position(step.step as u64);
         bar.set_message(format!("loss {:.3}", step.loss));
         let _ = serde_json::to_writer(&mut log, &step);
         let _ = log.write_all(b"\n");
         last = Some(step);
-    })?;
+    };
+    let training = Instant::now();
+    let trained = if tower {
+        Trained::Tower(Box::new(world::train_tower(
+            &data, &set, model, config, on_step,
+        )?))
+    } else {
+        Trained::Adapter(world::train_adapter(&set, config, on_step)?)
+    };
+    let train_seconds = training.elapsed().as_secs_f64();
     bar.finish();
     log.flush()?;
     let seconds = started.elapsed().as_secs_f64();
     let notes = serde_json::json!({
-        "trainer": "kalonctl train align (Ranked DPO adapter)",
+        "trainer": if tower { "kalonctl train align --tower (Ranked DPO, whole image tower)" } else { "kalonctl train align (Ranked DPO adapter)" },
         "parent": model.display().to_string(),
         "world": world.display().to_string(),
         "pairs": pairs.len(),
         "config": config,
         "last_step": last,
         "seconds": (seconds * 10.0).round() / 10.0,
-        "pairs_per_s": ((config.steps * config.pair_batch) as f64 / seconds).round(),
+        "pairs_per_s": ((config.steps * config.pair_batch) as f64 / train_seconds).round(),
     });
     let serde_json::Value::Object(notes) = notes else {
         unreachable!("an object literal")
     };
-    adapter.export(model, out, notes)?;
+    match trained {
+        Trained::Adapter(adapter) => {
+            adapter.export(model, out, notes)?;
+        }
+        Trained::Tower(trained) => {
+            let (tower, varmap, tokenizer) = *trained;
+            kalon_model::export::export(&tower, &varmap, &tokenizer, out, notes)?;
+        }
+    }
     eprintln!(
         "aligned in {seconds:.1} s; encoder written to {}",
         out.display()
@@ -127,7 +154,7 @@ fn evaluate(
     variant: PromptVariant,
 ) -> anyhow::Result<(world::Agreement, Embeddings)> {
     let mut pixels = Vec::new();
-    for i in 0..data.ids.len() {
+    for i in 0..data.len() {
         kalon_encoder::preprocess::push_image(&data.image(i), &encoder.manifest.image, &mut pixels);
     }
     let images = encoder.image.embed_pixels(&pixels)?;
@@ -157,12 +184,23 @@ pub fn eval_align(
         false,
         &PretrainArgs::defaults(),
     )?;
+    let what = if args.tower {
+        "aligned-tower"
+    } else {
+        "aligned"
+    };
     let aligned_dir = state_dir
         .join("models")
-        .join(format!("aligned-seed-{seed}-{images}"));
+        .join(format!("{what}-seed-{seed}-{images}"));
     let config = args.config(seed);
     let data = if retrain || !aligned_dir.join(kalon_encoder::MANIFEST_FILE).exists() {
-        align(&prepared.world, &prepared.model, &aligned_dir, &config)?
+        align(
+            &prepared.world,
+            &prepared.model,
+            &aligned_dir,
+            &config,
+            args.tower,
+        )?
     } else {
         let encoder = Encoder::load(&prepared.model, &EncoderOptions::from_env()?)?;
         Embedded::load(&prepared.world, &encoder)?
@@ -175,7 +213,7 @@ pub fn eval_align(
     println!(
         "held-out evaluation, world seed {seed}: {} HPIR items, {} held-out captions",
         items.len(),
-        data.ids.len() - data.train
+        data.len() - data.train
     );
     println!(
         "{:<12} {:>14} {:>14} {:>12}",

@@ -210,9 +210,14 @@ pub fn held_out_files(world: &Path) -> anyhow::Result<(Vec<Vec<u8>>, Vec<String>
 pub fn run_train(train: &Train) -> anyhow::Result<()> {
     match train {
         Train::Pretrain { world, out, args } => pretrain(world, out, args),
-        Train::Align(a) => {
-            crate::align::align(&a.world, &a.model, &a.out, &a.args.config(a.seed)).map(|_| ())
-        }
+        Train::Align(a) => crate::align::align(
+            &a.world,
+            &a.model,
+            &a.out,
+            &a.args.config(a.seed),
+            a.args.tower,
+        )
+        .map(|_| ()),
     }
 }
 
