@@ -408,45 +408,53 @@ pub struct Agreement {
     pub hpir_aesthetic: f64,
 }
 
-/// HPIR agreement: `query_embeds[i]` embeds `items[i].query` (possibly
-/// rephrased); `images` are (adapted) catalog embeddings.
+/// HPIR agreement per aspect when `row_score(item, row)` scores a row of
+/// item number `item` (the model prefers the row with the higher score).
+pub fn agreement_by(
+    items: &[HpirLine],
+    mut row_score: impl FnMut(usize, &[String]) -> anyhow::Result<f64>,
+) -> anyhow::Result<Agreement> {
+    let mut acc = Vec::new();
+    let mut aes = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let (a, b) = (row_score(i, &item.row_a)?, row_score(i, &item.row_b)?);
+        for (label, out) in [(&item.accuracy, &mut acc), (&item.aesthetic, &mut aes)] {
+            out.push(Judged {
+                mean_a: a,
+                mean_b: b,
+                people_chose_a: label.choice == "A",
+                confidence: label.confidence,
+            });
+        }
+    }
+    Ok(Agreement {
+        hpir_accuracy: hpir_agreement(&acc),
+        hpir_aesthetic: hpir_agreement(&aes),
+    })
+}
+
+fn catalog_row(data: &Embedded, id: &str) -> anyhow::Result<usize> {
+    data.index
+        .get(id)
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("HPIR image {id} is not in the catalog"))
+}
+
+/// HPIR agreement of a model: `query_embeds[i]` embeds `items[i].query`
+/// (possibly rephrased); `images` are its catalog embeddings; a row scores
+/// its mean similarity.
 pub fn agreement(
     items: &[HpirLine],
     query_embeds: &Embeddings,
     data: &Embedded,
     images: &Embeddings,
 ) -> anyhow::Result<Agreement> {
-    let mut acc = Vec::new();
-    let mut aes = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let mean = |row: &[String]| -> anyhow::Result<f64> {
-            let mut sum = 0.0;
-            for id in row {
-                let j = *data
-                    .index
-                    .get(id)
-                    .ok_or_else(|| anyhow::anyhow!("HPIR image {id} is not in the catalog"))?;
-                sum += f64::from(dot(query_embeds.row(i), images.row(j)));
-            }
-            Ok(sum / row.len() as f64)
-        };
-        let (a, b) = (mean(&item.row_a)?, mean(&item.row_b)?);
-        acc.push(Judged {
-            mean_a: a,
-            mean_b: b,
-            people_chose_a: item.accuracy.choice == "A",
-            confidence: item.accuracy.confidence,
-        });
-        aes.push(Judged {
-            mean_a: a,
-            mean_b: b,
-            people_chose_a: item.aesthetic.choice == "A",
-            confidence: item.aesthetic.confidence,
-        });
-    }
-    Ok(Agreement {
-        hpir_accuracy: hpir_agreement(&acc),
-        hpir_aesthetic: hpir_agreement(&aes),
+    agreement_by(items, |i, row| {
+        let mut sum = 0.0;
+        for id in row {
+            sum += f64::from(dot(query_embeds.row(i), images.row(catalog_row(data, id)?)));
+        }
+        Ok(sum / row.len() as f64)
     })
 }
 
@@ -467,38 +475,12 @@ pub fn scorer_agreement(
     data: &Embedded,
     scorer: &dyn AestheticScorer,
 ) -> anyhow::Result<Agreement> {
-    let mut acc = Vec::new();
-    let mut aes = Vec::new();
-    for item in items {
-        let mean = |row: &[String]| -> anyhow::Result<f64> {
-            let images = row
-                .iter()
-                .map(|id| {
-                    data.index
-                        .get(id)
-                        .map(|&j| data.image(j))
-                        .ok_or_else(|| anyhow::anyhow!("HPIR image {id} is not in the catalog"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let scores = scorer.score(&images)?;
-            Ok(scores.iter().sum::<f64>() / scores.len() as f64)
-        };
-        let (a, b) = (mean(&item.row_a)?, mean(&item.row_b)?);
-        acc.push(Judged {
-            mean_a: a,
-            mean_b: b,
-            people_chose_a: item.accuracy.choice == "A",
-            confidence: item.accuracy.confidence,
-        });
-        aes.push(Judged {
-            mean_a: a,
-            mean_b: b,
-            people_chose_a: item.aesthetic.choice == "A",
-            confidence: item.aesthetic.confidence,
-        });
-    }
-    Ok(Agreement {
-        hpir_accuracy: hpir_agreement(&acc),
-        hpir_aesthetic: hpir_agreement(&aes),
+    agreement_by(items, |_, row| {
+        let images = row
+            .iter()
+            .map(|id| Ok(data.image(catalog_row(data, id)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let scores = scorer.score(&images)?;
+        Ok(scores.iter().sum::<f64>() / scores.len() as f64)
     })
 }
