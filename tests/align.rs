@@ -163,10 +163,49 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
         },
         ..AlignConfig::default()
     };
+    let checkpoints = tempfile::tempdir().unwrap();
+    let config = AlignConfig {
+        checkpoint_every: 25,
+        checkpoint_dir: Some(checkpoints.path().to_owned()),
+        ..config
+    };
     let mut steps = Vec::new();
     let set = data.training_set(&query_embeds, &pairs);
-    world::train_adapter(&set, &config, |s| steps.push(s)).unwrap();
+    let adapter = world::train_adapter(&set, &config, |s| steps.push(s)).unwrap();
     assert_eq!(steps.len(), 60);
+    let mut saved: Vec<String> = std::fs::read_dir(checkpoints.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    saved.sort();
+    assert_eq!(
+        saved,
+        [
+            "checkpoint-000025.safetensors",
+            "checkpoint-000050.safetensors"
+        ]
+    );
+    // same seed, same run: training is deterministic
+    let mut again = Vec::new();
+    let twin = world::train_adapter(
+        &set,
+        &AlignConfig {
+            checkpoint_dir: None,
+            ..config.clone()
+        },
+        |s| again.push(s.loss),
+    )
+    .unwrap();
+    assert_eq!(again, steps.iter().map(|s| s.loss).collect::<Vec<_>>());
+    assert_eq!(
+        adapter
+            .weight
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        twin.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
     // the adapter starts as the identity: h = 0 and L_pair = ln 2 exactly
     assert!(
         (steps[0].dpo_loss - std::f32::consts::LN_2).abs() < 1e-4,
@@ -183,6 +222,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
         steps: 4,
         pair_batch: 16,
         caption_batch: 16,
+        checkpoint_dir: None,
         ..config
     };
     let mut tower_steps = Vec::new();

@@ -166,6 +166,10 @@ pub struct AlignConfig {
     /// Training queries used for D_po.
     pub queries: usize,
     pub variant: PromptVariant,
+    /// Save the trained weights every this many steps (0: never) into
+    /// `checkpoint_dir` as `checkpoint-<step>.safetensors`.
+    pub checkpoint_every: usize,
+    pub checkpoint_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for AlignConfig {
@@ -185,6 +189,8 @@ impl Default for AlignConfig {
             },
             queries: 600,
             variant: PromptVariant::Detail,
+            checkpoint_every: 0,
+            checkpoint_dir: None,
         }
     }
 }
@@ -243,6 +249,7 @@ impl Embedded {
 fn optimise(
     set: &TrainingSet<'_>,
     config: &AlignConfig,
+    varmap: &candle_nn::VarMap,
     vars: Vec<candle_core::Var>,
     embed: &dyn Fn(&[usize]) -> candle_core::Result<Tensor>,
     on_step: &mut dyn FnMut(AlignStep),
@@ -289,6 +296,12 @@ fn optimise(
         let pt = info_nce(&images, &texts, &log_scale, 0.1)?;
         let loss = (&dpo + (&pt * config.params.alpha)?)?;
         optimizer.backward_step(&loss)?;
+        if let (Some(dir), true) = (&config.checkpoint_dir, config.checkpoint_every > 0) {
+            if (step + 1) % config.checkpoint_every == 0 {
+                std::fs::create_dir_all(dir)?;
+                varmap.save(dir.join(format!("checkpoint-{:06}.safetensors", step + 1)))?;
+            }
+        }
         let right = theta_w
             .ge(&theta_l)?
             .to_dtype(candle_core::DType::F32)?
@@ -314,7 +327,8 @@ pub fn train_adapter(
     let device = Device::Cpu;
     let adapter = Adapter::new(set.images.dim, &device)?;
     let embed = |rows: &[usize]| adapter.forward(&gather(set.images, rows, &device)?);
-    optimise(set, config, adapter.varmap.all_vars(), &embed, &mut on_step)?;
+    let vars = adapter.varmap.all_vars();
+    optimise(set, config, &adapter.varmap, vars, &embed, &mut on_step)?;
     Ok(adapter)
 }
 
@@ -359,7 +373,7 @@ pub fn train_tower(
             .image
             .forward(&data.pairs.pixels(rows, &spec, &device)?)
     };
-    optimise(set, config, vars, &embed, &mut on_step)?;
+    optimise(set, config, &varmap, vars, &embed, &mut on_step)?;
     Ok((model, varmap, tokenizer))
 }
 

@@ -36,6 +36,9 @@ pub struct AlignArgs {
     /// weights) instead of the adapter.
     #[arg(long)]
     pub tower: bool,
+    /// Save the weights every this many steps into OUT/checkpoints (0: never).
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: usize,
 }
 
 impl AlignArgs {
@@ -45,6 +48,7 @@ impl AlignArgs {
             steps: self.steps,
             queries: self.queries,
             learning_rate: self.learning_rate,
+            checkpoint_every: self.checkpoint_every,
             ..AlignConfig::default()
         };
         config.params.beta = self.beta;
@@ -105,6 +109,9 @@ pub fn align(
         let _ = log.write_all(b"\n");
         last = Some(step);
     };
+    let mut config = config.clone();
+    config.checkpoint_dir = Some(out.join("checkpoints"));
+    let config = &config;
     let training = Instant::now();
     let trained = if tower {
         Trained::Tower(Box::new(world::train_tower(
