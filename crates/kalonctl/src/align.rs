@@ -154,24 +154,31 @@ pub fn align(
 }
 
 /// Evaluation of one encoder on the world's held-out data.
-fn evaluate(
-    encoder: &Encoder,
-    data: &Embedded,
-    items: &[world::HpirLine],
-    variant: PromptVariant,
-) -> anyhow::Result<(world::Agreement, Embeddings)> {
+/// The catalog's embeddings by `encoder` (through ONNX Runtime).
+fn embed_catalog(encoder: &Encoder, data: &Embedded) -> anyhow::Result<Embeddings> {
     let mut pixels = Vec::new();
     for i in 0..data.len() {
         kalon_encoder::preprocess::push_image(&data.image(i), &encoder.manifest.image, &mut pixels);
     }
-    let images = encoder.image.embed_pixels(&pixels)?;
+    Ok(encoder.image.embed_pixels(&pixels)?)
+}
+
+/// HPIR agreement of `encoder` with its catalog embeddings `images`, the
+/// items' queries rephrased with `variant`.
+fn evaluate(
+    encoder: &Encoder,
+    images: &Embeddings,
+    data: &Embedded,
+    items: &[world::HpirLine],
+    variant: PromptVariant,
+) -> anyhow::Result<world::Agreement> {
     let rephraser = WorldRephraser::default();
     let texts = items
         .iter()
         .map(|i| kalon_align::rephrase::Rephraser::rephrase(&rephraser, &i.query, variant))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let queries = encoder.text.embed_texts(&texts)?;
-    Ok((world::agreement(items, &queries, data, &images)?, images))
+    world::agreement(items, &queries, data, images)
 }
 
 pub fn eval_align(
@@ -226,9 +233,20 @@ pub fn eval_align(
         "{:<12} {:>14} {:>14} {:>12}",
         "model", "hpir_accuracy", "hpir_aesthetic", "recall@10"
     );
-    for (name, encoder) in [("pretrained", &pretrained), ("aligned", &aligned)] {
-        let (agreement, image_embeds) = evaluate(encoder, &data, &items, PromptVariant::Original)?;
-        let recall = world::held_out_recall_at_10(&data, &image_embeds);
+    let pretrained_images = embed_catalog(&pretrained, &data)?;
+    let aligned_images = embed_catalog(&aligned, &data)?;
+    for (name, encoder, image_embeds) in [
+        ("pretrained", &pretrained, &pretrained_images),
+        ("aligned", &aligned, &aligned_images),
+    ] {
+        let agreement = evaluate(
+            encoder,
+            image_embeds,
+            &data,
+            &items,
+            PromptVariant::Original,
+        )?;
+        let recall = world::held_out_recall_at_10(&data, image_embeds);
         println!(
             "{name:<12} {:>14.3} {:>14.3} {recall:>12.3}",
             agreement.hpir_accuracy, agreement.hpir_aesthetic
@@ -257,7 +275,7 @@ pub fn eval_align(
     );
     let mut ablation = serde_json::Map::new();
     for variant in PromptVariant::ALL {
-        let (agreement, _) = evaluate(&pretrained, &data, &items, variant)?;
+        let agreement = evaluate(&pretrained, &pretrained_images, &data, &items, variant)?;
         println!(
             "{:<12} {:>14.3} {:>14.3}",
             variant.name(),
