@@ -14,18 +14,6 @@ use kalon_encoder::{Encoder, EncoderOptions, WordTokenizer};
 use kalon_model::{ModelConfig, TwoTower};
 use rand::{Rng, SeedableRng};
 
-fn fixture() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/foreign-encoder")
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// An adapter with random (non-zero) weights.
 fn random_adapter(dim: usize, seed: u64) -> Adapter {
     let adapter = Adapter::new(dim, &Device::Cpu).unwrap();
@@ -54,14 +42,14 @@ fn check_export(parent: &Path, pixels: &[f32]) {
     let backbone = parent_encoder.image.embed_pixels(pixels).unwrap();
     let expected = adapter.apply(&backbone.data).unwrap();
     let got = aligned.image.embed_pixels(pixels).unwrap();
-    let diff = max_abs_diff(&expected, &got.data);
+    let diff = kalon_tests::max_abs_diff(&expected, &got.data);
     assert!(
         diff <= 1e-4,
         "{}: candle and ORT differ by {diff}",
         parent.display()
     );
     // it really changed the embeddings, and the text tower is untouched
-    assert!(max_abs_diff(&backbone.data, &got.data) > 1e-2);
+    assert!(kalon_tests::max_abs_diff(&backbone.data, &got.data) > 1e-2);
     assert_eq!(
         parent_encoder.text.embed_texts(&["red cat"]).unwrap(),
         aligned.text.embed_texts(&["red cat"]).unwrap()
@@ -76,7 +64,7 @@ fn the_adapter_exports_into_the_towers_own_onnx_graph() {
     let pixels: Vec<f32> = (0..3 * 3 * 32 * 32)
         .map(|_| rng.random_range(-1.0..1.0))
         .collect();
-    check_export(&fixture(), &pixels);
+    check_export(&kalon_tests::foreign_encoder(), &pixels);
 
     // Kalon's reference model (64x64, 64-d)
     let dir = tempfile::tempdir().unwrap();
@@ -248,7 +236,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
         .unwrap();
     let after = aligned.image.embed_images(&[image]).unwrap();
     assert!(
-        max_abs_diff(&before.data, &after.data) > 1e-4,
+        kalon_tests::max_abs_diff(&before.data, &after.data) > 1e-4,
         "the tower moved"
     );
     assert_eq!(

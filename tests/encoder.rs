@@ -13,10 +13,6 @@ use kalon_model::train::{image_spec, tokens};
 use kalon_model::{ModelConfig, TwoTower};
 use rand::{Rng, SeedableRng};
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/foreign-encoder")
-}
-
 /// Checks a file with the `onnx` Python package's full checker.
 fn onnx_checker(path: &Path) {
     let python = kalon_stack::tools::cache_dir().join("py-onnx/bin/python");
@@ -61,14 +57,6 @@ fn random_model(seed: u64) -> (TwoTower, VarMap, WordTokenizer) {
     (model, varmap, tokenizer)
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn options(batch_size: usize) -> EncoderOptions {
     EncoderOptions {
         batch_size,
@@ -103,7 +91,7 @@ fn exported_model_round_trips_candle_and_onnx_runtime_agree() {
         .unwrap();
     let from_ort = encoder.image.embed_pixels(&pixels).unwrap();
     assert_eq!(from_ort.len(), n);
-    let diff = max_abs_diff(&from_candle, &from_ort.data);
+    let diff = kalon_tests::max_abs_diff(&from_candle, &from_ort.data);
     assert!(diff <= 1e-4, "image tower: candle and ORT differ by {diff}");
 
     let texts = [
@@ -123,14 +111,14 @@ fn exported_model_round_trips_candle_and_onnx_runtime_agree() {
         .to_vec1::<f32>()
         .unwrap();
     let from_ort = encoder.text.embed_texts(&texts).unwrap();
-    let diff = max_abs_diff(&from_candle, &from_ort.data);
+    let diff = kalon_tests::max_abs_diff(&from_candle, &from_ort.data);
     assert!(diff <= 1e-4, "text tower: candle and ORT differ by {diff}");
     // outputs are unit vectors and not all alike
     for row in from_ort.rows() {
         let norm: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
     }
-    assert!(max_abs_diff(from_ort.row(0), from_ort.row(4)) > 1e-3);
+    assert!(kalon_tests::max_abs_diff(from_ort.row(0), from_ort.row(4)) > 1e-3);
 
     // the files decode to the same pixels the trainer feeds candle
     let spec = image_spec(&model.config);
@@ -151,13 +139,15 @@ fn exported_model_round_trips_candle_and_onnx_runtime_agree() {
         .to_vec1::<f32>()
         .unwrap();
     let from_file = encoder.image.embed_files(&[png.into_inner()]).unwrap();
-    assert!(max_abs_diff(&from_candle, &from_file.data) <= 1e-4);
+    assert!(kalon_tests::max_abs_diff(&from_candle, &from_file.data) <= 1e-4);
 }
 
 #[tokio::test]
 async fn a_model_made_with_the_onnx_python_package_loads_through_the_contract() {
-    let expected: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture().join("expected.json")).unwrap()).unwrap();
+    let expected: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(kalon_tests::foreign_encoder().join("expected.json")).unwrap(),
+    )
+    .unwrap();
     let floats = |key: &str| -> Vec<f32> {
         expected[key]
             .as_array()
@@ -166,10 +156,11 @@ async fn a_model_made_with_the_onnx_python_package_loads_through_the_contract() 
             .map(|v| v.as_f64().unwrap() as f32)
             .collect()
     };
-    let encoder = std::sync::Arc::new(Encoder::load(&fixture(), &options(32)).unwrap());
+    let encoder =
+        std::sync::Arc::new(Encoder::load(&kalon_tests::foreign_encoder(), &options(32)).unwrap());
     assert_eq!(encoder.manifest.embedding_dim, 8);
     let images = encoder.image.embed_pixels(&floats("pixels")).unwrap();
-    let diff = max_abs_diff(&images.data, &floats("image_embeds"));
+    let diff = kalon_tests::max_abs_diff(&images.data, &floats("image_embeds"));
     assert!(diff <= 1e-4, "image embeddings differ from numpy by {diff}");
     let texts: Vec<String> = expected["texts"]
         .as_array()
@@ -179,14 +170,14 @@ async fn a_model_made_with_the_onnx_python_package_loads_through_the_contract() 
         .collect();
     // through the async path (blocking pool)
     let embedded = encoder.embed_texts_async(texts).await.unwrap();
-    let diff = max_abs_diff(&embedded.data, &floats("text_embeds"));
+    let diff = kalon_tests::max_abs_diff(&embedded.data, &floats("text_embeds"));
     assert!(diff <= 1e-4, "text embeddings differ from numpy by {diff}");
 }
 
 /// Copies the fixture encoder so a test can break one part of it.
 fn broken_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture()).unwrap() {
+    for entry in std::fs::read_dir(kalon_tests::foreign_encoder()).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
     }
@@ -252,7 +243,8 @@ fn contract_violations_and_broken_files_are_clear_errors() {
     );
 
     // wrong shape at inference: a tensor of the wrong size
-    let encoder = Encoder::load(&fixture(), &EncoderOptions::default()).unwrap();
+    let encoder =
+        Encoder::load(&kalon_tests::foreign_encoder(), &EncoderOptions::default()).unwrap();
     let err = encoder
         .image
         .embed_tensor(&[1, 3, 64, 64], &vec![0.0; 3 * 64 * 64])
@@ -307,7 +299,8 @@ fn a_missing_or_broken_runtime_library_is_a_clear_error_not_a_panic() {
     let bin = kalonctl();
     let run = |dylib: Option<&Path>| {
         let mut cmd = Command::new(&bin);
-        cmd.args(["encoder", "check", "--model"]).arg(fixture());
+        cmd.args(["encoder", "check", "--model"])
+            .arg(kalon_tests::foreign_encoder());
         match dylib {
             Some(path) => cmd.env("ORT_DYLIB_PATH", path),
             None => cmd.env_remove("ORT_DYLIB_PATH"),

@@ -4,7 +4,7 @@
 //! own in-memory tansu broker unless `KALON_TEST_BROKERS` names a shared one.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kalon_events::Event;
@@ -296,4 +296,18 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
         .join(bin);
     assert!(path.is_file(), "no {bin} binary at {}", path.display());
     path
+}
+
+/// The encoder made with the `onnx` Python package (tests/fixtures).
+pub fn foreign_encoder() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/foreign-encoder")
+}
+
+/// Largest element-wise difference of two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
