@@ -236,6 +236,27 @@ mod tests {
         (a - b).abs() <= tol
     }
 
+    /// The 2-pair example on candle tensors (beta 1, eps 0.1, weights 3 and 1),
+    /// with the policy's winner scores given.
+    fn two_pair_candle_loss(theta_w: &Tensor) -> Tensor {
+        let dev = Device::Cpu;
+        let t = |v: &[f32]| Tensor::new(v, &dev).unwrap();
+        let params = DpoParams {
+            beta: 1.0,
+            eps: 0.1,
+            ..DpoParams::default()
+        };
+        ranked_dpo_loss(
+            theta_w,
+            &t(&[1.5, 0.5]),
+            &t(&[1.0, 0.9]),
+            &t(&[1.2, 0.4]),
+            &t(&[3.0, 1.0]),
+            &params,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn two_pair_loss_matches_hand_computed_values() {
         // pair 1: theta (2.0, 1.0), ref (1.5, 1.2) -> h = 0.5 - (-0.2) = 0.7
@@ -255,24 +276,8 @@ mod tests {
         assert!(close(mean, 0.613_186, 1e-6), "{mean}");
 
         // the candle loss gives the same number
-        let dev = Device::Cpu;
-        let t = |v: &[f32]| Tensor::new(v, &dev).unwrap();
-        let params = DpoParams {
-            beta: 1.0,
-            eps: 0.1,
-            ..DpoParams::default()
-        };
-        let loss = ranked_dpo_loss(
-            &t(&[2.0, 0.3]),
-            &t(&[1.5, 0.5]),
-            &t(&[1.0, 0.9]),
-            &t(&[1.2, 0.4]),
-            &t(&[3.0, 1.0]),
-            &params,
-        )
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+        let theta_w = Tensor::new(&[2.0f32, 0.3], &Device::Cpu).unwrap();
+        let loss = two_pair_candle_loss(&theta_w).to_scalar::<f32>().unwrap();
         assert!(close(loss as f64, 0.613_186, 1e-5), "{loss}");
     }
 
@@ -291,23 +296,8 @@ mod tests {
             }
         }
         // candle's autograd: d loss / d theta_w = w_i / sum(w) * dL/dh
-        let dev = Device::Cpu;
-        let theta_w = Var::new(&[2.0f32, 0.3], &dev).unwrap();
-        let t = |v: &[f32]| Tensor::new(v, &dev).unwrap();
-        let params = DpoParams {
-            beta: 1.0,
-            eps: 0.1,
-            ..DpoParams::default()
-        };
-        let loss = ranked_dpo_loss(
-            theta_w.as_tensor(),
-            &t(&[1.5, 0.5]),
-            &t(&[1.0, 0.9]),
-            &t(&[1.2, 0.4]),
-            &t(&[3.0, 1.0]),
-            &params,
-        )
-        .unwrap();
+        let theta_w = Var::new(&[2.0f32, 0.3], &Device::Cpu).unwrap();
+        let loss = two_pair_candle_loss(theta_w.as_tensor());
         let grads = loss.backward().unwrap();
         let g = grads.get(&theta_w).unwrap().to_vec1::<f32>().unwrap();
         let expect = [
