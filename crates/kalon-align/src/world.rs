@@ -377,21 +377,8 @@ pub fn train_tower(
     Ok((model, varmap, tokenizer))
 }
 
-/// One HPIR item of `hpir.jsonl`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct HpirLine {
-    pub query: String,
-    pub row_a: Vec<String>,
-    pub row_b: Vec<String>,
-    pub accuracy: LabelLine,
-    pub aesthetic: LabelLine,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct LabelLine {
-    pub choice: String,
-    pub confidence: f64,
-}
+/// One HPIR item of `hpir.jsonl`, as the world writes it.
+pub use kalon_world::HpirItem as HpirLine;
 
 pub fn read_hpir(world: &Path) -> anyhow::Result<Vec<HpirLine>> {
     let path = world.join("hpir.jsonl");
@@ -436,7 +423,7 @@ pub fn agreement_by(
             out.push(Judged {
                 mean_a: a,
                 mean_b: b,
-                people_chose_a: label.choice == "A",
+                people_chose_a: label.choice == kalon_world::oracle::Choice::A,
                 confidence: label.confidence,
             });
         }
