@@ -10,9 +10,10 @@
 pub mod adapter;
 pub mod algorithm;
 pub mod pairs;
-pub mod rephrase;
 pub mod scorer;
 pub mod world;
 
+/// Query rephrasing lives with the LLM client; re-exported where D_po uses it.
+pub use kalon_llm::rephrase;
 pub use pairs::{PairSource, PreferencePair};
 pub use scorer::{AestheticScorer, LowLevelScorer};

@@ -1,8 +1,9 @@
 //! Query rephrasing behind one trait, with the paper's prompt variants.
 //!
-//! The HTTP implementation (an OpenAI-compatible LLM) comes with the
-//! enricher; [`WorldRephraser`] plays the LLM from the simulated world's
-//! public knowledge: which words people use for pictures they like.
+//! [`HttpRephraser`] asks an OpenAI-compatible LLM (the enricher uses the
+//! async [`ask_rephrasing`] directly); [`WorldRephraser`] plays the LLM from
+//! the simulated world's public knowledge: which words people use for
+//! pictures they like (the simulated endpoint answers with it).
 
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +89,54 @@ impl Rephraser for WorldRephraser {
             PromptVariant::Repeat => format!("{query} {query}"),
             PromptVariant::Reorg => format!("a {} {} photo of {query}", words[0], words[1]),
         })
+    }
+}
+
+/// Asks the LLM for `variant` of `query`, with the strict retry.
+pub async fn ask_rephrasing(
+    client: &crate::LlmClient,
+    query: &str,
+    variant: PromptVariant,
+) -> Result<crate::ask::Answer<String>, crate::ask::AskError> {
+    crate::ask::ask(
+        client,
+        |strict| crate::prompts::rephrase_messages(query, variant, strict),
+        |content| crate::prompts::parse_rephrasing(query, variant, content),
+    )
+    .await
+}
+
+/// The [`Rephraser`] trait over HTTP, for synchronous callers (D_po
+/// construction): each call runs on the rephraser's own runtime and blocks
+/// the calling thread until the answer is in.
+pub struct HttpRephraser {
+    client: crate::LlmClient,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl HttpRephraser {
+    pub fn new(client: crate::LlmClient) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("kalon-rephraser")
+            .enable_all()
+            .build()?;
+        Ok(HttpRephraser { client, runtime })
+    }
+}
+
+impl Rephraser for HttpRephraser {
+    fn rephrase(&self, query: &str, variant: PromptVariant) -> anyhow::Result<String> {
+        if variant == PromptVariant::Original {
+            return Ok(crate::prompts::one_line(query));
+        }
+        let client = self.client.clone();
+        let query = query.to_owned();
+        let task = self
+            .runtime
+            .spawn(async move { ask_rephrasing(&client, &query, variant).await });
+        let answer = futures::executor::block_on(task)??;
+        Ok(answer.value)
     }
 }
 
