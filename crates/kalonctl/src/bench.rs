@@ -22,6 +22,8 @@ use crate::Cli;
 
 #[derive(Subcommand)]
 pub enum Bench {
+    /// LMM judge calls/s and client overhead against the simulated endpoint, and the judge's agreement with people (single call vs order-consistent).
+    Judge(crate::llm::JudgeBenchArgs),
     /// Kafka -> Postgres drain rate of ingest against a plain consumer piped into psql.
     Ingest {
         /// Events to pre-produce and drain.
@@ -63,6 +65,7 @@ pub enum Bench {
 
 pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
     match bench {
+        Bench::Judge(args) => crate::llm::bench_judge(args).await,
         Bench::Ingest {
             events,
             no_baseline,

@@ -4,6 +4,7 @@ mod align;
 mod bench;
 mod demo;
 mod events;
+mod llm;
 mod model;
 mod sim;
 
@@ -234,6 +235,9 @@ async fn main() -> anyhow::Result<()> {
         },
         Command::Produce(args) => events::produce(&cli.endpoints(), args).await?,
         Command::Demo(args) => demo::run(&cli, args).await?,
+        Command::Sim {
+            action: sim::Sim::ServeLlm(args),
+        } => llm::serve(args).await?,
         Command::Sim { action } => {
             // image generation is CPU work: off the async runtime
             let action = action.clone();

@@ -20,6 +20,8 @@ pub enum Sim {
         #[arg(long, default_value = "world")]
         out: PathBuf,
     },
+    /// Serve the world's OpenAI-compatible LLM/LMM endpoint (rephrasing, judging) with noise, position bias, latency and faults.
+    ServeLlm(crate::llm::ServeArgs),
 }
 
 pub fn run(sim: &Sim) -> anyhow::Result<()> {
@@ -39,6 +41,7 @@ pub fn run(sim: &Sim) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Sim::ServeLlm(_) => unreachable!("served on the async runtime by main"),
     }
 }
 
