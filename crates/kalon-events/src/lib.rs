@@ -13,7 +13,9 @@ mod topics;
 pub use event::{
     Aspect, Click, DecodeError, Event, EventKind, Impression, Rating, ResultItem, MAX_EVENT_BYTES,
 };
-pub use topics::{TopicSpec, DEAD_LETTER_TOPIC, TOPICS};
+pub use topics::{
+    TopicSpec, DEAD_LETTER_TOPIC, ENRICH_DEAD_LETTER_TOPIC, JUDGMENT_TOPIC, REPHRASED_TOPIC, TOPICS,
+};
 
 /// The JSON Schema text of each event kind, as shipped in `schemas/`.
 pub fn schema_text(kind: EventKind) -> &'static str {

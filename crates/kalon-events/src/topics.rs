@@ -39,7 +39,29 @@ pub const TOPICS: &[TopicSpec] = &[
         partitions: 1,
         purpose: "events ingest could not accept, with the reason in headers",
     },
+    TopicSpec {
+        name: REPHRASED_TOPIC,
+        partitions: 4,
+        purpose: "query.rephrased.v1: the enricher's LLM rephrasings of a query, keyed by query",
+    },
+    TopicSpec {
+        name: JUDGMENT_TOPIC,
+        partitions: 2,
+        purpose: "lmm.judgment.v1: LMM judgments of two result rows, keyed by query",
+    },
+    TopicSpec {
+        name: ENRICH_DEAD_LETTER_TOPIC,
+        partitions: 1,
+        purpose: "LLM answers the enricher could not parse even with the strict prompt",
+    },
 ];
+
+/// The enricher's rephrasings.
+pub const REPHRASED_TOPIC: &str = "query.rephrased.v1";
+/// The enricher's LMM judgments.
+pub const JUDGMENT_TOPIC: &str = "lmm.judgment.v1";
+/// Where the enricher sends model answers it could not use.
+pub const ENRICH_DEAD_LETTER_TOPIC: &str = "enrich.deadletter.v1";
 
 /// Where ingest sends what it cannot accept.
 pub const DEAD_LETTER_TOPIC: &str = "kalon.deadletter.v1";

@@ -2,16 +2,9 @@
 
 use rdkafka::message::{Header, OwnedHeaders};
 
-/// Header names on dead-lettered messages.
-pub mod headers {
-    /// `oversized`, `bad_json`, `schema_violation`, `unknown_topic` or `rejected_by_database`.
-    pub const REASON: &str = "kalon-dlq-reason";
-    /// Human-readable detail (the parser's or the database's message).
-    pub const DETAIL: &str = "kalon-dlq-detail";
-    pub const SOURCE_TOPIC: &str = "kalon-source-topic";
-    pub const SOURCE_PARTITION: &str = "kalon-source-partition";
-    pub const SOURCE_OFFSET: &str = "kalon-source-offset";
-}
+/// Header names on dead-lettered messages (ingest's reasons: `oversized`,
+/// `bad_json`, `schema_violation`, `unknown_topic`, `rejected_by_database`).
+pub use kalon_kafka::dead_letter_headers as headers;
 
 /// One refused message, with its original payload and key.
 #[derive(Debug, Clone)]

@@ -1,0 +1,416 @@
+//! Kalon enricher: the paper's two uses of large models as a service.
+//!
+//! - A consumer (its own group) reads `search.impression.v1` and upserts
+//!   each normalised query into the `enrich_queries` queue in Postgres, then
+//!   commits its offsets. It never calls the LLM, so it never slows down,
+//!   and ingest's group is not involved at all.
+//! - Workers claim due queries with a lease and ask the LLM for each
+//!   configured prompt variant not already stored within the TTL; answers
+//!   are parsed robustly, stored with model, latency, tokens and the raw
+//!   response, and the query's rephrasings are published on
+//!   `query.rephrased.v1`. A malformed answer is recorded and asked again
+//!   with the strict prompt; if that fails too it is recorded as dead and
+//!   sent to `enrich.deadletter.v1`.
+//! - When the LLM fails (down, 429s, breaker open, budget spent) the query
+//!   stays pending with a backoff and what was already answered is kept:
+//!   nothing is lost and nothing is asked twice. A crashed worker's lease
+//!   runs out and another takes the query.
+//! - [`judgments::JudgmentRecorder`]: the LMM judge as a library call that
+//!   stores its judgments and publishes them on `lmm.judgment.v1`.
+
+mod config;
+pub mod judgments;
+pub mod store;
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use kalon_events::{Event, EventKind};
+use kalon_kafka::KafkaSettings;
+use kalon_llm::ask::AskError;
+use kalon_llm::rephrase::ask_rephrasing;
+use kalon_llm::{LlmClient, LlmConfig};
+use rand::Rng;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+pub use config::EnricherConfig;
+
+/// What a run did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EnrichReport {
+    pub impressions: u64,
+    pub skipped: u64,
+    pub enriched: u64,
+    pub postponed: u64,
+    pub dead_lettered: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    impressions: AtomicU64,
+    skipped: AtomicU64,
+    enriched: AtomicU64,
+    postponed: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+impl Counters {
+    fn report(&self) -> EnrichReport {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EnrichReport {
+            impressions: get(&self.impressions),
+            skipped: get(&self.skipped),
+            enriched: get(&self.enriched),
+            postponed: get(&self.postponed),
+            dead_lettered: get(&self.dead_lettered),
+        }
+    }
+}
+
+pub struct Enricher {
+    shared: Arc<Shared>,
+    consumer: StreamConsumer,
+}
+
+struct Shared {
+    config: EnricherConfig,
+    kafka: KafkaSettings,
+    pool: PgPool,
+    llm: LlmClient,
+    producer: FutureProducer,
+    counters: Counters,
+}
+
+/// Produces one message and waits for the broker's acknowledgement.
+pub(crate) async fn publish(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    headers: OwnedHeaders,
+) -> anyhow::Result<()> {
+    let record = FutureRecord::to(topic)
+        .key(key)
+        .payload(payload)
+        .headers(kalon_kafka::inject_trace(headers));
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(error, _)| anyhow::anyhow!("publishing to {topic}: {error}"))?;
+    Ok(())
+}
+
+pub(crate) fn producer(kafka: &KafkaSettings, client_id: &str) -> anyhow::Result<FutureProducer> {
+    Ok(kafka
+        .client_config(client_id)
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "10000")
+        .create()?)
+}
+
+impl Enricher {
+    /// Connects to Postgres (migrating it), the broker and checks the LLM
+    /// settings; does not call the LLM.
+    pub async fn build(config: EnricherConfig, llm: LlmConfig) -> anyhow::Result<Enricher> {
+        config.validate()?;
+        let llm = LlmClient::new(llm)?;
+        let pool = kalon_db::connect(&config.database_url, config.workers as u32 + 2).await?;
+        kalon_db::migrate(&pool)
+            .await
+            .context("failed to migrate")?;
+        let kafka = config.kafka();
+        let consumer: StreamConsumer = kafka
+            .client_config("kalon-enricher")
+            .set("group.id", &config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("fetch.wait.max.ms", "100")
+            .create()?;
+        let topic = kafka.topic(EventKind::Impression.topic());
+        if config.assign_all {
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .with_context(|| format!("failed to read the partitions of {topic}"))?;
+            let mut partitions = TopicPartitionList::new();
+            for found in metadata.topics() {
+                anyhow::ensure!(
+                    !found.partitions().is_empty(),
+                    "topic {topic} has no partitions; create it with `kalonctl topics create`"
+                );
+                for partition in found.partitions() {
+                    partitions.add_partition_offset(&topic, partition.id(), Offset::Stored)?;
+                }
+            }
+            consumer.assign(&partitions)?;
+        } else {
+            consumer.subscribe(&[&topic])?;
+        }
+        let producer = producer(&kafka, "kalon-enricher")?;
+        info!(topic, group = %config.group_id, variants = ?config.variants, "enricher ready");
+        Ok(Enricher {
+            shared: Arc::new(Shared {
+                config,
+                kafka,
+                pool,
+                llm,
+                producer,
+                counters: Counters::default(),
+            }),
+            consumer,
+        })
+    }
+
+    /// Runs until `shutdown` resolves: in-flight queries are released for
+    /// the next run, offsets of queued queries committed.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<EnrichReport> {
+        let (stop, stopped) = watch::channel(false);
+        let mut workers = Vec::new();
+        for _ in 0..self.shared.config.workers {
+            let shared = self.shared.clone();
+            let stopped = stopped.clone();
+            workers.push(tokio::spawn(async move { shared.work(stopped).await }));
+        }
+        let shared = self.shared.clone();
+        let consume = shared.consume(&self.consumer, stopped);
+        tokio::pin!(consume);
+        tokio::select! {
+            result = &mut consume => { result?; }
+            _ = shutdown => {
+                let _ = stop.send(true);
+                consume.await?;
+            }
+        }
+        let _ = stop.send(true);
+        for worker in workers {
+            worker.await?;
+        }
+        let report = self.shared.counters.report();
+        info!(?report, "enricher stopped");
+        Ok(report)
+    }
+}
+
+/// Resolves once the stop flag is set (the watch guard never crosses an await).
+async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
+impl Shared {
+    async fn consume(
+        &self,
+        consumer: &StreamConsumer,
+        mut stopped: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let first = tokio::select! {
+                message = consumer.recv() => message,
+                _ = until_stopped(&mut stopped) => break,
+            };
+            let mut offsets: HashMap<(String, i32), i64> = HashMap::new();
+            let mut queries = BTreeSet::new();
+            let mut take = |message: rdkafka::message::BorrowedMessage<'_>| {
+                offsets.insert(
+                    (message.topic().to_owned(), message.partition()),
+                    message.offset() + 1,
+                );
+                self.counters.impressions.fetch_add(1, Ordering::Relaxed);
+                match message
+                    .payload()
+                    .map(|p| Event::decode(EventKind::Impression, p))
+                {
+                    Some(Ok(Event::Impression(impression))) => {
+                        match store::normalise(&impression.query) {
+                            Some(query) => {
+                                queries.insert(query);
+                            }
+                            None => {
+                                self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    // ingest dead-letters invalid events; here they are skipped
+                    _ => {
+                        self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            };
+            match first {
+                Ok(message) => take(message),
+                Err(error) => {
+                    warn!(%error, "reading impressions failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+            // gather what else is ready, briefly
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+            for _ in 1..500 {
+                match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                    Ok(Ok(message)) => take(message),
+                    _ => break,
+                }
+            }
+            // the queue must hold them before the offsets move
+            loop {
+                match store::enqueue(&self.pool, &queries, self.config.ttl()).await {
+                    Ok(()) => break,
+                    Err(error) => {
+                        warn!(%error, queries = queries.len(), "queueing queries failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff =
+                            (backoff * 2).min(Duration::from_millis(self.config.max_backoff_ms));
+                    }
+                }
+            }
+            backoff = Duration::from_millis(100);
+            let mut list = TopicPartitionList::new();
+            for ((topic, partition), offset) in offsets {
+                list.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
+            }
+            if let Err(error) = consumer.commit(&list, CommitMode::Async) {
+                debug!(%error, "offset commit failed; impressions will be read again (harmless)");
+            }
+            debug!(queries = queries.len(), "queries queued");
+        }
+        if let Ok(list) = consumer.position() {
+            let _ = consumer.commit(&list, CommitMode::Sync);
+        }
+        Ok(())
+    }
+
+    async fn work(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
+        let lease = Duration::from_secs(self.config.lease_s);
+        let poll = Duration::from_millis(self.config.poll_ms);
+        while !*stopped.borrow() {
+            let claimed = match store::claim(&self.pool, lease).await {
+                Ok(claimed) => claimed,
+                Err(error) => {
+                    warn!(%error, "claiming a query failed");
+                    None
+                }
+            };
+            let Some((query, attempt)) = claimed else {
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = until_stopped(&mut stopped) => {}
+                }
+                continue;
+            };
+            tokio::select! {
+                result = self.enrich(&query, attempt) => {
+                    if let Err(error) = result {
+                        warn!(%error, query, "enriching failed; will retry");
+                        let _ = store::postpone(&self.pool, &query, self.backoff(attempt), &format!("{error:#}")).await;
+                        self.counters.postponed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ = until_stopped(&mut stopped) => {
+                    // give the query back for the next run
+                    let _ = store::postpone(&self.pool, &query, Duration::ZERO, "enricher stopped").await;
+                }
+            }
+        }
+    }
+
+    fn backoff(&self, attempt: i32) -> Duration {
+        let exponent = attempt.clamp(1, 16) as u32 - 1;
+        let cap = Duration::from_millis(250u64.saturating_mul(1 << exponent))
+            .min(Duration::from_millis(self.config.max_backoff_ms));
+        cap.mul_f64(0.5 + 0.5 * rand::rng().random::<f64>())
+    }
+
+    async fn enrich(&self, query: &str, attempt: i32) -> anyhow::Result<()> {
+        let fresh = store::fresh_variants(&self.pool, query, self.config.ttl()).await?;
+        for &variant in &self.config.variants {
+            if fresh.contains(variant.name()) {
+                continue;
+            }
+            match ask_rephrasing(&self.llm, query, variant).await {
+                Ok(answer) => store::save_rephrasing(&self.pool, query, variant, &answer).await?,
+                Err(AskError::Malformed { refused }) => {
+                    store::save_dead(
+                        &self.pool,
+                        "rephrase",
+                        query,
+                        Some(variant.name()),
+                        &refused,
+                    )
+                    .await?;
+                    let payload = serde_json::json!({
+                        "task": "rephrase",
+                        "query": query,
+                        "variant": variant.name(),
+                        "errors": refused.iter().map(|(_, e)| e.0.clone()).collect::<Vec<_>>(),
+                        "raw_responses": refused.iter().map(|(c, _)| c.raw.clone()).collect::<Vec<_>>(),
+                    });
+                    let last = refused.last().map(|(_, e)| e.0.clone()).unwrap_or_default();
+                    let headers = OwnedHeaders::new()
+                        .insert(Header {
+                            key: kalon_kafka::dead_letter_headers::REASON,
+                            value: Some("malformed_llm_output"),
+                        })
+                        .insert(Header {
+                            key: kalon_kafka::dead_letter_headers::DETAIL,
+                            value: Some(last.as_str()),
+                        });
+                    publish(
+                        &self.producer,
+                        &self.kafka.topic(kalon_events::ENRICH_DEAD_LETTER_TOPIC),
+                        query,
+                        payload.to_string().as_bytes(),
+                        headers,
+                    )
+                    .await?;
+                    self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        query,
+                        variant = variant.name(),
+                        "malformed LLM output dead-lettered"
+                    );
+                }
+                Err(AskError::Llm(error)) => {
+                    // keep what is done; ask for the rest later
+                    debug!(%error, query, "LLM unavailable; query postponed");
+                    store::postpone(&self.pool, query, self.backoff(attempt), &error.to_string())
+                        .await?;
+                    self.counters.postponed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
+        }
+        let (rephrasings, model) = store::rephrasings(&self.pool, query).await?;
+        let event = serde_json::json!({
+            "event_id": uuid::Uuid::now_v7(),
+            "occurred_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "query": query,
+            "model": model,
+            "rephrasings": rephrasings,
+        });
+        publish(
+            &self.producer,
+            &self.kafka.topic(kalon_events::REPHRASED_TOPIC),
+            query,
+            event.to_string().as_bytes(),
+            OwnedHeaders::new(),
+        )
+        .await?;
+        store::finish(&self.pool, query).await?;
+        self.counters.enriched.fetch_add(1, Ordering::Relaxed);
+        debug!(query, "query enriched");
+        Ok(())
+    }
+}

@@ -1,0 +1,43 @@
+//! `kalon-enricher`: the enricher's process. LLM settings come from
+//! `KALON_LLM_*` (at least `KALON_LLM_BASE_URL`).
+
+use clap::Parser;
+use kalon_enricher::{Enricher, EnricherConfig};
+use kalon_llm::LlmConfig;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Kalon enricher: LLM query rephrasings and LMM judgments"
+)]
+struct Cli {
+    #[command(flatten)]
+    config: EnricherConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _telemetry = kalon_telemetry::init("kalon-enricher")?;
+    let llm = LlmConfig::from_env()?;
+    let enricher = Enricher::build(cli.config, llm).await?;
+    enricher.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("failed to install the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested");
+}
