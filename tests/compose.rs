@@ -16,7 +16,11 @@ fn compose() -> Value {
 fn workspace_binaries() -> BTreeSet<String> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let mut bins = BTreeSet::new();
-    for manifest in ["crates/kalonctl/Cargo.toml", "services/ingest/Cargo.toml"] {
+    for manifest in [
+        "crates/kalonctl/Cargo.toml",
+        "services/ingest/Cargo.toml",
+        "services/enricher/Cargo.toml",
+    ] {
         let text = std::fs::read_to_string(format!("{root}/{manifest}")).unwrap();
         let mut lines = text.lines();
         let package = lines
@@ -67,6 +71,7 @@ fn every_kalon_service_runs_a_workspace_binary() {
         "grafana",
         "jaeger",
         "ingest",
+        "enricher",
     ] {
         assert!(services.contains_key(required), "compose has {required}");
     }
