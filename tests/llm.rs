@@ -377,3 +377,46 @@ async fn the_judge_is_order_consistent_over_urls_and_inline_images() {
     assert_eq!(comparison.verdict, Verdict::Similar);
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn kalonctl_serves_the_world_endpoint_and_refuses_bad_settings() {
+    let kalonctl = kalon_tests::workspace_binary("kalonctl", "kalonctl");
+    let bad = std::process::Command::new(&kalonctl)
+        .args(["sim", "serve-llm", "--chatty", "2"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("--chatty 2 is not a probability"),
+        "{stderr}"
+    );
+
+    let addr = format!("127.0.0.1:{}", kalon_tests::free_port());
+    let mut child = std::process::Command::new(&kalonctl)
+        .args([
+            "sim",
+            "serve-llm",
+            "--listen",
+            &addr,
+            "--seed",
+            "4",
+            "--images",
+            "500",
+        ])
+        .args(["--rephrase-noise", "0", "--chatty", "0"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    kalon_stack::wait_for_port(&addr, Duration::from_secs(30)).unwrap();
+    let client = LlmClient::new(LlmConfig::new(format!("http://{addr}/v1"), "m")).unwrap();
+    let answer = ask_rephrasing(&client, "red cat", PromptVariant::Reorg).await;
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(
+        answer.unwrap().value,
+        WorldRephraser { seed: 4 }
+            .rephrase("red cat", PromptVariant::Reorg)
+            .unwrap()
+    );
+}
