@@ -9,8 +9,11 @@ use kalon_align::adapter::Adapter;
 use kalon_align::algorithm::{product_order_count, DpoSpec};
 use kalon_align::rephrase::{PromptVariant, WorldRephraser};
 use kalon_align::world::{self, AlignConfig, Embedded};
-use kalon_align::LowLevelScorer;
+use kalon_align::{ImageSource, LmmScorer, LowLevelScorer};
 use kalon_encoder::{Encoder, EncoderOptions, WordTokenizer};
+use kalon_llm::blocking::Blocking;
+use kalon_llm::sim::{SimConfig, SimServer};
+use kalon_llm::{Judge, LlmClient, LlmConfig};
 use kalon_model::{ModelConfig, TwoTower};
 use rand::{Rng, SeedableRng};
 
@@ -81,8 +84,9 @@ fn the_adapter_exports_into_the_towers_own_onnx_graph() {
     check_export(dir.path(), &pixels);
 }
 
-#[test]
-fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
+/// A 400-image world and a randomly initialised reference model on it,
+/// enough to exercise the mechanics.
+fn small_world_and_model() -> (tempfile::TempDir, tempfile::TempDir, Encoder, Embedded) {
     let world_dir = tempfile::tempdir().unwrap();
     kalon_world::export(
         &kalon_world::WorldSpec::new(21, 400),
@@ -90,7 +94,6 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
         |_| {},
     )
     .unwrap();
-    // a random reference model is enough to exercise the mechanics
     let model_dir = tempfile::tempdir().unwrap();
     let tokenizer = WordTokenizer::build(
         std::fs::read_to_string(world_dir.path().join("captions.jsonl"))
@@ -113,6 +116,67 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     .unwrap();
     let encoder = Encoder::load(model_dir.path(), &EncoderOptions::default()).unwrap();
     let data = Embedded::load(world_dir.path(), &encoder).unwrap();
+    (world_dir, model_dir, encoder, data)
+}
+
+#[test]
+fn the_lmm_teacher_sees_what_people_see_and_orders_dpo_rows() {
+    let (world_dir, _model_dir, encoder, data) = small_world_and_model();
+    let blocking = Blocking::new("test-lmm").unwrap();
+    let mut sim = SimConfig::new(21, 400);
+    sim.world_dir = Some(world_dir.path().to_owned());
+    let server = blocking
+        .run(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            SimServer::start(sim, listener).await.unwrap()
+        })
+        .unwrap();
+    let judge = Judge::new(LlmClient::new(LlmConfig::new(server.base_url(), "m")).unwrap());
+    // images go inline, recognised by their bytes
+    let lmm = LmmScorer::on(
+        judge,
+        ImageSource::Files(world_dir.path().to_owned()),
+        blocking,
+    );
+    let items = world::read_hpir(world_dir.path()).unwrap();
+    assert!(items.len() >= 100, "{} items", items.len());
+    let lmm_agreement = world::scorer_agreement(&items, &data, &lmm).unwrap();
+    let low_level = world::scorer_agreement(&items, &data, &LowLevelScorer::default()).unwrap();
+    // the simulated judge perceives the people's own aesthetic with a
+    // little noise; the low-level statistics see only part of it (about
+    // chance on full worlds): a wide margin on a small world's items
+    assert!(
+        lmm_agreement.hpir_aesthetic > low_level.hpir_aesthetic + 0.1,
+        "lmm {lmm_agreement:?} vs low-level {low_level:?}"
+    );
+    assert!(lmm_agreement.hpir_aesthetic > 0.75, "{lmm_agreement:?}");
+
+    let queries: Vec<String> = world::train_queries(world_dir.path()).unwrap()[..5].to_vec();
+    let spec = DpoSpec {
+        k: 24,
+        u: 3,
+        v: 4,
+        stride: 2,
+    };
+    let (pairs, _) = world::build_dpo(
+        &data,
+        &encoder,
+        &queries,
+        &WorldRephraser { seed: 1 },
+        PromptVariant::Detail,
+        &lmm,
+        &spec,
+    )
+    .unwrap();
+    assert_eq!(pairs.len(), queries.len() * product_order_count(3, 4));
+    // two ranking calls (both orders) per D_po row
+    let stats = server.stats();
+    assert_eq!(stats.rank, (2 * items.len() + 2 * 3 * queries.len()) as u64);
+}
+
+#[test]
+fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
+    let (world_dir, model_dir, encoder, data) = small_world_and_model();
     assert_eq!(data.train, 360, "every tenth pair held out");
 
     let queries: Vec<String> = world::train_queries(world_dir.path()).unwrap()[..20].to_vec();

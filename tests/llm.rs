@@ -348,6 +348,19 @@ async fn the_judge_is_order_consistent_over_urls_and_inline_images() {
         assert!(scores.a > scores.b, "{} vs {}", scores.a, scores.b);
     }
     assert_eq!(sim.stats().compare, 8);
+    // a ranking of all ten, asked in both orders: the best five on top
+    let mixed: Vec<ImageRef> = by_url(worst).into_iter().chain(by_url(best)).collect();
+    let (scores, calls) = judge
+        .rank(&query.text, Aspect::Aesthetic, &mixed)
+        .await
+        .unwrap();
+    assert_eq!(calls.len(), 2);
+    let lowest_best = scores[5..].iter().copied().fold(f64::INFINITY, f64::min);
+    let highest_worst = scores[..5]
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert!(lowest_best > highest_worst, "{scores:?}");
     sim.stop().await;
 
     // a judge that always prefers the row shown first: every verdict is
@@ -375,6 +388,13 @@ async fn the_judge_is_order_consistent_over_urls_and_inline_images() {
         .await
         .unwrap();
     assert_eq!(comparison.verdict, Verdict::Similar);
+    // a ranking judge that only follows the order shown: asking both orders
+    // cancels it, every image scores the same
+    let (scores, _) = judge
+        .rank(&query.text, Aspect::Aesthetic, &by_url(best))
+        .await
+        .unwrap();
+    assert!(scores.iter().all(|s| *s == scores[0]), "{scores:?}");
     sim.stop().await;
 }
 

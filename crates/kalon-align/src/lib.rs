@@ -9,11 +9,13 @@
 
 pub mod adapter;
 pub mod algorithm;
+pub mod lmm;
 pub mod pairs;
 pub mod scorer;
 pub mod world;
 
 /// Query rephrasing lives with the LLM client; re-exported where D_po uses it.
 pub use kalon_llm::rephrase;
+pub use lmm::{ImageSource, LmmScorer};
 pub use pairs::{PairSource, PreferencePair};
-pub use scorer::{AestheticScorer, LowLevelScorer};
+pub use scorer::{AestheticScorer, Candidate, LowLevelScorer};

@@ -10,11 +10,19 @@
 
 use kalon_encoder::image::RgbImage;
 
-/// Scores images; higher is more beautiful.
+/// One image to score: its catalog id and its pixels.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    pub id: &'a str,
+    pub image: &'a RgbImage,
+}
+
+/// Scores a query's candidate images; higher is more beautiful.
 pub trait AestheticScorer: Send + Sync {
     fn name(&self) -> &str;
-    /// Raw scores, one per image (comparable within one call).
-    fn score(&self, images: &[RgbImage]) -> anyhow::Result<Vec<f64>>;
+    /// Raw scores, one per candidate, comparable within one call only
+    /// (a judge that ranks gives relative scores).
+    fn score(&self, query: &str, candidates: &[Candidate<'_>]) -> anyhow::Result<Vec<f64>>;
 }
 
 /// Z-scores in place (all zero when the scores do not vary).
@@ -141,12 +149,12 @@ impl AestheticScorer for LowLevelScorer {
         "low-level"
     }
 
-    fn score(&self, images: &[RgbImage]) -> anyhow::Result<Vec<f64>> {
+    fn score(&self, _query: &str, candidates: &[Candidate<'_>]) -> anyhow::Result<Vec<f64>> {
         let w = &self.weights;
-        Ok(images
+        Ok(candidates
             .iter()
-            .map(|image| {
-                let m = low_level(image);
+            .map(|candidate| {
+                let m = low_level(candidate.image);
                 // colourfulness ~0..150, sharpness ~0..0.1 (log), exposure 0..1, contrast 0..0.5
                 w.colourfulness * m.colourfulness / 100.0
                     + w.sharpness * (1.0 + 1e3 * m.sharpness).ln() / 5.0
@@ -218,7 +226,11 @@ mod tests {
         let dull =
             kalon_encoder::image::imageops::blur(&checker(32, [90, 90, 90], [60, 60, 60]), 2.0);
         let dark = RgbImage::from_pixel(32, 32, Rgb([10, 5, 5]));
-        let mut scores = scorer.score(&[good, dull, dark]).unwrap();
+        let candidates: Vec<Candidate> = [&good, &dull, &dark]
+            .into_iter()
+            .map(|image| Candidate { id: "x", image })
+            .collect();
+        let mut scores = scorer.score("any", &candidates).unwrap();
         assert!(scores[0] > scores[1] && scores[0] > scores[2], "{scores:?}");
         normalise(&mut scores);
         let mean: f64 = scores.iter().sum::<f64>() / 3.0;

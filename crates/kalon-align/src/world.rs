@@ -23,7 +23,7 @@ use crate::algorithm::{
     dpo_matrix, dpo_pairs, hpir_agreement, ranked_dpo_loss, DpoParams, DpoSpec, Judged,
 };
 use crate::rephrase::{PromptVariant, Rephraser};
-use crate::scorer::{normalise, AestheticScorer};
+use crate::scorer::{normalise, AestheticScorer, Candidate};
 
 /// A world's data, embedded once by the (frozen) encoder.
 pub struct Embedded {
@@ -128,7 +128,7 @@ pub fn build_dpo(
     let original = encoder.text.embed_texts(queries)?;
     let enriched = encoder.text.embed_texts(&rephrased)?;
     let mut pairs = Vec::new();
-    for q in 0..queries.len() {
+    for (q, query) in queries.iter().enumerate() {
         let candidates = top_k(enriched.row(q), &data.images, data.train, spec.k);
         // order of semantic relevance to the ORIGINAL query
         let mut ranked = candidates.clone();
@@ -136,9 +136,46 @@ pub fn build_dpo(
             dot(original.row(q), data.images.row(*b))
                 .total_cmp(&dot(original.row(q), data.images.row(*a)))
         });
-        let images: Vec<RgbImage> = ranked.iter().map(|&i| data.image(i)).collect();
-        let mut scores = scorer.score(&images)?;
-        normalise(&mut scores);
+        // the scorer sees only the u x v candidates D_po takes, one
+        // semantic band (row) per call: rows are sorted within themselves
+        let taken: Vec<usize> = (0..ranked.len())
+            .take(spec.k)
+            .step_by(spec.stride)
+            .take(spec.u * spec.v)
+            .collect();
+        anyhow::ensure!(
+            taken.len() == spec.u * spec.v,
+            "only {} candidates for a {}x{} D_po matrix (k {}, stride {}): the catalog is too small",
+            taken.len(),
+            spec.u,
+            spec.v,
+            spec.k,
+            spec.stride
+        );
+        let mut scores = vec![0.0; ranked.len()];
+        for band in taken.chunks(spec.v) {
+            let images: Vec<RgbImage> = band.iter().map(|&c| data.image(ranked[c])).collect();
+            let candidates: Vec<Candidate> = band
+                .iter()
+                .zip(&images)
+                .map(|(&c, image)| Candidate {
+                    id: &data.pairs.ids[ranked[c]],
+                    image,
+                })
+                .collect();
+            let mut band_scores = scorer.score(query, &candidates)?;
+            anyhow::ensure!(
+                band_scores.len() == band.len() && band_scores.iter().all(|s| s.is_finite()),
+                "scorer {} gave {} scores for {} images, or a non-finite one",
+                scorer.name(),
+                band_scores.len(),
+                band.len()
+            );
+            normalise(&mut band_scores);
+            for (&c, s) in band.iter().zip(band_scores) {
+                scores[c] = s;
+            }
+        }
         let local: Vec<usize> = (0..ranked.len()).collect();
         let matrix = dpo_matrix(&local, &scores, spec);
         for (w, l) in dpo_pairs(&matrix) {
@@ -413,12 +450,12 @@ pub struct Agreement {
 /// item number `item` (the model prefers the row with the higher score).
 pub fn agreement_by(
     items: &[HpirLine],
-    mut row_score: impl FnMut(usize, &[String]) -> anyhow::Result<f64>,
+    mut row_scores: impl FnMut(usize, &HpirLine) -> anyhow::Result<(f64, f64)>,
 ) -> anyhow::Result<Agreement> {
     let mut acc = Vec::new();
     let mut aes = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let (a, b) = (row_score(i, &item.row_a)?, row_score(i, &item.row_b)?);
+        let (a, b) = row_scores(i, item)?;
         for (label, out) in [(&item.accuracy, &mut acc), (&item.aesthetic, &mut aes)] {
             out.push(Judged {
                 mean_a: a,
@@ -450,12 +487,15 @@ pub fn agreement(
     data: &Embedded,
     images: &Embeddings,
 ) -> anyhow::Result<Agreement> {
-    agreement_by(items, |i, row| {
-        let mut sum = 0.0;
-        for id in row {
-            sum += f64::from(dot(query_embeds.row(i), images.row(catalog_row(data, id)?)));
-        }
-        Ok(sum / row.len() as f64)
+    agreement_by(items, |i, item| {
+        let mean = |row: &[String]| -> anyhow::Result<f64> {
+            let mut sum = 0.0;
+            for id in row {
+                sum += f64::from(dot(query_embeds.row(i), images.row(catalog_row(data, id)?)));
+            }
+            Ok(sum / row.len() as f64)
+        };
+        Ok((mean(&item.row_a)?, mean(&item.row_b)?))
     })
 }
 
@@ -476,12 +516,21 @@ pub fn scorer_agreement(
     data: &Embedded,
     scorer: &dyn AestheticScorer,
 ) -> anyhow::Result<Agreement> {
-    agreement_by(items, |_, row| {
-        let images = row
+    // both rows in one call: a ranking judge's scores compare within a call
+    agreement_by(items, |_, item| {
+        let ids: Vec<&String> = item.row_a.iter().chain(&item.row_b).collect();
+        let images = ids
             .iter()
             .map(|id| Ok(data.image(catalog_row(data, id)?)))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let scores = scorer.score(&images)?;
-        Ok(scores.iter().sum::<f64>() / scores.len() as f64)
+        let candidates: Vec<Candidate> = ids
+            .iter()
+            .zip(&images)
+            .map(|(id, image)| Candidate { id, image })
+            .collect();
+        let scores = scorer.score(&item.query, &candidates)?;
+        let n = item.row_a.len();
+        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len().max(1) as f64;
+        Ok((mean(&scores[..n]), mean(&scores[n..])))
     })
 }

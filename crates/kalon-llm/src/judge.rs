@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::ask::{ask, Answer, AskError};
 use crate::client::{Completion, LlmClient};
 use crate::prompts::{
-    compare_messages, parse_choice, parse_scores, score_messages, Aspect, ImageRef,
+    compare_messages, parse_choice, parse_ranking, parse_scores, rank_messages, score_messages,
+    Aspect, ImageRef,
 };
 
 /// Which row.
@@ -157,6 +158,42 @@ impl Judge {
             b: (ab.value.1 + ba.value.0) / 2.0,
             calls: calls(&ab).chain(calls(&ba)).collect(),
         })
+    }
+}
+
+impl Judge {
+    /// Ranks `images` on `aspect`, asked in the given order and reversed
+    /// (order consistency for lists): each image's score is minus its mean
+    /// position, so higher is better and a position bias cancels.
+    pub async fn rank(
+        &self,
+        query: &str,
+        aspect: Aspect,
+        images: &[ImageRef],
+    ) -> Result<(Vec<f64>, Vec<Completion>), AskError> {
+        let n = images.len();
+        let reversed: Vec<ImageRef> = images.iter().rev().cloned().collect();
+        let ask_order = |shown: &'_ [ImageRef]| {
+            let shown = shown.to_vec();
+            async move {
+                ask(
+                    &self.client,
+                    |strict| rank_messages(query, aspect, &shown, strict),
+                    |content| parse_ranking(content, n),
+                )
+                .await
+            }
+        };
+        let (forward, backward) = futures::join!(ask_order(images), ask_order(&reversed));
+        let (forward, backward) = (forward?, backward?);
+        let mut scores = vec![0.0; n];
+        for (position, &i) in forward.value.iter().enumerate() {
+            scores[i] -= position as f64 / 2.0;
+        }
+        for (position, &i) in backward.value.iter().enumerate() {
+            scores[n - 1 - i] -= position as f64 / 2.0;
+        }
+        Ok((scores, calls(&forward).chain(calls(&backward)).collect()))
     }
 }
 

@@ -13,6 +13,7 @@
 //!   latency and fault injection.
 
 pub mod ask;
+pub mod blocking;
 pub mod client;
 pub mod config;
 pub mod judge;

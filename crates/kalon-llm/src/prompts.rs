@@ -321,6 +321,71 @@ pub fn score_messages(
     rows_prompt("score", query, aspect, first, second, &question, strict)
 }
 
+/// "Rank these images on `aspect`, best first".
+pub fn rank_messages(
+    query: &str,
+    aspect: Aspect,
+    images: &[ImageRef],
+    strict: bool,
+) -> Vec<Message> {
+    let mut parts = vec![Part::text(format!(
+        "Task: rank\nAspect: {}\nCriterion: {}\nQuery: {}\nImages:",
+        aspect.name(),
+        aspect.criterion(),
+        one_line(query)
+    ))];
+    for (i, image) in images.iter().enumerate() {
+        parts.push(Part::text(format!("Image {}:", i + 1)));
+        parts.push(image.part());
+    }
+    let mut question = format!(
+        "Order all {} images from best to worst on {}. Answer with a JSON object \
+         {{\"order\": [<image numbers, best first>]}}.",
+        images.len(),
+        aspect.name()
+    );
+    if strict {
+        question.push('\n');
+        question.push_str(STRICT);
+    }
+    parts.push(Part::text(question));
+    vec![
+        Message::system("You judge image search results the way people would."),
+        Message::user_parts(parts),
+    ]
+}
+
+/// The ranking in an answer to [`rank_messages`] over `n` images: 0-based
+/// indices, best first, each exactly once.
+pub fn parse_ranking(content: &str, n: usize) -> Result<Vec<usize>, ParseError> {
+    if refusal(content) {
+        return Err(ParseError(format!("a refusal: {:?}", one_line(content))));
+    }
+    let value = find_json(content)
+        .ok_or_else(|| ParseError(format!("no JSON in {:?}", one_line(content))))?;
+    let list = value.get("order").unwrap_or(&value);
+    let numbers: Vec<u64> = list
+        .as_array()
+        .and_then(|items| items.iter().map(|v| v.as_u64()).collect())
+        .ok_or_else(|| ParseError(format!("no list of image numbers in {value}")))?;
+    let mut seen = vec![false; n];
+    let mut order = Vec::with_capacity(n);
+    for number in numbers {
+        let i = (number as usize).wrapping_sub(1);
+        if i >= n || seen[i] {
+            return Err(ParseError(format!(
+                "image number {number} is out of 1..={n} or repeated"
+            )));
+        }
+        seen[i] = true;
+        order.push(i);
+    }
+    if order.len() != n {
+        return Err(ParseError(format!("{} of {n} images ranked", order.len())));
+    }
+    Ok(order)
+}
+
 /// Which of the two rows shown the model picked: 1 or 2.
 pub fn parse_choice(content: &str) -> Result<u8, ParseError> {
     if refusal(content) {

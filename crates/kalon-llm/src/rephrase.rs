@@ -111,17 +111,15 @@ pub async fn ask_rephrasing(
 /// the calling thread until the answer is in.
 pub struct HttpRephraser {
     client: crate::LlmClient,
-    runtime: tokio::runtime::Runtime,
+    blocking: crate::blocking::Blocking,
 }
 
 impl HttpRephraser {
     pub fn new(client: crate::LlmClient) -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("kalon-rephraser")
-            .enable_all()
-            .build()?;
-        Ok(HttpRephraser { client, runtime })
+        Ok(HttpRephraser {
+            client,
+            blocking: crate::blocking::Blocking::new("kalon-rephraser")?,
+        })
     }
 }
 
@@ -132,10 +130,9 @@ impl Rephraser for HttpRephraser {
         }
         let client = self.client.clone();
         let query = query.to_owned();
-        let task = self
-            .runtime
-            .spawn(async move { ask_rephrasing(&client, &query, variant).await });
-        let answer = futures::executor::block_on(task)??;
+        let answer = self
+            .blocking
+            .run(async move { ask_rephrasing(&client, &query, variant).await })??;
         Ok(answer.value)
     }
 }

@@ -135,6 +135,7 @@ pub struct SimStats {
     pub rephrase: u64,
     pub compare: u64,
     pub score: u64,
+    pub rank: u64,
     pub other: u64,
     pub rejected: u64,
     pub faults: BTreeMap<String, u64>,
@@ -364,6 +365,11 @@ enum Task {
         aspect: String,
         rows: [Vec<String>; 2],
     },
+    Rank {
+        query: String,
+        aspect: String,
+        images: Vec<String>,
+    },
     Other,
 }
 
@@ -397,6 +403,17 @@ fn read_task(request: &ChatRequest) -> Task {
                 .unwrap_or(PromptVariant::Detail);
             Task::Rephrase { query, variant }
         }
+        Some("rank") => Task::Rank {
+            aspect: field(&text, "Aspect:").unwrap_or("aesthetic").to_owned(),
+            query,
+            images: parts
+                .iter()
+                .filter_map(|p| match p {
+                    Part::ImageUrl { image_url } => Some(image_url.url.clone()),
+                    Part::Text { .. } => None,
+                })
+                .collect(),
+        },
         Some(task @ ("compare" | "score")) => {
             let mut rows: [Vec<String>; 2] = Default::default();
             let mut current = None;
@@ -520,6 +537,28 @@ impl Shared {
                     serde_json::json!({ "better": if first { 1 } else { 2 } }).to_string()
                 }
             }
+            Task::Rank {
+                query,
+                aspect,
+                images,
+            } => {
+                // perceived value, plus a bias towards images shown early
+                let n = images.len().max(2) as f64;
+                let mut perceived: Vec<(f64, usize)> = images
+                    .iter()
+                    .enumerate()
+                    .map(|(i, url)| {
+                        let early = (n - 1.0 - i as f64) / (n - 1.0);
+                        let value = self.row_value(query, aspect, std::slice::from_ref(url))
+                            + config.perception_noise * kalon_world::normal(&mut *rng)
+                            + config.position_bias * config.sharpness * early;
+                        (value, i + 1)
+                    })
+                    .collect();
+                perceived.sort_by(|a, b| b.0.total_cmp(&a.0));
+                let order: Vec<usize> = perceived.into_iter().map(|(_, i)| i).collect();
+                serde_json::json!({ "order": order }).to_string()
+            }
             Task::Other => {
                 "I am Kalon's simulated model; I rephrase queries and judge result rows.".to_owned()
             }
@@ -588,6 +627,7 @@ async fn completions(
             }
             Task::Rows { score: true, .. } => stats.score += 1,
             Task::Rows { score: false, .. } => stats.compare += 1,
+            Task::Rank { .. } => stats.rank += 1,
             Task::Other => stats.other += 1,
         }
     }

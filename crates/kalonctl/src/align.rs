@@ -8,8 +8,11 @@ use anyhow::Context;
 use clap::Args;
 use kalon_align::rephrase::{PromptVariant, WorldRephraser};
 use kalon_align::world::{self, AlignConfig, Embedded};
-use kalon_align::LowLevelScorer;
+use kalon_align::{AestheticScorer, ImageSource, LmmScorer, LowLevelScorer};
 use kalon_encoder::{Embeddings, Encoder, EncoderOptions};
+use kalon_llm::blocking::Blocking;
+use kalon_llm::sim::{SimConfig, SimServer};
+use kalon_llm::{Judge, LlmClient, LlmConfig};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -39,6 +42,76 @@ pub struct AlignArgs {
     /// Save the weights every this many steps into OUT/checkpoints (0: never).
     #[arg(long, default_value_t = 100)]
     pub checkpoint_every: usize,
+    /// What orders each D_po row by beauty: `lmm`, the LMM judge ranking
+    /// the row in both orders, or `low-level` image statistics.
+    #[arg(long, value_enum, default_value_t = TeacherKind::Lmm)]
+    pub teacher: TeacherKind,
+    /// The LMM teacher's OpenAI-compatible endpoint (the other KALON_LLM_*
+    /// settings apply). Without it the world's simulated endpoint
+    /// (`kalonctl sim serve-llm`) runs in-process.
+    #[arg(long, env = "KALON_LLM_BASE_URL")]
+    pub llm_base_url: Option<String>,
+    /// Where the LMM can fetch the world's images (BASE/<id>.png); without
+    /// it they are sent inline as base64 PNG.
+    #[arg(long)]
+    pub image_base_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TeacherKind {
+    Lmm,
+    LowLevel,
+}
+
+/// The aesthetic teacher `args` asks for, on the world in `world`.
+pub fn teacher(args: &AlignArgs, world: &Path) -> anyhow::Result<Box<dyn AestheticScorer>> {
+    if args.teacher == TeacherKind::LowLevel {
+        return Ok(Box::new(LowLevelScorer::default()));
+    }
+    let source = match &args.image_base_url {
+        Some(base) => ImageSource::Url(base.clone()),
+        None => ImageSource::Files(world.to_owned()),
+    };
+    let blocking = Blocking::new("kalon-lmm-teacher")?;
+    let config = match &args.llm_base_url {
+        Some(url) => LlmConfig::from_lookup(|name| {
+            if name == "KALON_LLM_BASE_URL" {
+                Some(url.clone())
+            } else {
+                std::env::var(name).ok()
+            }
+        })?,
+        None => {
+            let spec: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(world.join("world.json"))
+                    .with_context(|| format!("{} is not a world directory", world.display()))?,
+            )?;
+            let seed = spec["spec"]["seed"]
+                .as_u64()
+                .context("world.json has no seed")?;
+            let images = spec["images"]
+                .as_u64()
+                .context("world.json has no image count")? as usize;
+            let mut sim = SimConfig::new(seed, images);
+            sim.world_dir = Some(world.to_owned());
+            let server = blocking.run(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                SimServer::start(sim, listener).await
+            })??;
+            eprintln!(
+                "teacher: the world's simulated LMM judge, in-process at {}",
+                server.base_url()
+            );
+            let mut config = LlmConfig::new(server.base_url(), "kalon-sim-1");
+            config.rate_per_s = 1e6;
+            config.burst = 1_000_000;
+            // the server task lives on `blocking`, which the scorer keeps
+            std::mem::forget(server);
+            config
+        }
+    };
+    let judge = Judge::new(LlmClient::new(config)?);
+    Ok(Box::new(LmmScorer::on(judge, source, blocking)))
 }
 
 impl AlignArgs {
@@ -71,6 +144,7 @@ pub fn align(
     out: &Path,
     config: &AlignConfig,
     tower: bool,
+    teacher: &dyn AestheticScorer,
 ) -> anyhow::Result<Embedded> {
     let started = Instant::now();
     let encoder = Encoder::load(model, &EncoderOptions::from_env()?)?;
@@ -84,14 +158,15 @@ pub fn align(
         &queries,
         &WorldRephraser { seed: config.seed },
         config.variant,
-        &LowLevelScorer::default(),
+        teacher,
         &config.spec,
     )?;
     eprintln!(
-        "D_po: {} pairs from {} training queries ({:?} rephrasing)",
+        "D_po: {} pairs from {} training queries ({:?} rephrasing, rows ordered by the {} teacher)",
         pairs.len(),
         queries.len(),
-        config.variant
+        config.variant,
+        teacher.name()
     );
     std::fs::create_dir_all(out)?;
     let log_path = out.join("align-log.jsonl");
@@ -205,8 +280,9 @@ pub fn eval_align(
     };
     let aligned_dir = state_dir
         .join("models")
-        .join(format!("{what}-seed-{seed}-{images}"));
+        .join(format!("{what}-{:?}-seed-{seed}-{images}", args.teacher).to_lowercase());
     let config = args.config(seed);
+    let teacher = teacher(args, &prepared.world)?;
     let data = if retrain || !aligned_dir.join(kalon_encoder::MANIFEST_FILE).exists() {
         align(
             &prepared.world,
@@ -214,6 +290,7 @@ pub fn eval_align(
             &aligned_dir,
             &config,
             args.tower,
+            teacher.as_ref(),
         )?
     } else {
         let encoder = Encoder::load(&prepared.model, &EncoderOptions::from_env()?)?;
@@ -260,12 +337,16 @@ pub fn eval_align(
             }),
         );
     }
-    let teacher = world::scorer_agreement(&items, &data, &LowLevelScorer::default())?;
+    let agreement = world::scorer_agreement(&items, &data, teacher.as_ref())?;
     println!(
         "{:<12} {:>14.3} {:>14.3} {:>12}",
-        "scorer only", teacher.hpir_accuracy, teacher.hpir_aesthetic, "-"
+        "teacher", agreement.hpir_accuracy, agreement.hpir_aesthetic, "-"
     );
-    report.insert("scorer".into(), serde_json::to_value(teacher)?);
+    println!(
+        "(teacher: the {} scorer alone, rows by mean score)",
+        teacher.name()
+    );
+    report.insert("scorer".into(), serde_json::to_value(agreement)?);
     println!(
         "\nrephrasing ablation (pretrained model, eval queries rephrased by the world's LLM):"
     );

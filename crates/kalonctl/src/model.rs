@@ -210,14 +210,18 @@ pub fn held_out_files(world: &Path) -> anyhow::Result<(Vec<Vec<u8>>, Vec<String>
 pub fn run_train(train: &Train) -> anyhow::Result<()> {
     match train {
         Train::Pretrain { world, out, args } => pretrain(world, out, args),
-        Train::Align(a) => crate::align::align(
-            &a.world,
-            &a.model,
-            &a.out,
-            &a.args.config(a.seed),
-            a.args.tower,
-        )
-        .map(|_| ()),
+        Train::Align(a) => {
+            let teacher = crate::align::teacher(&a.args, &a.world)?;
+            crate::align::align(
+                &a.world,
+                &a.model,
+                &a.out,
+                &a.args.config(a.seed),
+                a.args.tower,
+                teacher.as_ref(),
+            )
+            .map(|_| ())
+        }
     }
 }
 
