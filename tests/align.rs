@@ -237,6 +237,64 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
             "checkpoint-000050.safetensors"
         ]
     );
+    // resuming from the step-50 checkpoint runs the last 10 steps
+    let mut resumed = Vec::new();
+    world::train_adapter(
+        &set,
+        &AlignConfig {
+            checkpoint_dir: None,
+            resume: Some(checkpoints.path().join("checkpoint-000050.safetensors")),
+            ..config.clone()
+        },
+        |s| resumed.push(s.step),
+    )
+    .unwrap();
+    assert_eq!(resumed, (51..=60).collect::<Vec<_>>());
+    // a checkpoint of another model is refused, clearly
+    let other = candle_nn::VarMap::new();
+    other
+        .get(
+            (8, 8),
+            "adapter.weight",
+            candle_nn::Init::Const(0.0),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+    let foreign = checkpoints.path().join("checkpoint-000010.safetensors");
+    other.save(&foreign).unwrap();
+    let error = world::train_adapter(
+        &set,
+        &AlignConfig {
+            checkpoint_dir: None,
+            resume: Some(foreign),
+            ..config.clone()
+        },
+        |_| {},
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        error.to_string().contains("does not fit this model"),
+        "{error}"
+    );
+    // a NaN learning rate poisons the first step: a clear error, no model
+    let error = world::train_adapter(
+        &set,
+        &AlignConfig {
+            checkpoint_dir: None,
+            learning_rate: f64::NAN,
+            steps: 3,
+            ..config.clone()
+        },
+        |_| {},
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        error.to_string().contains("not finite") || error.to_string().contains("loss is NaN"),
+        "{error}"
+    );
     // same seed, same run: training is deterministic
     let mut again = Vec::new();
     let twin = world::train_adapter(

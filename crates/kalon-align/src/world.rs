@@ -207,6 +207,27 @@ pub struct AlignConfig {
     /// `checkpoint_dir` as `checkpoint-<step>.safetensors`.
     pub checkpoint_every: usize,
     pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Continue from this checkpoint (`checkpoint-<step>.safetensors` of
+    /// the same model and settings): its weights are loaded, the batch
+    /// sampler is replayed to its step, and training runs the remaining
+    /// steps. AdamW's moment estimates are not in checkpoints and restart.
+    #[serde(default)]
+    pub resume: Option<std::path::PathBuf>,
+}
+
+/// The step a checkpoint file was written after, from its name.
+pub fn checkpoint_step(path: &Path) -> anyhow::Result<usize> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("checkpoint-"))
+        .and_then(|n| n.strip_suffix(".safetensors"))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is not a checkpoint file (checkpoint-<step>.safetensors)",
+                path.display()
+            )
+        })
 }
 
 impl Default for AlignConfig {
@@ -228,6 +249,7 @@ impl Default for AlignConfig {
             variant: PromptVariant::Detail,
             checkpoint_every: 0,
             checkpoint_dir: None,
+            resume: None,
         }
     }
 }
@@ -294,7 +316,8 @@ fn optimise(
     let (queries, pairs) = (set.queries, set.pairs);
     anyhow::ensure!(!pairs.is_empty(), "no preference pairs to train on");
     anyhow::ensure!(set.train >= 2, "need at least two caption pairs");
-    let device = Device::Cpu;
+    let device = kalon_model::train::training_device()?;
+    let checked = vars.clone();
     let mut optimizer = AdamW::new(
         vars,
         ParamsAdamW {
@@ -307,10 +330,37 @@ fn optimise(
     let tau = config.params.tau;
     // InfoNCE at the score's own temperature: logits = cos / tau
     let log_scale = Tensor::new(&[(1.0 / tau).ln() as f32], &device)?.reshape(())?;
-    for step in 0..config.steps {
+    let sample = |rng: &mut rand::rngs::StdRng| {
         let batch: Vec<IndexedPair> = (0..config.pair_batch.min(pairs.len()))
             .map(|_| pairs[rng.random_range(0..pairs.len())])
             .collect();
+        let captions: Vec<usize> =
+            rand::seq::index::sample(rng, set.train, config.caption_batch.min(set.train))
+                .into_vec();
+        (batch, captions)
+    };
+    let mut first = 0;
+    if let Some(path) = &config.resume {
+        first = checkpoint_step(path)?;
+        anyhow::ensure!(
+            first < config.steps,
+            "checkpoint {} is from step {first}; nothing left of {} steps",
+            path.display(),
+            config.steps
+        );
+        let mut loading = varmap.clone();
+        loading.load(path).map_err(|e| {
+            anyhow::anyhow!(
+                "checkpoint {} does not fit this model (another model, tower or dimension?): {e}",
+                path.display()
+            )
+        })?;
+        for _ in 0..first {
+            sample(&mut rng);
+        }
+    }
+    for step in first..config.steps {
+        let (batch, captions) = sample(&mut rng);
         let rows = |pick: fn(&IndexedPair) -> usize| batch.iter().map(pick).collect::<Vec<_>>();
         let (winners, losers) = (rows(|p| p.winner), rows(|p| p.loser));
         let q = gather(queries, &rows(|p| p.query), &device)?;
@@ -325,14 +375,32 @@ fn optimise(
             &device,
         )?;
         let dpo = ranked_dpo_loss(&theta_w, &ref_w, &theta_l, &ref_l, &weights, &config.params)?;
-        let captions: Vec<usize> =
-            rand::seq::index::sample(&mut rng, set.train, config.caption_batch.min(set.train))
-                .into_vec();
         let images = embed(&captions)?;
         let texts = gather(set.captions, &captions, &device)?;
         let pt = info_nce(&images, &texts, &log_scale, 0.1)?;
         let loss = (&dpo + (&pt * config.params.alpha)?)?;
-        optimizer.backward_step(&loss)?;
+        let value: f32 = loss.to_scalar()?;
+        anyhow::ensure!(
+            value.is_finite(),
+            "the loss is {value} at step {}: lower the learning rate or beta; nothing is exported",
+            step + 1
+        );
+        let grads = loss.backward()?;
+        for var in &checked {
+            if let Some(grad) = grads.get(var) {
+                let total: f32 = grad
+                    .abs()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_scalar()?;
+                anyhow::ensure!(
+                    total.is_finite(),
+                    "a gradient is not finite at step {}: lower the learning rate or beta; nothing is exported",
+                    step + 1
+                );
+            }
+        }
+        optimizer.step(&grads)?;
         if let (Some(dir), true) = (&config.checkpoint_dir, config.checkpoint_every > 0) {
             if (step + 1) % config.checkpoint_every == 0 {
                 std::fs::create_dir_all(dir)?;
@@ -361,7 +429,7 @@ pub fn train_adapter(
     config: &AlignConfig,
     mut on_step: impl FnMut(AlignStep),
 ) -> anyhow::Result<Adapter> {
-    let device = Device::Cpu;
+    let device = kalon_model::train::training_device()?;
     let adapter = Adapter::new(set.images.dim, &device)?;
     let embed = |rows: &[usize]| adapter.forward(&gather(set.images, rows, &device)?);
     let vars = adapter.varmap.all_vars();
@@ -385,7 +453,7 @@ pub fn train_tower(
     config: &AlignConfig,
     mut on_step: impl FnMut(AlignStep),
 ) -> anyhow::Result<TrainedTower> {
-    let device = Device::Cpu;
+    let device = kalon_model::train::training_device()?;
     let (model, varmap, tokenizer) = kalon_model::export::load(model_dir, &device)?;
     let vars = {
         let all = varmap.data().lock().expect("varmap lock");

@@ -243,6 +243,21 @@ pub fn build_tokenizer(
     ))
 }
 
+/// The device training runs on, from `KALON_TRAIN_DEVICE`: `cpu`, or
+/// `cuda` (device 0; needs a build with the `cuda` feature). Unset: CUDA
+/// when the build has it, else the CPU.
+pub fn training_device() -> anyhow::Result<Device> {
+    let wanted = std::env::var("KALON_TRAIN_DEVICE").unwrap_or_default();
+    match (wanted.trim(), cfg!(feature = "cuda")) {
+        ("cpu", _) | ("", false) => Ok(Device::Cpu),
+        ("cuda", true) | ("", true) => Ok(Device::new_cuda(0)?),
+        ("cuda", false) => anyhow::bail!(
+            "KALON_TRAIN_DEVICE=cuda, but this build has no CUDA support: build with `--features cuda` (needs nvcc)"
+        ),
+        (other, _) => anyhow::bail!("KALON_TRAIN_DEVICE={other:?}: use cpu or cuda"),
+    }
+}
+
 /// Pretrains the reference model on a world's training pairs.
 pub fn pretrain(
     world: &Path,
@@ -250,7 +265,7 @@ pub fn pretrain(
     mut on_step: impl FnMut(Step),
 ) -> anyhow::Result<Pretrained> {
     let started = Instant::now();
-    let device = Device::Cpu;
+    let device = training_device()?;
     let probe = ModelConfig::reference(0);
     let train = Pairs::load(world, Split::Train, probe.image_size, config.max_pairs)?;
     let tokenizer = build_tokenizer(world, &train, probe.max_len)?;

@@ -42,6 +42,9 @@ pub struct AlignArgs {
     /// Save the weights every this many steps into OUT/checkpoints (0: never).
     #[arg(long, default_value_t = 100)]
     pub checkpoint_every: usize,
+    /// Continue from a checkpoint of this run (OUT/checkpoints/checkpoint-<step>.safetensors).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
     /// What orders each D_po row by beauty: `lmm`, the LMM judge ranking
     /// the row in both orders, or `low-level` image statistics.
     #[arg(long, value_enum, default_value_t = TeacherKind::Lmm)]
@@ -122,6 +125,7 @@ impl AlignArgs {
             queries: self.queries,
             learning_rate: self.learning_rate,
             checkpoint_every: self.checkpoint_every,
+            resume: self.resume.clone(),
             ..AlignConfig::default()
         };
         config.params.beta = self.beta;
