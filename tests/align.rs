@@ -9,7 +9,9 @@ use kalon_align::adapter::Adapter;
 use kalon_align::algorithm::{product_order_count, DpoSpec};
 use kalon_align::rephrase::{PromptVariant, WorldRephraser};
 use kalon_align::world::{self, AlignConfig, Embedded};
-use kalon_align::{ImageSource, LmmScorer, LowLevelScorer};
+use kalon_align::{
+    AestheticScorer, Candidate, ImageSource, LmmScorer, LowLevelScorer, ModelScorer,
+};
 use kalon_encoder::{Encoder, EncoderOptions, WordTokenizer};
 use kalon_llm::blocking::Blocking;
 use kalon_llm::sim::{SimConfig, SimServer};
@@ -365,5 +367,57 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
         encoder.text.embed_texts(&["red cat"]).unwrap(),
         aligned.text.embed_texts(&["red cat"]).unwrap(),
         "the text tower is frozen"
+    );
+}
+
+/// A linear score head `score = embeds . w` as an ONNX file.
+fn linear_head(path: &Path, dim: usize, w: &[f32]) {
+    use kalon_model::onnx::{Dim, Elem, GraphBuilder};
+    let mut graph = GraphBuilder::new("aesthetic-head");
+    let x = graph.input(
+        "image_embeds",
+        Elem::F32,
+        &[Dim::Named("batch"), Dim::Fixed(dim as i64)],
+    );
+    let w = graph.weight("w", &[w.len(), 1], w);
+    graph.node("MatMul", &[&x, &w], vec![], Some("score"));
+    graph.output("score", Elem::F32, &[Dim::Named("batch"), Dim::Fixed(1)]);
+    let model = graph.finish("a linear aesthetic head", &[]);
+    std::fs::write(path, kalon_model::onnx::to_bytes(&model)).unwrap();
+}
+
+#[test]
+fn a_users_aesthetic_model_scores_through_onnx_runtime() {
+    let (_world_dir, model_dir, encoder, data) = small_world_and_model();
+    let dim = encoder.image.dim();
+    let w: Vec<f32> = (0..dim).map(|i| (i % 5) as f32 - 2.0).collect();
+    let heads = tempfile::tempdir().unwrap();
+    let head = heads.path().join("head.onnx");
+    linear_head(&head, dim, &w);
+    let scorer = ModelScorer::load(model_dir.path(), &head, &EncoderOptions::default()).unwrap();
+    let images: Vec<_> = (0..6).map(|i| data.image(i)).collect();
+    let candidates: Vec<Candidate> = images
+        .iter()
+        .map(|image| Candidate { id: "x", image })
+        .collect();
+    let scores = scorer.score("any query", &candidates).unwrap();
+    let embeds = encoder.image.embed_images(&images).unwrap();
+    for (i, score) in scores.iter().enumerate() {
+        let want: f32 = embeds.row(i).iter().zip(&w).map(|(a, b)| a * b).sum();
+        assert!((*score as f32 - want).abs() < 1e-4, "{score} vs {want}");
+    }
+    assert!(
+        scores.iter().any(|s| (s - scores[0]).abs() > 1e-6),
+        "{scores:?}"
+    );
+    // a head for another embedding size is refused when it loads
+    let wrong = heads.path().join("wrong.onnx");
+    linear_head(&wrong, dim + 1, &vec![1.0; dim + 1]);
+    let error = ModelScorer::load(model_dir.path(), &wrong, &EncoderOptions::default())
+        .err()
+        .expect("refused");
+    assert!(
+        error.to_string().contains(&format!("[batch, {dim}]")),
+        "{error}"
     );
 }

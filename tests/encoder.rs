@@ -404,6 +404,55 @@ fn pretraining_from_the_command_line_beats_chance_on_held_out_captions() {
     );
     assert!(last < first * 0.9, "loss {first} -> {last}");
     onnx_checker(&model_dir.join("image.onnx"));
+
+    // the same unseen seed end to end through alignment: the world and the
+    // pretrained model are reused, D_po is built with the world's LMM judge
+    // (in-process), the adapter trains, both models are evaluated
+    let json = state.path().join("align.json");
+    let out = Command::new(kalonctl())
+        .args([
+            "eval",
+            "align",
+            "--images",
+            "2000",
+            "--steps",
+            "100",
+            "--queries",
+            "200",
+        ])
+        .args(["--seed", &seed.to_string()])
+        .arg("--json")
+        .arg(&json)
+        .arg("--state-dir")
+        .arg(state.path())
+        .env("RAYON_NUM_THREADS", "1")
+        .env("KALON_ENCODER_THREADS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "seed {seed}: {stderr}");
+    assert!(
+        !stderr.contains("pretraining"),
+        "the pretrained model is reused: {stderr}"
+    );
+    assert!(stderr.contains("lmm-judge teacher"), "{stderr}");
+    for line in ["pretrained", "aligned", "teacher", "reorg"] {
+        assert!(stdout.contains(line), "{line} in the table: {stdout}");
+    }
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for model in ["pretrained", "aligned"] {
+        for key in ["hpir_accuracy", "hpir_aesthetic", "recall_at_10"] {
+            let v = report[model][key].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{model}.{key} = {v}");
+        }
+    }
+    // the teacher sees what people see far better than chance
+    let teacher = report["scorer"]["hpir_aesthetic"].as_f64().unwrap();
+    assert!(teacher > 0.7, "teacher agreement {teacher}");
+    let aligned = models.join(format!("aligned-lmm-seed-{seed}-2000"));
+    Manifest::load(&aligned).unwrap();
+    onnx_checker(&aligned.join("image.onnx"));
 }
 
 #[test]

@@ -18,4 +18,4 @@ pub mod world;
 pub use kalon_llm::rephrase;
 pub use lmm::{ImageSource, LmmScorer};
 pub use pairs::{PairSource, PreferencePair};
-pub use scorer::{AestheticScorer, Candidate, LowLevelScorer};
+pub use scorer::{AestheticScorer, Candidate, LowLevelScorer, ModelScorer};

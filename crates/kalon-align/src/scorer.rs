@@ -166,6 +166,43 @@ impl AestheticScorer for LowLevelScorer {
     }
 }
 
+/// A user's aesthetic model: the encoder's image tower, then an ONNX score
+/// head on its embeddings (see `kalon_encoder::ScoreHead`).
+pub struct ModelScorer {
+    encoder: kalon_encoder::Encoder,
+    head: kalon_encoder::ScoreHead,
+}
+
+impl ModelScorer {
+    /// The image tower of the encoder in `model_dir` and the head in `head`.
+    pub fn load(
+        model_dir: &std::path::Path,
+        head: &std::path::Path,
+        options: &kalon_encoder::EncoderOptions,
+    ) -> anyhow::Result<Self> {
+        let encoder = kalon_encoder::Encoder::load(model_dir, options)?;
+        let head = kalon_encoder::ScoreHead::load(head, encoder.image.dim(), options)?;
+        Ok(ModelScorer { encoder, head })
+    }
+}
+
+impl AestheticScorer for ModelScorer {
+    fn name(&self) -> &str {
+        "aesthetic-model"
+    }
+
+    fn score(&self, _query: &str, candidates: &[Candidate<'_>]) -> anyhow::Result<Vec<f64>> {
+        let images: Vec<RgbImage> = candidates.iter().map(|c| c.image.clone()).collect();
+        let embeddings = self.encoder.image.embed_images(&images)?;
+        Ok(self
+            .head
+            .score(&embeddings)?
+            .into_iter()
+            .map(f64::from)
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

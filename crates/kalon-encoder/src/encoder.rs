@@ -116,7 +116,7 @@ pub fn l2_normalise(data: &mut [f32], dim: usize) {
     }
 }
 
-fn open_session(path: &Path, options: &EncoderOptions) -> Result<Session> {
+pub(crate) fn open_session(path: &Path, options: &EncoderOptions) -> Result<Session> {
     let environment = runtime::environment()?;
     let model_error = |detail: String| EncoderError::ModelFile {
         path: path.to_owned(),
@@ -163,7 +163,7 @@ fn with_cuda(
     ))
 }
 
-fn inference(e: impl std::fmt::Display) -> EncoderError {
+pub(crate) fn inference(e: impl std::fmt::Display) -> EncoderError {
     EncoderError::Inference(e.to_string())
 }
 

@@ -15,6 +15,7 @@ pub use image;
 
 pub mod contract;
 pub mod encoder;
+pub mod head;
 pub mod preprocess;
 pub mod runtime;
 pub mod tokenizer;
@@ -23,6 +24,7 @@ use std::path::PathBuf;
 
 pub use contract::{ImageSpec, Manifest, TextSpec, MANIFEST_FILE};
 pub use encoder::{Device, Embeddings, Encoder, EncoderOptions, ImageEncoder, TextEncoder};
+pub use head::ScoreHead;
 pub use tokenizer::WordTokenizer;
 
 /// Everything that can go wrong between Kalon and an encoder.

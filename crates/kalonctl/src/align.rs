@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use kalon_align::rephrase::{PromptVariant, WorldRephraser};
 use kalon_align::world::{self, AlignConfig, Embedded};
-use kalon_align::{AestheticScorer, ImageSource, LmmScorer, LowLevelScorer};
+use kalon_align::{AestheticScorer, ImageSource, LmmScorer, LowLevelScorer, ModelScorer};
 use kalon_encoder::{Embeddings, Encoder, EncoderOptions};
 use kalon_llm::blocking::Blocking;
 use kalon_llm::sim::{SimConfig, SimServer};
@@ -46,7 +46,8 @@ pub struct AlignArgs {
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// What orders each D_po row by beauty: `lmm`, the LMM judge ranking
-    /// the row in both orders, or `low-level` image statistics.
+    /// the row in both orders; `model`, your aesthetic model
+    /// (--aesthetic-model); or `low-level` image statistics.
     #[arg(long, value_enum, default_value_t = TeacherKind::Lmm)]
     pub teacher: TeacherKind,
     /// The LMM teacher's OpenAI-compatible endpoint (the other KALON_LLM_*
@@ -58,18 +59,38 @@ pub struct AlignArgs {
     /// it they are sent inline as base64 PNG.
     #[arg(long)]
     pub image_base_url: Option<String>,
+    /// The `model` teacher: an ONNX score head on the encoder's image
+    /// embeddings (`[batch, dim]` in, `[batch]` or `[batch, 1]` out).
+    #[arg(long)]
+    pub aesthetic_model: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TeacherKind {
     Lmm,
+    Model,
     LowLevel,
 }
 
 /// The aesthetic teacher `args` asks for, on the world in `world`.
-pub fn teacher(args: &AlignArgs, world: &Path) -> anyhow::Result<Box<dyn AestheticScorer>> {
-    if args.teacher == TeacherKind::LowLevel {
-        return Ok(Box::new(LowLevelScorer::default()));
+pub fn teacher(
+    args: &AlignArgs,
+    world: &Path,
+    model: &Path,
+) -> anyhow::Result<Box<dyn AestheticScorer>> {
+    match (args.teacher, &args.aesthetic_model) {
+        (TeacherKind::LowLevel, _) => return Ok(Box::new(LowLevelScorer::default())),
+        (TeacherKind::Model, Some(head)) => {
+            return Ok(Box::new(ModelScorer::load(
+                model,
+                head,
+                &EncoderOptions::from_env()?,
+            )?))
+        }
+        (TeacherKind::Model, None) => {
+            anyhow::bail!("--teacher model needs --aesthetic-model FILE.onnx")
+        }
+        (TeacherKind::Lmm, _) => {}
     }
     let source = match &args.image_base_url {
         Some(base) => ImageSource::Url(base.clone()),
@@ -286,7 +307,7 @@ pub fn eval_align(
         .join("models")
         .join(format!("{what}-{:?}-seed-{seed}-{images}", args.teacher).to_lowercase());
     let config = args.config(seed);
-    let teacher = teacher(args, &prepared.world)?;
+    let teacher = teacher(args, &prepared.world, &prepared.model)?;
     let data = if retrain || !aligned_dir.join(kalon_encoder::MANIFEST_FILE).exists() {
         align(
             &prepared.world,

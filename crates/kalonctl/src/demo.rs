@@ -1,6 +1,8 @@
 //! The main job at this stage: bring the stack up, produce a stream of
 //! generated events (with a few malformed ones), ingest them with the real
-//! ingest pipeline, and show what landed.
+//! ingest pipeline, and show what landed; then pretrain the reference model
+//! on a small simulated world, align it with Ranked DPO (the world's LMM
+//! judge as the teacher) and print the pretrained-vs-aligned table.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -19,6 +21,16 @@ pub struct DemoArgs {
     /// Malformed payloads mixed in; they end in the dead-letter topic.
     #[arg(long, default_value_t = 50)]
     pub malformed: u64,
+    /// Skip the alignment part.
+    #[arg(long)]
+    pub no_align: bool,
+    /// The small world the alignment part builds, pretrains on and aligns.
+    #[arg(long, default_value_t = 1)]
+    pub world_seed: u64,
+    #[arg(long, default_value_t = 3_000)]
+    pub world_images: usize,
+    #[command(flatten)]
+    pub align: crate::align::AlignArgs,
 }
 
 pub async fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
@@ -109,5 +121,23 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
         landed.iter().sum::<u64>() == args.events,
         "not every event landed"
     );
+    if !args.no_align {
+        println!(
+            "\nalignment on a small simulated world (seed {}, {} images; cached in {}):",
+            args.world_seed,
+            args.world_images,
+            cli.state_dir.display()
+        );
+        let (state_dir, seed, images, align) = (
+            cli.state_dir.clone(),
+            args.world_seed,
+            args.world_images,
+            args.align.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            crate::align::eval_align(&state_dir, seed, images, None, &align, false)
+        })
+        .await??;
+    }
     Ok(())
 }

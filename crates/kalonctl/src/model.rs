@@ -211,7 +211,7 @@ pub fn run_train(train: &Train) -> anyhow::Result<()> {
     match train {
         Train::Pretrain { world, out, args } => pretrain(world, out, args),
         Train::Align(a) => {
-            let teacher = crate::align::teacher(&a.args, &a.world)?;
+            let teacher = crate::align::teacher(&a.args, &a.world, &a.model)?;
             crate::align::align(
                 &a.world,
                 &a.model,
