@@ -9,6 +9,7 @@
 
 pub mod adapter;
 pub mod algorithm;
+pub mod feedback;
 pub mod lmm;
 pub mod pairs;
 pub mod scorer;
