@@ -207,6 +207,49 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     );
     assert!(pairs.iter().all(|p| p.winner != p.loser));
 
+    // feedback pairs join D_po: clicks on training images, one pair naming
+    // an image this world does not have (skipped), a new query (embedded)
+    let shown: Vec<String> = data.pairs.ids[..5].to_vec();
+    let mut feedback = kalon_align::feedback::click_pairs(
+        &kalon_align::feedback::ClickedList {
+            request_id: "r1",
+            query: "a clicked query",
+            results: &shown,
+            clicked: &[3],
+        },
+        &Default::default(),
+    );
+    assert_eq!(feedback.len(), 3, "skip-above 1, 2 and skip-next 4");
+    let mut unknown = feedback[0].clone();
+    unknown.loser = "img-not-here".into();
+    feedback.push(unknown);
+    let (mut with_feedback, mut feedback_queries) = (pairs.clone(), query_embeds.clone());
+    let skipped = world::add_pairs(
+        &data,
+        &encoder,
+        &feedback,
+        &mut with_feedback,
+        &mut feedback_queries,
+    )
+    .unwrap();
+    assert_eq!(skipped, 1);
+    assert_eq!(with_feedback.len(), pairs.len() + 3);
+    assert_eq!(feedback_queries.len(), query_embeds.len() + 1);
+    let added = with_feedback.last().unwrap();
+    assert_eq!(added.query, query_embeds.len());
+    assert_eq!((added.winner, added.loser), (2, 3), "rank 3 over rank 4");
+    let mut bad = feedback[0].clone();
+    bad.weight = f64::NAN;
+    let error = world::add_pairs(
+        &data,
+        &encoder,
+        &[bad],
+        &mut with_feedback,
+        &mut feedback_queries,
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("preference pair 1"), "{error}");
+
     let config = AlignConfig {
         steps: 60,
         pair_batch: 128,

@@ -190,6 +190,57 @@ pub fn build_dpo(
     Ok((pairs, original))
 }
 
+/// Adds preference pairs of any source (clicks, ratings, LMM judgments;
+/// see [`crate::feedback`]) to a training set's `pairs` and `queries`: each
+/// pair is validated, its query embedded by `encoder`, its images looked up
+/// among the training images. Returns how many pairs were skipped because
+/// an image is not a training image of this world.
+pub fn add_pairs(
+    data: &Embedded,
+    encoder: &Encoder,
+    extra: &[crate::PreferencePair],
+    pairs: &mut Vec<IndexedPair>,
+    queries: &mut Embeddings,
+) -> anyhow::Result<usize> {
+    let mut texts: Vec<&str> = Vec::new();
+    let mut query_row: HashMap<&str, usize> = HashMap::new();
+    let mut skipped = 0;
+    let mut indexed = Vec::new();
+    for (i, pair) in extra.iter().enumerate() {
+        pair.validate()
+            .map_err(|e| anyhow::anyhow!("preference pair {}: {e}", i + 1))?;
+        let image = |id: &str| data.index.get(id).copied().filter(|&r| r < data.train);
+        let (Some(winner), Some(loser)) = (image(&pair.winner), image(&pair.loser)) else {
+            skipped += 1;
+            continue;
+        };
+        let next = queries.len() + texts.len();
+        let query = *query_row.entry(pair.query.as_str()).or_insert_with(|| {
+            texts.push(pair.query.as_str());
+            next
+        });
+        indexed.push(IndexedPair {
+            query,
+            winner,
+            loser,
+            weight: pair.weight as f32,
+        });
+    }
+    if !texts.is_empty() {
+        let embedded = encoder.text.embed_texts(&texts)?;
+        anyhow::ensure!(
+            embedded.dim == queries.dim || queries.is_empty(),
+            "query embeddings of dimension {} and {} cannot be mixed",
+            embedded.dim,
+            queries.dim
+        );
+        queries.dim = embedded.dim;
+        queries.data.extend(embedded.data);
+    }
+    pairs.extend(indexed);
+    Ok(skipped)
+}
+
 /// Settings of an alignment run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AlignConfig {
@@ -213,6 +264,29 @@ pub struct AlignConfig {
     /// steps. AdamW's moment estimates are not in checkpoints and restart.
     #[serde(default)]
     pub resume: Option<std::path::PathBuf>,
+    /// More preference pairs (JSONL of [`crate::PreferencePair`]: clicks,
+    /// ratings, judgments) trained on beside D_po.
+    #[serde(default)]
+    pub pairs_file: Option<std::path::PathBuf>,
+}
+
+/// Reads a JSONL file of preference pairs; a bad line is an error naming it.
+pub fn read_pairs(path: &Path) -> anyhow::Result<Vec<crate::PreferencePair>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} line {}: not a preference pair: {e}",
+                    path.display(),
+                    i + 1
+                )
+            })
+        })
+        .collect()
 }
 
 /// The step a checkpoint file was written after, from its name.
@@ -250,6 +324,7 @@ impl Default for AlignConfig {
             checkpoint_every: 0,
             checkpoint_dir: None,
             resume: None,
+            pairs_file: None,
         }
     }
 }

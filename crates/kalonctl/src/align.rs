@@ -42,6 +42,11 @@ pub struct AlignArgs {
     /// Save the weights every this many steps into OUT/checkpoints (0: never).
     #[arg(long, default_value_t = 100)]
     pub checkpoint_every: usize,
+    /// More preference pairs to train on beside D_po: JSONL, one
+    /// {"query", "winner", "loser", "source", "weight", "provenance"} per line
+    /// (clicks, ratings, LMM judgments).
+    #[arg(long)]
+    pub pairs: Option<PathBuf>,
     /// Continue from a checkpoint of this run (OUT/checkpoints/checkpoint-<step>.safetensors).
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -147,6 +152,7 @@ impl AlignArgs {
             learning_rate: self.learning_rate,
             checkpoint_every: self.checkpoint_every,
             resume: self.resume.clone(),
+            pairs_file: self.pairs.clone(),
             ..AlignConfig::default()
         };
         config.params.beta = self.beta;
@@ -177,7 +183,7 @@ pub fn align(
     let mut queries = world::train_queries(world)?;
     queries.shuffle(&mut rand::rngs::StdRng::seed_from_u64(config.seed));
     queries.truncate(config.queries);
-    let (pairs, query_embeds) = world::build_dpo(
+    let (mut pairs, mut query_embeds) = world::build_dpo(
         &data,
         &encoder,
         &queries,
@@ -193,6 +199,15 @@ pub fn align(
         config.variant,
         teacher.name()
     );
+    if let Some(path) = &config.pairs_file {
+        let extra = world::read_pairs(path)?;
+        let skipped = world::add_pairs(&data, &encoder, &extra, &mut pairs, &mut query_embeds)?;
+        eprintln!(
+            "feedback: {} pairs from {} added ({skipped} skipped: an image is not a training image of this world)",
+            extra.len() - skipped,
+            path.display()
+        );
+    }
     std::fs::create_dir_all(out)?;
     let log_path = out.join("align-log.jsonl");
     let mut log = std::io::BufWriter::new(
