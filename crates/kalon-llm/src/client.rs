@@ -5,7 +5,7 @@
 //! recorded.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -152,15 +152,10 @@ enum Attempt {
     Fatal(LlmError),
 }
 
-static CRYPTO: Once = Once::new();
-
 impl LlmClient {
     pub fn new(config: LlmConfig) -> anyhow::Result<Self> {
         config.validate()?;
-        // rustls needs one process-wide crypto provider; ring is Kalon's
-        CRYPTO.call_once(|| {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        });
+        kalon_telemetry::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))

@@ -53,11 +53,24 @@ pub fn init(service: &'static str) -> anyhow::Result<TelemetryGuard> {
     init_with(service, endpoint.as_deref())
 }
 
+/// Installs rustls' process-wide crypto provider (ring) once. Kalon's HTTP
+/// clients (the LLM client, the OTLP exporter) share one reqwest build with
+/// rustls but no default provider, so every process calls this before
+/// building one; calling it again is harmless.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means another provider is already installed: fine either way
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// As [`init`], with the OTLP endpoint (e.g. `http://127.0.0.1:4318`) given.
 pub fn init_with(
     service: &'static str,
     otlp_endpoint: Option<&str>,
 ) -> anyhow::Result<TelemetryGuard> {
+    install_crypto_provider();
     global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,ort=warn"));

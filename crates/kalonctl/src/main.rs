@@ -64,7 +64,7 @@ enum Command {
     },
     /// Produce generated events (and optionally malformed ones) to the event topics.
     Produce(events::ProduceArgs),
-    /// The main job: stack up, produce a stream of events, ingest it, show what landed.
+    /// The main job: stack up, produce a stream of events, ingest it, show what landed; then pretrain, align and compare on a small simulated world.
     Demo(demo::DemoArgs),
     /// The simulated world.
     Sim {
