@@ -47,6 +47,24 @@ impl PromptVariant {
     }
 }
 
+impl std::str::FromStr for PromptVariant {
+    type Err = String;
+
+    /// By [`PromptVariant::name`] (command lines, environment variables).
+    fn from_str(name: &str) -> Result<Self, String> {
+        PromptVariant::ALL
+            .into_iter()
+            .find(|v| v.name() == name.trim())
+            .ok_or_else(|| {
+                let names: Vec<&str> = PromptVariant::ALL.iter().map(|v| v.name()).collect();
+                format!(
+                    "unknown prompt variant {name:?}; known: {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
 /// Rewrites a query with aesthetic expectations.
 pub trait Rephraser: Send + Sync {
     fn rephrase(&self, query: &str, variant: PromptVariant) -> anyhow::Result<String>;
@@ -164,6 +182,11 @@ mod tests {
             "{detail}"
         );
         assert!(r.rephrase("  ", PromptVariant::Detail).is_err());
+        assert_eq!(" k-list".parse::<PromptVariant>(), Ok(PromptVariant::KList));
+        assert!("fancy"
+            .parse::<PromptVariant>()
+            .unwrap_err()
+            .contains("reorg"));
         let names: Vec<_> = PromptVariant::ALL.iter().map(|v| v.name()).collect();
         assert_eq!(
             names,

@@ -26,6 +26,9 @@ pub struct AlignArgs {
     /// Training queries used to build D_po.
     #[arg(long, default_value_t = AlignConfig::default().queries)]
     pub queries: usize,
+    /// The LLM prompt variant whose rephrasing retrieves D_po's candidates.
+    #[arg(long, default_value = "detail")]
+    pub variant: PromptVariant,
     #[arg(long, default_value_t = AlignConfig::default().params.beta)]
     pub beta: f64,
     #[arg(long, default_value_t = AlignConfig::default().params.eps)]
@@ -152,6 +155,7 @@ impl AlignArgs {
             learning_rate: self.learning_rate,
             checkpoint_every: self.checkpoint_every,
             resume: self.resume.clone(),
+            variant: self.variant,
             pairs_file: self.pairs.clone(),
             ..AlignConfig::default()
         };

@@ -39,8 +39,7 @@ pub struct EnricherConfig {
         long,
         env = "KALON_ENRICH_VARIANTS",
         value_delimiter = ',',
-        default_value = "detail,k-list,kw-dict,repeat,reorg",
-        value_parser = parse_variant
+        default_value = "detail,k-list,kw-dict,repeat,reorg"
     )]
     pub variants: Vec<PromptVariant>,
     /// A query rephrased within this many seconds is not asked again.
@@ -58,19 +57,6 @@ pub struct EnricherConfig {
     /// How often idle workers look for due queries.
     #[arg(long, env = "KALON_ENRICH_POLL_MS", default_value_t = 200)]
     pub poll_ms: u64,
-}
-
-fn parse_variant(name: &str) -> Result<PromptVariant, String> {
-    PromptVariant::ALL
-        .into_iter()
-        .find(|v| v.name() == name.trim())
-        .ok_or_else(|| {
-            let names: Vec<&str> = PromptVariant::ALL.iter().map(|v| v.name()).collect();
-            format!(
-                "unknown prompt variant {name:?}; known: {}",
-                names.join(", ")
-            )
-        })
 }
 
 impl EnricherConfig {
