@@ -461,3 +461,68 @@ async fn judgments_are_stored_with_raw_responses_and_published() {
     sim.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn kill_9_mid_call_loses_nothing_a_successor_takes_the_query_over() {
+    let env = TestEnv::new().await;
+    let mut config = quiet_sim();
+    // slow answers, so the kill lands while calls are in flight
+    config.latency = Duration::from_millis(1_500);
+    let sim = start_sim(config, "127.0.0.1:0").await;
+    let spawn = || {
+        std::process::Command::new(kalon_tests::workspace_binary(
+            "kalon-enricher",
+            "kalon-enricher",
+        ))
+        .env("DATABASE_URL", &env.database_url)
+        .env("KALON_KAFKA_BROKERS", &env.kafka.brokers)
+        .env("KALON_TOPIC_PREFIX", &env.kafka.topic_prefix)
+        .env(
+            "KALON_ENRICHER_GROUP",
+            format!("{}enricher", env.kafka.topic_prefix),
+        )
+        .env("KALON_ENRICHER_ASSIGN_ALL", "true")
+        .env("KALON_ENRICH_VARIANTS", "detail,reorg")
+        .env("KALON_ENRICH_LEASE_S", "2")
+        .env("KALON_ENRICH_POLL_MS", "50")
+        .env("KALON_LLM_BASE_URL", sim.base_url())
+        .env("KALON_LLM_TIMEOUT_MS", "5000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+    };
+    let mut first = spawn();
+    env.produce(&impressions(&["red cat", "neon dog", "blue boat"]))
+        .await;
+    let started = Instant::now();
+    while sim.stats().rephrase < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no calls went out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.kill().unwrap(); // SIGKILL: leases held, answers in flight lost
+    first.wait().unwrap();
+    let (done,): (i64,) = sqlx::query_as(DONE).fetch_one(&env.pool).await.unwrap();
+    assert!(done < 3, "the kill landed mid-work");
+    let mut second = spawn();
+    wait_for(&env, DONE, 3, Duration::from_secs(60)).await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT query, variant FROM query_rephrasings ORDER BY 1, 2")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows.len(),
+        6,
+        "every query x variant answered and stored: {rows:?}"
+    );
+    // only calls lost with the process are asked again
+    let asked = sim.stats().rephrased;
+    assert!(asked.values().all(|&n| n <= 2), "{asked:?}");
+    sim.stop().await;
+    env.cleanup().await;
+}
