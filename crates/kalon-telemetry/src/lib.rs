@@ -53,6 +53,23 @@ pub fn init(service: &'static str) -> anyhow::Result<TelemetryGuard> {
     init_with(service, endpoint.as_deref())
 }
 
+/// Resolves on SIGTERM or SIGINT: every service's shutdown trigger.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("failed to install the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested");
+}
+
 /// Installs rustls' process-wide crypto provider (ring) once. Kalon's HTTP
 /// clients (the LLM client, the OTLP exporter) share one reqwest build with
 /// rustls but no default provider, so every process calls this before

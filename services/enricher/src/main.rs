@@ -21,23 +21,6 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = kalon_telemetry::init("kalon-enricher")?;
     let llm = LlmConfig::from_env()?;
     let enricher = Enricher::build(cli.config, llm).await?;
-    enricher.run(shutdown_signal()).await?;
+    enricher.run(kalon_telemetry::shutdown_signal()).await?;
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("failed to install the SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown requested");
 }

@@ -24,23 +24,6 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = kalon_telemetry::init("kalon-ingest")?;
     let ingest = Ingest::build(cli.config).await?;
-    ingest.run(shutdown_signal()).await?;
+    ingest.run(kalon_telemetry::shutdown_signal()).await?;
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("failed to install the SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown requested");
 }
