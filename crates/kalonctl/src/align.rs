@@ -137,8 +137,8 @@ pub fn teacher(
             let mut config = LlmConfig::new(server.base_url(), "kalon-sim-1");
             config.rate_per_s = 1e6;
             config.burst = 1_000_000;
-            // the server task lives on `blocking`, which the scorer keeps
-            std::mem::forget(server);
+            // dropping the handle detaches the server task, which keeps
+            // serving on `blocking`'s runtime for as long as the scorer lives
             config
         }
     };
