@@ -494,9 +494,13 @@ impl Shared {
         }
     }
 
-    fn answer(&self, task: &Task) -> String {
+    /// The answer to `task`. Its noise is drawn from the request's own
+    /// bytes, so the same request always gets the same answer (a model at
+    /// temperature 0) and runs are reproducible whatever the concurrency;
+    /// the same rows in the other order are another request.
+    fn answer(&self, task: &Task, request: &[u8]) -> String {
         let config = &self.config;
-        let mut rng = lock(&self.rng);
+        let mut rng = <StdRng as rand::SeedableRng>::seed_from_u64(fnv(request) ^ config.seed);
         let content = match task {
             Task::Rephrase { query, variant } => {
                 let mut text = self
@@ -519,7 +523,7 @@ impl Shared {
                     .iter()
                     .map(|row| {
                         self.row_value(query, aspect, row)
-                            + config.perception_noise * kalon_world::normal(&mut *rng)
+                            + config.perception_noise * kalon_world::normal(&mut rng)
                     })
                     .collect();
                 if *score {
@@ -550,7 +554,7 @@ impl Shared {
                     .map(|(i, url)| {
                         let early = (n - 1.0 - i as f64) / (n - 1.0);
                         let value = self.row_value(query, aspect, std::slice::from_ref(url))
-                            + config.perception_noise * kalon_world::normal(&mut *rng)
+                            + config.perception_noise * kalon_world::normal(&mut rng)
                             + config.position_bias * config.sharpness * early;
                         (value, i + 1)
                     })
@@ -672,7 +676,7 @@ async fn completions(
                 .into_response()
         }
         Some(Fault::Malformed) => "I'm sorry, I can't help with that.".to_owned(),
-        Some(Fault::Truncated) | None => shared.answer(&task),
+        Some(Fault::Truncated) | None => shared.answer(&task, &body),
     };
     let prompt_tokens: u64 = request
         .messages
