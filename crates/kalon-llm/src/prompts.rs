@@ -50,17 +50,16 @@ fn instruction(variant: PromptVariant) -> &'static str {
 
 /// The chat messages asking for `variant` of `query`.
 pub fn rephrase_messages(query: &str, variant: PromptVariant, strict: bool) -> Vec<Message> {
-    let mut user = format!(
-        "Task: rephrase\nVariant: {}\nInstruction: {}\nQuery: {}\n\
-         Answer with a JSON object {{\"rephrasing\": \"<text>\"}}.",
-        variant.name(),
-        instruction(variant),
-        one_line(query)
+    let user = with_strict(
+        format!(
+            "Task: rephrase\nVariant: {}\nInstruction: {}\nQuery: {}\n\
+             Answer with a JSON object {{\"rephrasing\": \"<text>\"}}.",
+            variant.name(),
+            instruction(variant),
+            one_line(query)
+        ),
+        strict,
     );
-    if strict {
-        user.push('\n');
-        user.push_str(STRICT);
-    }
     vec![
         Message::system(
             "You rewrite image-search queries so that a search engine returns the pictures \
@@ -278,16 +277,26 @@ fn rows_prompt(
     parts.extend(first.iter().map(ImageRef::part));
     parts.push(Part::text("Row 2:"));
     parts.extend(second.iter().map(ImageRef::part));
-    let mut question = question.to_owned();
-    if strict {
-        question.push('\n');
-        question.push_str(STRICT);
-    }
-    parts.push(Part::text(question));
+    judge_messages(parts, question, strict)
+}
+
+/// The judge's messages: `parts`, then `question` (in its strict form when
+/// asked).
+fn judge_messages(mut parts: Vec<Part>, question: &str, strict: bool) -> Vec<Message> {
+    parts.push(Part::text(with_strict(question.to_owned(), strict)));
     vec![
         Message::system("You judge image search results the way people would."),
         Message::user_parts(parts),
     ]
+}
+
+/// `text`, plus the "JSON only" instruction of a strict retry.
+fn with_strict(mut text: String, strict: bool) -> String {
+    if strict {
+        text.push('\n');
+        text.push_str(STRICT);
+    }
+    text
 }
 
 /// "Which row is better on `aspect`?", rows in the order given.
@@ -338,21 +347,13 @@ pub fn rank_messages(
         parts.push(Part::text(format!("Image {}:", i + 1)));
         parts.push(image.part());
     }
-    let mut question = format!(
+    let question = format!(
         "Order all {} images from best to worst on {}. Answer with a JSON object \
          {{\"order\": [<image numbers, best first>]}}.",
         images.len(),
         aspect.name()
     );
-    if strict {
-        question.push('\n');
-        question.push_str(STRICT);
-    }
-    parts.push(Part::text(question));
-    vec![
-        Message::system("You judge image search results the way people would."),
-        Message::user_parts(parts),
-    ]
+    judge_messages(parts, &question, strict)
 }
 
 /// The ranking in an answer to [`rank_messages`] over `n` images: 0-based
