@@ -14,7 +14,8 @@ pub use event::{
     Aspect, Click, DecodeError, Event, EventKind, Impression, Rating, ResultItem, MAX_EVENT_BYTES,
 };
 pub use topics::{
-    TopicSpec, DEAD_LETTER_TOPIC, ENRICH_DEAD_LETTER_TOPIC, JUDGMENT_TOPIC, REPHRASED_TOPIC, TOPICS,
+    TopicSpec, DEAD_LETTER_TOPIC, DEPLOYMENT_TOPIC, ENRICH_DEAD_LETTER_TOPIC, JUDGMENT_TOPIC,
+    REPHRASED_TOPIC, TOPICS,
 };
 
 /// The JSON Schema text of each event kind, as shipped in `schemas/`.

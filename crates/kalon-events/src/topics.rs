@@ -54,7 +54,16 @@ pub const TOPICS: &[TopicSpec] = &[
         partitions: 1,
         purpose: "LLM answers the enricher could not parse even with the strict prompt",
     },
+    TopicSpec {
+        name: DEPLOYMENT_TOPIC,
+        partitions: 1,
+        purpose: "model.deployment.v1: a version's traffic weight changed; search replicas reload",
+    },
 ];
+
+/// Deployment changes (the `deployments` table is the truth; the event says
+/// when to re-read it).
+pub const DEPLOYMENT_TOPIC: &str = "model.deployment.v1";
 
 /// The enricher's rephrasings.
 pub const REPHRASED_TOPIC: &str = "query.rephrased.v1";

@@ -123,11 +123,16 @@ impl Injector for HeaderMap<'_> {
 
 /// Adds the current span's trace context (`traceparent`, `tracestate`) to
 /// `headers`. Without an active trace nothing is added.
-pub fn inject_trace(mut headers: OwnedHeaders) -> OwnedHeaders {
-    let context = tracing::Span::current().context();
+pub fn inject_trace(headers: OwnedHeaders) -> OwnedHeaders {
+    inject_context(headers, &tracing::Span::current().context())
+}
+
+/// Adds the given trace context to `headers` (nothing when it holds no
+/// valid span).
+pub fn inject_context(mut headers: OwnedHeaders, context: &opentelemetry::Context) -> OwnedHeaders {
     let mut carrier = HashMap::new();
     opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&context, &mut HeaderMap(&mut carrier))
+        p.inject_context(context, &mut HeaderMap(&mut carrier))
     });
     for (key, value) in &carrier {
         headers = headers.insert(rdkafka::message::Header {

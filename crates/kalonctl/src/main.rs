@@ -6,6 +6,7 @@ mod demo;
 mod events;
 mod llm;
 mod model;
+mod search;
 mod sim;
 
 use std::path::PathBuf;
@@ -86,6 +87,10 @@ enum Command {
         #[command(subcommand)]
         action: model::Eval,
     },
+    /// Embed the catalog under a model version into Postgres (search's index source).
+    Index(search::IndexArgs),
+    /// Route a share of search traffic to an indexed model version (or take it out).
+    Deploy(search::DeployArgs),
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
@@ -255,6 +260,10 @@ async fn main() -> anyhow::Result<()> {
             let (action, state_dir) = (action.clone(), cli.state_dir.clone());
             tokio::task::spawn_blocking(move || model::run_eval(&state_dir, &action)).await??
         }
+        Command::Index(args) => {
+            search::index(&cli.endpoints(), args).await?;
+        }
+        Command::Deploy(args) => search::deploy(&cli.endpoints(), args).await?,
         Command::Bench { which } => bench::run(&cli, which).await?,
     }
     Ok(())

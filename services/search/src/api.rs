@@ -1,0 +1,491 @@
+//! The HTTP API: search, image files, feedback, OpenAPI, health.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use kalon_events::{Aspect, Click, Event, Impression, Rating, ResultItem};
+use opentelemetry::propagation::Extractor;
+use opentelemetry::trace::TraceContextExt;
+use rdkafka::message::OwnedHeaders;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use uuid::Uuid;
+
+use crate::events::{Events, FeedbackError};
+use crate::routing::Live;
+
+/// Request limits (see `SearchConfig` for the flags).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_query_chars: usize,
+    pub max_k: u32,
+    pub max_body_bytes: usize,
+    /// Session, user, request and image ids.
+    pub max_id_chars: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_query_chars: 512,
+            max_k: 100,
+            max_body_bytes: 16 * 1024,
+            max_id_chars: 128,
+        }
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub live: Arc<Live>,
+    pub events: Events,
+    /// Folder of `<image id>.png` files, if this instance serves images.
+    pub images: Option<PathBuf>,
+    /// Prefix of image URLs in answers (e.g. `https://search.example.com`);
+    /// empty gives paths relative to this service.
+    pub public_url: String,
+    pub limits: Limits,
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.limits.max_body_bytes;
+    Router::new()
+        .route("/v1/search", post(search))
+        .route("/v1/images/{id}", get(image))
+        .route("/v1/feedback/click", post(click))
+        .route("/v1/feedback/rating", post(rating))
+        .route("/openapi.json", get(openapi))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// An error answer: a status and `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, message = %self.message, "request failed");
+        }
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        ApiError::new(rejection.status(), rejection.body_text())
+    }
+}
+
+impl From<FeedbackError> for ApiError {
+    fn from(error: FeedbackError) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+    }
+}
+
+fn check_id(what: &str, value: &str, limits: &Limits) -> Result<(), ApiError> {
+    if value.is_empty() || value.chars().count() > limits.max_id_chars {
+        return Err(ApiError::bad(format!(
+            "{what} must be 1 to {} characters",
+            limits.max_id_chars
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::bad(format!(
+            "{what} must not contain control characters"
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    pub query: String,
+    #[serde(default = "default_k")]
+    pub k: u32,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+fn default_k() -> u32 {
+    10
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchHit {
+    pub image_id: String,
+    pub rank: u32,
+    pub score: f32,
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchResponse {
+    pub request_id: String,
+    pub model_version: String,
+    pub variant: String,
+    pub results: Vec<SearchHit>,
+}
+
+struct HttpHeaders<'a>(&'a HeaderMap);
+
+impl Extractor for HttpHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// The caller's trace context (`traceparent`), if it sent one.
+fn caller_context(headers: &HeaderMap) -> opentelemetry::Context {
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(&HttpHeaders(headers)))
+}
+
+async fn search(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<SearchRequest>, JsonRejection>,
+) -> Result<Json<SearchResponse>, ApiError> {
+    let Json(request) = body?;
+    let caller = caller_context(&headers);
+    let span = tracing::info_span!(
+        "search",
+        k = request.k,
+        model_version = tracing::field::Empty,
+        variant = tracing::field::Empty
+    );
+    let _ = span.set_parent(caller.clone());
+    // the context the impression carries: this request's span when traces
+    // are recorded, else the caller's, so a trace still crosses into ingest
+    let context = {
+        let own = span.context();
+        if own.span().span_context().is_valid() {
+            own
+        } else {
+            caller
+        }
+    };
+    run_search(app, request, context).instrument(span).await
+}
+
+async fn run_search(
+    app: AppState,
+    request: SearchRequest,
+    context: opentelemetry::Context,
+) -> Result<Json<SearchResponse>, ApiError> {
+    let limits = &app.limits;
+    let query = request.query.trim().to_owned();
+    if query.is_empty() {
+        return Err(ApiError::bad("query must not be empty"));
+    }
+    let chars = query.chars().count();
+    if chars > limits.max_query_chars {
+        return Err(ApiError::bad(format!(
+            "query is {chars} characters, more than the {} allowed",
+            limits.max_query_chars
+        )));
+    }
+    if query.chars().any(char::is_control) {
+        return Err(ApiError::bad("query must not contain control characters"));
+    }
+    if request.k == 0 || request.k > limits.max_k {
+        return Err(ApiError::bad(format!(
+            "k must be between 1 and {}",
+            limits.max_k
+        )));
+    }
+    if let Some(session) = &request.session_id {
+        check_id("session_id", session, limits)?;
+    }
+    if let Some(user) = &request.user_id {
+        check_id("user_id", user, limits)?;
+    }
+    let request_id = Uuid::now_v7().to_string();
+    let key = request
+        .session_id
+        .as_deref()
+        .or(request.user_id.as_deref())
+        .unwrap_or(&request_id);
+    let routing = app.live.current();
+    let variant = routing.assign(key).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no model version is deployed: index one and `kalonctl deploy` it",
+        )
+    })?;
+    let span = tracing::Span::current();
+    span.record("model_version", variant.served.version.as_str());
+    span.record("variant", variant.name.as_str());
+
+    let served = variant.served.clone();
+    let k = request.k as usize;
+    let text = query.clone();
+    let embed_span = tracing::info_span!("embed");
+    let ann_span = tracing::info_span!("ann_search", k);
+    let hits = tokio::task::spawn_blocking(move || {
+        let embedding = embed_span.in_scope(|| served.text.embed_texts(&[text]))?;
+        let row = embedding.row(0);
+        if !row.iter().all(|v| v.is_finite()) || row.iter().all(|v| *v == 0.0) {
+            return Ok(None);
+        }
+        let hits = ann_span.in_scope(|| served.index.search(row, k));
+        Ok::<_, kalon_encoder::EncoderError>(Some(hits))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let Some(hits) = hits else {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the query has no words the model can read",
+        ));
+    };
+    let hits = hits.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+
+    let served = &variant.served;
+    let results: Vec<SearchHit> = hits
+        .iter()
+        .enumerate()
+        .map(|(i, hit)| {
+            let image_id = served.ids[hit.row].clone();
+            SearchHit {
+                url: format!("{}/v1/images/{image_id}", app.public_url),
+                image_id,
+                rank: i as u32 + 1,
+                score: hit.score,
+            }
+        })
+        .collect();
+    let impression = Impression {
+        event_id: Uuid::now_v7(),
+        occurred_at: Utc::now(),
+        request_id: request_id.clone(),
+        session_id: request
+            .session_id
+            .clone()
+            .unwrap_or_else(|| format!("anon-{request_id}")),
+        user_id: request.user_id.clone(),
+        query,
+        model_version: served.version.clone(),
+        variant: variant.name.clone(),
+        results: results
+            .iter()
+            .map(|r| ResultItem {
+                image_id: r.image_id.clone(),
+                rank: r.rank,
+                score: f64::from(r.score),
+            })
+            .collect(),
+    };
+    tracing::info_span!("produce").in_scope(|| {
+        let headers = kalon_kafka::inject_context(OwnedHeaders::new(), &context);
+        app.events.impression(&impression, headers);
+    });
+    Ok(Json(SearchResponse {
+        request_id,
+        model_version: served.version.clone(),
+        variant: variant.name.clone(),
+        results,
+    }))
+}
+
+async fn image(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let valid = (1..=app.limits.max_id_chars).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(ApiError::bad(
+            "image id must be 1-128 characters of A-Z a-z 0-9 - _",
+        ));
+    }
+    let Some(folder) = &app.images else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "this search instance serves no image files (start it with --images DIR)",
+        ));
+    };
+    match tokio::fs::read(folder.join(format!("{id}.png"))).await {
+        Ok(bytes) => Ok((
+            [
+                (header::CONTENT_TYPE, "image/png"),
+                (header::CACHE_CONTROL, "public, max-age=86400, immutable"),
+            ],
+            bytes,
+        )
+            .into_response()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no image {id}"),
+        )),
+        Err(error) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading image {id}: {error}"),
+        )),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickRequest {
+    pub request_id: String,
+    pub image_id: String,
+    pub rank: u32,
+    #[serde(default)]
+    pub dwell_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatingRequest {
+    #[serde(default)]
+    pub request_id: Option<String>,
+    pub query: String,
+    pub image_id: String,
+    pub stars: u8,
+    pub aspect: Aspect,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Accepted {
+    pub event_id: Uuid,
+}
+
+async fn publish(app: &AppState, event: Event) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    event.validate().map_err(ApiError::bad)?;
+    let span = tracing::info_span!("feedback", kind = event.kind().topic());
+    app.events.feedback(&event).instrument(span).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            event_id: event.event_id(),
+        }),
+    ))
+}
+
+async fn click(
+    State(app): State<AppState>,
+    body: Result<Json<ClickRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let Json(c) = body?;
+    check_id("request_id", &c.request_id, &app.limits)?;
+    check_id("image_id", &c.image_id, &app.limits)?;
+    let event = Event::Click(Click {
+        event_id: Uuid::now_v7(),
+        occurred_at: Utc::now(),
+        request_id: c.request_id,
+        image_id: c.image_id,
+        rank: c.rank,
+        dwell_ms: c.dwell_ms,
+    });
+    publish(&app, event).await
+}
+
+async fn rating(
+    State(app): State<AppState>,
+    body: Result<Json<RatingRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let Json(r) = body?;
+    if let Some(request_id) = &r.request_id {
+        check_id("request_id", request_id, &app.limits)?;
+    }
+    check_id("image_id", &r.image_id, &app.limits)?;
+    let chars = r.query.trim().chars().count();
+    if chars == 0 || chars > app.limits.max_query_chars {
+        return Err(ApiError::bad(format!(
+            "query must be 1 to {} characters",
+            app.limits.max_query_chars
+        )));
+    }
+    let event = Event::Rating(Rating {
+        event_id: Uuid::now_v7(),
+        occurred_at: Utc::now(),
+        request_id: r.request_id,
+        query: r.query,
+        image_id: r.image_id,
+        stars: r.stars,
+        aspect: r.aspect,
+    });
+    publish(&app, event).await
+}
+
+async fn openapi(State(app): State<AppState>) -> Json<serde_json::Value> {
+    Json(crate::openapi::document(&app.limits))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let routing = app.live.current();
+    let variants: Vec<serde_json::Value> = routing
+        .variants
+        .iter()
+        .map(|v| {
+            serde_json::json!({
+                "variant": v.name,
+                "model_version": v.served.version,
+                "weight": v.weight,
+                "images": v.served.ids.len(),
+            })
+        })
+        .collect();
+    let (queued, delivered, dropped) = app.events.stats.snapshot();
+    let status = if routing.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({
+            "ready": routing.is_ready(),
+            "variants": variants,
+            "impressions": { "queued": queued, "delivered": delivered, "dropped": dropped },
+        })),
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see /openapi.json")
+}

@@ -1,0 +1,272 @@
+//! The in-memory vector index over one model version's image embeddings.
+//!
+//! Embeddings are unit length, so the score is the inner product. Small
+//! corpora are searched exactly (a scan of n x d floats is faster than a
+//! graph walk below a few thousand rows and is always right); larger ones go
+//! through HNSW (`hnsw_rs`, chosen against `instant-distance` in
+//! `kalonctl bench ann`). HNSW answers are re-scored exactly, so scores are
+//! the same whichever path found a row.
+
+use hnsw_rs::prelude::{DistDot, Hnsw};
+
+/// Index parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct IndexParams {
+    /// Corpora with fewer rows are searched exactly.
+    pub exact_below: usize,
+    /// HNSW links per node (M).
+    pub max_connections: usize,
+    /// Candidate list while building (efConstruction).
+    pub ef_construction: usize,
+    /// Candidate list while searching (efSearch); at least k is used.
+    pub ef_search: usize,
+}
+
+impl Default for IndexParams {
+    fn default() -> Self {
+        IndexParams {
+            exact_below: 5_000,
+            max_connections: 16,
+            ef_construction: 100,
+            ef_search: 48,
+        }
+    }
+}
+
+/// A hit: row number in the index and its inner product with the query.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    pub row: usize,
+    pub score: f32,
+}
+
+enum Graph {
+    Exact,
+    Hnsw(Box<Hnsw<'static, f32, DistDot>>),
+}
+
+/// Unit-length rows and, above the exact threshold, an HNSW graph over them.
+pub struct VectorIndex {
+    dim: usize,
+    data: Vec<f32>,
+    graph: Graph,
+    params: IndexParams,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("embedding data of {len} floats is not a whole number of {dim}-d rows")]
+    Ragged { len: usize, dim: usize },
+    #[error("row {row} is not unit length (norm {norm}); embeddings must be L2-normalised")]
+    NotUnit { row: usize, norm: f32 },
+    #[error("query is {got}-d, the index {want}-d")]
+    QueryDim { got: usize, want: usize },
+}
+
+impl VectorIndex {
+    /// Builds the index; HNSW insertion runs on all cores.
+    pub fn build(dim: usize, data: Vec<f32>, params: IndexParams) -> Result<Self, IndexError> {
+        if dim == 0 || !data.len().is_multiple_of(dim) {
+            return Err(IndexError::Ragged {
+                len: data.len(),
+                dim,
+            });
+        }
+        for (row, v) in data.chunks_exact(dim).enumerate() {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if !(0.99..=1.01).contains(&norm) {
+                return Err(IndexError::NotUnit { row, norm });
+            }
+        }
+        let n = data.len() / dim;
+        let graph = if n < params.exact_below {
+            Graph::Exact
+        } else {
+            let layers = 16.min((n as f32).ln().ceil() as usize).max(1);
+            let hnsw = Hnsw::<f32, DistDot>::new(
+                params.max_connections,
+                n,
+                layers,
+                params.ef_construction,
+                DistDot {},
+            );
+            let rows: Vec<(&[f32], usize)> = data.chunks_exact(dim).zip(0..n).collect();
+            hnsw.parallel_insert_slice(&rows);
+            Graph::Hnsw(Box::new(hnsw))
+        };
+        Ok(VectorIndex {
+            dim,
+            data,
+            graph,
+            params,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len() / self.dim
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Whether searches go through the HNSW graph.
+    pub fn is_approximate(&self) -> bool {
+        matches!(self.graph, Graph::Hnsw(_))
+    }
+
+    pub fn row(&self, row: usize) -> &[f32] {
+        &self.data[row * self.dim..(row + 1) * self.dim]
+    }
+
+    fn dot(&self, row: usize, query: &[f32]) -> f32 {
+        self.row(row).iter().zip(query).map(|(a, b)| a * b).sum()
+    }
+
+    /// The `k` best rows for a unit-length query, best first.
+    pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<Hit>, IndexError> {
+        if query.len() != self.dim {
+            return Err(IndexError::QueryDim {
+                got: query.len(),
+                want: self.dim,
+            });
+        }
+        Ok(match &self.graph {
+            Graph::Exact => self.exact(query, k),
+            Graph::Hnsw(hnsw) => {
+                let ef = self.params.ef_search.max(k);
+                let mut hits: Vec<Hit> = hnsw
+                    .search(query, k, ef)
+                    .into_iter()
+                    .map(|n| Hit {
+                        row: n.d_id,
+                        score: self.dot(n.d_id, query),
+                    })
+                    .collect();
+                sort_hits(&mut hits);
+                hits
+            }
+        })
+    }
+
+    /// The `k` best rows by a full scan (the ground truth for recall).
+    pub fn exact(&self, query: &[f32], k: usize) -> Vec<Hit> {
+        let k = k.min(self.len());
+        if k == 0 {
+            return Vec::new();
+        }
+        // a bounded min-heap would save a little; n log k vs a partial sort of
+        // n scores is not where the time goes (the dot products are)
+        let mut hits: Vec<Hit> = (0..self.len())
+            .map(|row| Hit {
+                row,
+                score: self.dot(row, query),
+            })
+            .collect();
+        hits.select_nth_unstable_by(k - 1, |a, b| b.score.total_cmp(&a.score));
+        hits.truncate(k);
+        sort_hits(&mut hits);
+        hits
+    }
+}
+
+fn sort_hits(hits: &mut [Hit]) {
+    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.row.cmp(&b.row)));
+}
+
+/// Fraction of the exact top-k rows an approximate answer found.
+pub fn recall(exact: &[Hit], found: &[Hit]) -> f64 {
+    if exact.is_empty() {
+        return 1.0;
+    }
+    let hit = exact
+        .iter()
+        .filter(|e| found.iter().any(|f| f.row == e.row))
+        .count();
+    hit as f64 / exact.len() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random unit rows (xorshift), no rand dependency.
+    fn rows(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed | 1;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut data: Vec<f32> = (0..n * dim).map(|_| next()).collect();
+        kalon_encoder::encoder::l2_normalise(&mut data, dim);
+        data
+    }
+
+    #[test]
+    fn exact_search_returns_the_best_rows_in_order() {
+        let data = rows(300, 8, 3);
+        let index = VectorIndex::build(8, data.clone(), IndexParams::default()).unwrap();
+        assert!(!index.is_approximate());
+        let query = &data[5 * 8..6 * 8];
+        let hits = index.search(query, 10).unwrap();
+        assert_eq!(hits.len(), 10);
+        assert_eq!(hits[0].row, 5, "a row is its own nearest neighbour");
+        assert!((hits[0].score - 1.0).abs() < 1e-5);
+        assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+        // nothing outside the answer scores higher than its last hit
+        let last = hits[9].score;
+        let better = (0..300)
+            .filter(|r| index.dot(*r, query) > last)
+            .filter(|r| !hits.iter().any(|h| h.row == *r))
+            .count();
+        assert_eq!(better, 0);
+        // k larger than the corpus gives the whole corpus
+        assert_eq!(index.search(query, 1000).unwrap().len(), 300);
+    }
+
+    #[test]
+    fn hnsw_recall_at_10_is_at_least_095_against_exact_search() {
+        let dim = 32;
+        let data = rows(20_000, dim, 11);
+        let params = IndexParams {
+            exact_below: 1_000,
+            ..IndexParams::default()
+        };
+        let index = VectorIndex::build(dim, data, params).unwrap();
+        assert!(index.is_approximate());
+        let queries = rows(200, dim, 99);
+        let mut total = 0.0;
+        for q in queries.chunks_exact(dim) {
+            let exact = index.exact(q, 10);
+            let found = index.search(q, 10).unwrap();
+            assert_eq!(found.len(), 10);
+            total += recall(&exact, &found);
+        }
+        let mean = total / 200.0;
+        assert!(mean >= 0.95, "recall@10 {mean}");
+        assert!(mean <= 1.0);
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        assert!(matches!(
+            VectorIndex::build(4, vec![0.5; 6], IndexParams::default()),
+            Err(IndexError::Ragged { .. })
+        ));
+        assert!(matches!(
+            VectorIndex::build(2, vec![1.0, 1.0], IndexParams::default()),
+            Err(IndexError::NotUnit { row: 0, .. })
+        ));
+        let index = VectorIndex::build(2, vec![1.0, 0.0], IndexParams::default()).unwrap();
+        assert!(matches!(
+            index.search(&[1.0, 0.0, 0.0], 1),
+            Err(IndexError::QueryDim { got: 3, want: 2 })
+        ));
+    }
+}

@@ -1,0 +1,119 @@
+//! `kalon-search`: the service people query. It embeds the query with each
+//! deployed model version's text tower, finds the nearest catalog images in
+//! an in-memory index built from Postgres, splits traffic between versions
+//! by a stable hash of the session (canary), swaps versions on deployment
+//! events without a restart, and logs every answer as an impression.
+
+pub mod api;
+pub mod config;
+pub mod deploy;
+pub mod events;
+pub mod index;
+pub mod indexer;
+pub mod openapi;
+pub mod routing;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kalon_encoder::EncoderOptions;
+use kalon_kafka::KafkaSettings;
+
+pub use api::{router, AppState, Limits, SearchRequest, SearchResponse};
+pub use config::SearchConfig;
+pub use deploy::{deploy, DeploymentChanged, Reloader};
+pub use routing::{Live, Routing};
+
+/// A built search service: state loaded, deployment watcher positioned.
+pub struct Search {
+    pub state: AppState,
+    pub reloader: Reloader,
+    watcher: rdkafka::consumer::StreamConsumer,
+    reload_every: Duration,
+    config: SearchConfig,
+}
+
+impl Search {
+    /// Connects, positions the deployment watcher, then loads every
+    /// deployed version (so no change after this read is missed).
+    pub async fn build(config: SearchConfig) -> anyhow::Result<Search> {
+        let pool = kalon_db::connect(&config.database_url, 8).await?;
+        kalon_db::check_schema(&pool).await?;
+        let kafka = KafkaSettings::new(&config.brokers, &config.topic_prefix);
+        let events = events::Events::new(
+            &kafka,
+            config.impression_buffer,
+            Duration::from_millis(config.kafka_timeout_ms),
+        )?;
+        let live = Arc::new(Live::default());
+        let reloader = Reloader {
+            pool,
+            live: live.clone(),
+            options: EncoderOptions::from_env()?,
+            params: config.index_params(),
+        };
+        let watcher = reloader.watch(&kafka)?;
+        if let Err(error) = reloader.reload().await {
+            // start anyway (not ready) and keep trying: a bad version must
+            // not keep the service down once a good one is deployed
+            tracing::error!(%error, "loading the deployed versions failed");
+        }
+        let state = AppState {
+            live,
+            events,
+            images: config.images.clone(),
+            public_url: config.public_url.trim_end_matches('/').to_owned(),
+            limits: config.limits(),
+        };
+        Ok(Search {
+            state,
+            reloader,
+            watcher,
+            reload_every: Duration::from_secs(config.reload_every_s.max(1)),
+            config,
+        })
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then drains requests.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut stop_watch = stop_rx.clone();
+        let watcher = tokio::spawn(self.reloader.run(
+            self.watcher,
+            self.reload_every,
+            async move {
+                let _ = stop_watch.changed().await;
+            },
+        ));
+        tracing::info!(addr = %listener.local_addr()?, "search listening");
+        let app = router(self.state);
+        let mut stop_serve = stop_rx;
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_serve.changed().await;
+            })
+            .await?;
+        watcher.await?;
+        Ok(())
+    }
+
+    /// Binds the configured address and serves.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", self.config.listen))?;
+        self.serve(listener, shutdown).await
+    }
+}
