@@ -48,6 +48,16 @@ if [ ! -x "$py_env/bin/python" ] || ! "$py_env/bin/python" -c 'import onnx' 2>/d
   "$py_env/bin/pip" install -q "onnx==1.23.2" "numpy<3"
 fi
 
+# schemathesis: the search API test fuzzes the service against its own
+# /openapi.json (its own venv: it pins many packages)
+st_env="$cache/py-schemathesis"
+st_version=4.32.5
+if [ ! -x "$st_env/bin/schemathesis" ] || ! "$st_env/bin/schemathesis" --version 2>/dev/null | grep -q "$st_version"; then
+  echo "installing schemathesis $st_version into $st_env" >&2
+  python3 -m venv "$st_env"
+  "$st_env/bin/pip" install -q "schemathesis==$st_version"
+fi
+
 missing=()
 command -v cc >/dev/null || missing+=(build-essential)
 command -v psql >/dev/null || missing+=(postgresql-client)

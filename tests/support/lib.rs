@@ -311,3 +311,155 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// A small world, a randomly initialised reference model on it, and an
+/// aligned version of that model (a random adapter), for search tests.
+pub mod search {
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+
+    use candle_core::{Device, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+    use kalon_encoder::{EncoderOptions, WordTokenizer};
+    use kalon_model::{ModelConfig, TwoTower};
+    use kalon_search::indexer::{self, IndexJob, Indexed};
+    use kalon_search::{Search, SearchConfig};
+    use rand::{Rng, SeedableRng};
+
+    use super::TestEnv;
+
+    pub struct SearchWorld {
+        pub world: tempfile::TempDir,
+        pub parent: tempfile::TempDir,
+        pub aligned: tempfile::TempDir,
+    }
+
+    impl SearchWorld {
+        pub fn images(&self) -> PathBuf {
+            self.world.path().join("images")
+        }
+    }
+
+    pub fn search_world(images: usize) -> SearchWorld {
+        let world = tempfile::tempdir().unwrap();
+        kalon_world::export(
+            &kalon_world::WorldSpec::new(21, images),
+            world.path(),
+            |_| {},
+        )
+        .unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let captions = std::fs::read_to_string(world.path().join("captions.jsonl")).unwrap();
+        let tokenizer = WordTokenizer::build(captions.lines(), 1, 16);
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+        let model = TwoTower::new(ModelConfig::reference(tokenizer.vocab_size()), vb).unwrap();
+        kalon_model::model::seeded_init(&varmap, 4).unwrap();
+        kalon_model::export::export(
+            &model,
+            &varmap,
+            &tokenizer,
+            parent.path(),
+            Default::default(),
+        )
+        .unwrap();
+        // an adapter with random non-zero weights, exported as train align does
+        let dim = 64;
+        let adapter = kalon_align::adapter::Adapter::new(dim, &Device::Cpu).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let values: Vec<f32> = (0..dim * dim)
+            .map(|_| rng.random_range(-0.3..0.3))
+            .collect();
+        adapter.varmap.all_vars()[0]
+            .set(&Tensor::from_vec(values, (dim, dim), &Device::Cpu).unwrap())
+            .unwrap();
+        let aligned = tempfile::tempdir().unwrap();
+        let notes = serde_json::json!({ "parent": parent.path().display().to_string() });
+        let serde_json::Value::Object(notes) = notes else {
+            unreachable!()
+        };
+        adapter
+            .export(parent.path(), aligned.path(), notes)
+            .unwrap();
+        SearchWorld {
+            world,
+            parent,
+            aligned,
+        }
+    }
+
+    /// Indexes `version` from an encoder directory (adapter reuse where it can).
+    pub async fn index(
+        env: &TestEnv,
+        world: &SearchWorld,
+        version: &str,
+        dir: &std::path::Path,
+        force_tower: bool,
+    ) -> Indexed {
+        indexer::index_version(
+            &env.pool,
+            IndexJob {
+                version,
+                encoder_dir: dir,
+                images: &world.images(),
+                parent: None,
+                force_tower,
+                batch: 64,
+                options: &EncoderOptions::default(),
+            },
+            |_, _| {},
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The service's settings for a test: its database and topics, reloads
+    /// only on events, short broker timeouts.
+    pub fn config(env: &TestEnv, world: &SearchWorld) -> SearchConfig {
+        let mut config = SearchConfig::new(
+            &env.database_url,
+            &env.kafka.brokers,
+            &env.kafka.topic_prefix,
+        );
+        config.images = Some(world.images());
+        config.reload_every_s = 3600;
+        config.kafka_timeout_ms = 3000;
+        config
+    }
+
+    /// A running service on a free port; send on the returned channel to stop it.
+    pub struct Running {
+        pub addr: SocketAddr,
+        pub state: kalon_search::AppState,
+        pub stop: tokio::sync::oneshot::Sender<()>,
+        pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    }
+
+    impl Running {
+        pub fn url(&self, path: &str) -> String {
+            format!("http://{}{path}", self.addr)
+        }
+
+        pub async fn shutdown(self) {
+            let _ = self.stop.send(());
+            self.task.await.unwrap().unwrap();
+        }
+    }
+
+    pub async fn serve(config: SearchConfig) -> Running {
+        let search = Search::build(config).await.unwrap();
+        let state = search.state.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(search.serve(listener, async move {
+            let _ = stopped.await;
+        }));
+        Running {
+            addr,
+            state,
+            stop,
+            task,
+        }
+    }
+}

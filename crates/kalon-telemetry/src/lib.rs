@@ -82,13 +82,20 @@ pub fn install_crypto_provider() {
     });
 }
 
+/// Installs the W3C trace-context propagator (`traceparent`) process-wide,
+/// so trace context is read from and written to HTTP and Kafka headers even
+/// in a process that did not call [`init`] (a service embedded in tests).
+pub fn install_propagator() {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+}
+
 /// As [`init`], with the OTLP endpoint (e.g. `http://127.0.0.1:4318`) given.
 pub fn init_with(
     service: &'static str,
     otlp_endpoint: Option<&str>,
 ) -> anyhow::Result<TelemetryGuard> {
     install_crypto_provider();
-    global::set_text_map_propagator(TraceContextPropagator::new());
+    install_propagator();
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,ort=warn"));
     let json = std::env::var("KALON_LOG_FORMAT").is_ok_and(|f| f == "json");

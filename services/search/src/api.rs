@@ -262,6 +262,11 @@ async fn run_search(
     let embed_span = tracing::info_span!("embed");
     let ann_span = tracing::info_span!("ann_search", k);
     let hits = tokio::task::spawn_blocking(move || {
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        served.text.tokenizer().push(&text, &mut ids, &mut mask);
+        if mask.iter().all(|m| *m == 0) {
+            return Ok(None);
+        }
         let embedding = embed_span.in_scope(|| served.text.embed_texts(&[text]))?;
         let row = embedding.row(0);
         if !row.iter().all(|v| v.is_finite()) || row.iter().all(|v| *v == 0.0) {

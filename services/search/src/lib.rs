@@ -38,6 +38,7 @@ impl Search {
     /// Connects, positions the deployment watcher, then loads every
     /// deployed version (so no change after this read is missed).
     pub async fn build(config: SearchConfig) -> anyhow::Result<Search> {
+        kalon_telemetry::install_propagator();
         let pool = kalon_db::connect(&config.database_url, 8).await?;
         kalon_db::check_schema(&pool).await?;
         let kafka = KafkaSettings::new(&config.brokers, &config.topic_prefix);

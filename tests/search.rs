@@ -1,0 +1,657 @@
+//! The search service against a real Postgres, a real tansu broker and ONNX
+//! Runtime: corpus embedding (with adapter reuse), the API in process and
+//! over a socket, canary routing, hot swap under load, impressions and
+//! feedback on their topics, Kafka outages, and a schemathesis fuzz run
+//! against the service's own OpenAPI document.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use kalon_search::store;
+use kalon_search::{router, Search, SearchResponse};
+use kalon_tests::search::{self as fixture, SearchWorld};
+use kalon_tests::TestEnv;
+use tower::ServiceExt;
+
+/// A test env with `ref-a` indexed (image tower) and deployed as `control`.
+async fn setup(images: usize) -> (TestEnv, SearchWorld) {
+    let env = TestEnv::new().await;
+    let world = fixture::search_world(images);
+    let indexed = fixture::index(&env, &world, "ref-a", world.parent.path(), false).await;
+    assert_eq!(indexed.method, "tower");
+    store::set_deployment(&env.pool, "ref-a", "control", 1.0)
+        .await
+        .unwrap();
+    (env, world)
+}
+
+async fn call(app: &axum::Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, body)
+}
+
+fn post(path: &str, body: impl Into<Body>) -> Request<Body> {
+    Request::post(path)
+        .header("content-type", "application/json")
+        .body(body.into())
+        .unwrap()
+}
+
+fn search_body(query: &str, session: &str) -> String {
+    serde_json::json!({ "query": query, "k": 5, "session_id": session }).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_version_reuses_the_parents_embeddings_and_matches_its_own_tower() {
+    let (env, world) = setup(300).await;
+    let reused = fixture::index(&env, &world, "ref-b", world.aligned.path(), false).await;
+    assert_eq!(reused.method, "adapter-reuse");
+    assert_eq!(reused.parent.as_deref(), Some("ref-a"));
+    assert_eq!(reused.images, 300);
+    let full = fixture::index(&env, &world, "ref-b-full", world.aligned.path(), true).await;
+    assert_eq!(full.method, "tower");
+
+    let a = store::load_embeddings(&env.pool, "ref-a", 64)
+        .await
+        .unwrap();
+    let b = store::load_embeddings(&env.pool, "ref-b", 64)
+        .await
+        .unwrap();
+    let b_full = store::load_embeddings(&env.pool, "ref-b-full", 64)
+        .await
+        .unwrap();
+    assert_eq!(a.ids.len(), 300);
+    assert_eq!(b.ids, b_full.ids);
+    // the reused embeddings are what the aligned tower computes itself...
+    let diff = kalon_tests::max_abs_diff(&b.data, &b_full.data);
+    assert!(
+        diff <= 1e-4,
+        "adapter reuse differs from the tower by {diff}"
+    );
+    // ...and not the parent's
+    assert!(kalon_tests::max_abs_diff(&a.data, &b.data) > 1e-2);
+    let version = store::version(&env.pool, "ref-b").await.unwrap().unwrap();
+    assert_eq!(version.parent.as_deref(), Some("ref-a"));
+    assert_eq!(version.images_indexed, 300);
+
+    // bad input: a bad version name, a missing encoder, an unindexed deploy
+    let job = |version, dir| kalon_search::indexer::IndexJob {
+        version,
+        encoder_dir: dir,
+        images: std::path::Path::new("/nonexistent"),
+        parent: None,
+        force_tower: false,
+        batch: 8,
+        options: Box::leak(Box::default()),
+    };
+    let error = kalon_search::indexer::index_version(
+        &env.pool,
+        job("no spaces allowed", world.parent.path()),
+        |_, _| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("must be 1-64 characters"),
+        "{error}"
+    );
+    let error = kalon_search::indexer::index_version(
+        &env.pool,
+        job("v2", std::path::Path::new("/nonexistent/encoder")),
+        |_, _| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("no encoder directory"),
+        "{error}"
+    );
+    let error = store::set_deployment(&env.pool, "never-indexed", "x", 1.0)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("not registered"), "{error}");
+    let error = store::set_deployment(&env.pool, "ref-a", "control", f64::NAN)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("weight"), "{error}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_in_process_answers_and_refuses_bad_requests_with_a_message() {
+    let (env, world) = setup(300).await;
+    let search = Search::build(fixture::config(&env, &world)).await.unwrap();
+    let app = router(search.state.clone());
+
+    let (status, body) = call(&app, post("/v1/search", search_body("a red cat", "s1"))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let answer: SearchResponse = serde_json::from_value(body).unwrap();
+    assert_eq!(answer.model_version, "ref-a");
+    assert_eq!(answer.variant, "control");
+    assert_eq!(answer.results.len(), 5);
+    assert!(answer
+        .results
+        .windows(2)
+        .all(|w| w[0].score >= w[1].score && w[1].rank == w[0].rank + 1));
+    let first = &answer.results[0];
+    assert_eq!(first.url, format!("/v1/images/{}", first.image_id));
+
+    // the image file behind the URL
+    let response = app
+        .clone()
+        .oneshot(Request::get(&first.url).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "image/png");
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let file = std::fs::read(world.images().join(format!("{}.png", first.image_id))).unwrap();
+    assert_eq!(bytes.as_ref(), file.as_slice());
+
+    // malformed requests: 4xx with a message saying what is wrong
+    let long = "x".repeat(600);
+    let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
+        (
+            post("/v1/search", r#"{"query": "  "}"#),
+            StatusCode::BAD_REQUEST,
+            "must not be empty",
+        ),
+        (
+            post("/v1/search", format!(r#"{{"query": "{long}"}}"#)),
+            StatusCode::BAD_REQUEST,
+            "more than the 512",
+        ),
+        (
+            post("/v1/search", r#"{"query": "cat", "k": 0}"#),
+            StatusCode::BAD_REQUEST,
+            "k must be between 1 and 100",
+        ),
+        (
+            post("/v1/search", r#"{"query": "cat", "k": 101}"#),
+            StatusCode::BAD_REQUEST,
+            "k must be between",
+        ),
+        (
+            post("/v1/search", r#"{"query": "cat", "k": -1}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "k",
+        ),
+        (
+            post("/v1/search", r#"{"query": "cat", "colour": 1}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown field",
+        ),
+        (
+            post("/v1/search", r#"{"k": 3}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "missing field `query`",
+        ),
+        (
+            post("/v1/search", "{not json"),
+            StatusCode::BAD_REQUEST,
+            "JSON",
+        ),
+        (
+            post("/v1/search", r#"{"query": "!!! ???"}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "no words",
+        ),
+        (
+            post(
+                "/v1/search",
+                format!(r#"{{"query": "cat", "session_id": "{}"}}"#, "s".repeat(200)),
+            ),
+            StatusCode::BAD_REQUEST,
+            "session_id must be 1 to 128",
+        ),
+        (
+            Request::post("/v1/search")
+                .body(Body::from(r#"{"query":"cat"}"#))
+                .unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type",
+        ),
+        (
+            post("/v1/search", vec![b' '; 20_000]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "length limit",
+        ),
+        (
+            Request::get("/v1/images/..%2Fsecret")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "image id must be",
+        ),
+        (
+            Request::get("/v1/images/img-9999999")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::NOT_FOUND,
+            "no image img-9999999",
+        ),
+        (
+            Request::get("/v2/nothing").body(Body::empty()).unwrap(),
+            StatusCode::NOT_FOUND,
+            "no such endpoint",
+        ),
+        (
+            post(
+                "/v1/feedback/rating",
+                r#"{"query": "cat", "image_id": "img-1", "stars": 9, "aspect": "aesthetic"}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            "stars",
+        ),
+        (
+            post(
+                "/v1/feedback/click",
+                r#"{"request_id": "", "image_id": "img-1", "rank": 1}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            "request_id must be",
+        ),
+    ];
+    for (request, want, message) in cases {
+        let what = format!("{} {}", request.method(), request.uri());
+        let (status, body) = call(&app, request).await;
+        assert_eq!(status, want, "{what}: {body}");
+        let text = body["error"].as_str().unwrap_or_default();
+        assert!(text.contains(message), "{what}: {text:?} lacks {message:?}");
+    }
+    let (status, _) = call(
+        &app,
+        Request::get("/v1/search").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+
+    // OpenAPI, liveness, readiness
+    let (status, doc) = call(
+        &app,
+        Request::get("/openapi.json").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.0.3");
+    assert!(doc["paths"]["/v1/search"]["post"].is_object());
+    let (status, _) = call(&app, Request::get("/healthz").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, ready) = call(&app, Request::get("/readyz").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ready["variants"][0]["model_version"], "ref-a");
+
+    // nothing deployed: not ready, and search says why
+    store::remove_deployment(&env.pool, "ref-a").await.unwrap();
+    search.reloader.reload().await.unwrap();
+    let (status, _) = call(&app, Request::get("/readyz").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, body) = call(&app, post("/v1/search", search_body("cat", "s1"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("no model version is deployed"));
+    env.cleanup().await;
+}
+
+fn client() -> reqwest::Client {
+    kalon_telemetry::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_socket_searches_log_impressions_and_feedback_reaches_its_topics() {
+    let (env, world) = setup(300).await;
+    let running = fixture::serve(fixture::config(&env, &world)).await;
+    let http = client();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let response = http
+            .post(running.url("/v1/search"))
+            .header("content-type", "application/json")
+            .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+            .body(search_body(
+                "a blue dog by the sea",
+                &format!("session-{i}"),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let answer: SearchResponse =
+            serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        answers.push(answer);
+    }
+    let topic = env.kafka.topic("search.impression.v1");
+    let kafka = env.kafka.clone();
+    let received = tokio::task::spawn_blocking(move || {
+        kalon_tests::read_topic(&kafka, &topic, 20, Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert_eq!(received.len(), 20);
+    for message in &received {
+        let event =
+            kalon_events::Event::decode(kalon_events::EventKind::Impression, &message.payload)
+                .expect("a valid impression");
+        let kalon_events::Event::Impression(impression) = event else {
+            unreachable!()
+        };
+        let answer = answers
+            .iter()
+            .find(|a| a.request_id == impression.request_id)
+            .expect("an impression per answered request");
+        assert_eq!(impression.model_version, "ref-a");
+        assert_eq!(impression.variant, "control");
+        assert_eq!(impression.query, "a blue dog by the sea");
+        let ids: Vec<&str> = impression
+            .results
+            .iter()
+            .map(|r| r.image_id.as_str())
+            .collect();
+        let answered: Vec<&str> = answer.results.iter().map(|r| r.image_id.as_str()).collect();
+        assert_eq!(ids, answered);
+        // the caller's trace continues into the event (W3C traceparent)
+        let traceparent = message.headers.get("traceparent").expect("trace header");
+        assert!(traceparent.contains(trace_id), "{traceparent}");
+    }
+
+    // feedback over HTTP lands on its topics, acknowledged
+    let request_id = &answers[0].request_id;
+    let click = http
+        .post(running.url("/v1/feedback/click"))
+        .header("content-type", "application/json")
+        .body(serde_json::json!({"request_id": request_id, "image_id": answers[0].results[0].image_id, "rank": 1, "dwell_ms": 1200}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(click.status(), 202);
+    let accepted: serde_json::Value =
+        serde_json::from_slice(&click.bytes().await.unwrap()).unwrap();
+    let rating = http
+        .post(running.url("/v1/feedback/rating"))
+        .header("content-type", "application/json")
+        .body(serde_json::json!({"request_id": request_id, "query": "a blue dog by the sea", "image_id": answers[0].results[1].image_id, "stars": 4, "aspect": "aesthetic"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rating.status(), 202);
+    let kafka = env.kafka.clone();
+    let (clicks, ratings) = tokio::task::spawn_blocking(move || {
+        (
+            kalon_tests::read_topic(
+                &kafka,
+                &kafka.topic("search.click.v1"),
+                1,
+                Duration::from_secs(20),
+            ),
+            kalon_tests::read_topic(
+                &kafka,
+                &kafka.topic("search.rating.v1"),
+                1,
+                Duration::from_secs(20),
+            ),
+        )
+    })
+    .await
+    .unwrap();
+    let click: serde_json::Value = serde_json::from_slice(&clicks[0].payload).unwrap();
+    assert_eq!(click["event_id"], accepted["event_id"]);
+    assert_eq!(click["request_id"], request_id.as_str());
+    let rating: serde_json::Value = serde_json::from_slice(&ratings[0].payload).unwrap();
+    assert_eq!(rating["stars"], 4);
+    let (_, delivered, dropped) = running.state.events.stats.snapshot();
+    assert_eq!((delivered, dropped), (20, 0));
+    running.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canary_split_follows_the_weights_within_2_percent_and_is_sticky() {
+    let (env, world) = setup(300).await;
+    fixture::index(&env, &world, "ref-b", world.aligned.path(), false).await;
+    store::set_deployment(&env.pool, "ref-a", "control", 0.8)
+        .await
+        .unwrap();
+    store::set_deployment(&env.pool, "ref-b", "canary", 0.2)
+        .await
+        .unwrap();
+    let search = Search::build(fixture::config(&env, &world)).await.unwrap();
+    let app = router(search.state.clone());
+    let sessions = 10_000;
+    let mut canary = 0;
+    let mut first = Vec::with_capacity(sessions);
+    for i in 0..sessions {
+        let (status, body) = call(
+            &app,
+            post(
+                "/v1/search",
+                search_body("red flowers", &format!("user-{i}")),
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (variant, version) = (
+            body["variant"].as_str().unwrap().to_owned(),
+            body["model_version"].as_str().unwrap().to_owned(),
+        );
+        match variant.as_str() {
+            "canary" => {
+                assert_eq!(version, "ref-b");
+                canary += 1;
+            }
+            "control" => assert_eq!(version, "ref-a"),
+            other => panic!("unknown variant {other}"),
+        }
+        first.push(variant);
+    }
+    let share = canary as f64 / sessions as f64;
+    assert!((share - 0.2).abs() <= 0.02, "canary share {share}");
+    // sticky: the same sessions again get the same variant
+    for (i, variant) in first.iter().enumerate().step_by(10) {
+        let (_, body) = call(
+            &app,
+            post(
+                "/v1/search",
+                search_body("green hills", &format!("user-{i}")),
+            ),
+        )
+        .await;
+        assert_eq!(body["variant"].as_str().unwrap(), variant);
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_event_hot_swaps_the_version_under_load_without_a_failed_request() {
+    let (env, world) = setup(300).await;
+    fixture::index(&env, &world, "ref-b", world.aligned.path(), false).await;
+    store::set_deployment(&env.pool, "ref-a", "main", 1.0)
+        .await
+        .unwrap();
+    let running = fixture::serve(fixture::config(&env, &world)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (http, url, stop) = (client(), running.url("/v1/search"), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut failed = 0;
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let body = search_body("a yellow house", &format!("c{c}-{i}"));
+                match http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 200 => {
+                        let answer: SearchResponse =
+                            serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+                        seen.push(answer.model_version);
+                    }
+                    _ => failed += 1,
+                }
+            }
+            (seen, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // the swap: "main" moves to ref-b, announced on model.deployment.v1
+    kalon_search::deploy(&env.pool, &env.kafka, "ref-b", "main", 1.0)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let routing = running.state.live.current();
+        if routing.variants.len() == 1 && routing.variants[0].served.version == "ref-b" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the event never swapped the routing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (seen, failed) = client.await.unwrap();
+        assert_eq!(failed, 0, "failed requests during the swap");
+        assert!(seen.first().is_some_and(|v| v == "ref-a"), "{seen:?}");
+        // after the swap, only the new version answers
+        let tail = &seen[seen.len().saturating_sub(3)..];
+        assert!(tail.iter().all(|v| v == "ref-b"), "{tail:?}");
+        total += seen.len();
+    }
+    assert!(total >= 40, "only {total} requests under load");
+    running.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_kafka_down_search_still_answers_and_counts_the_dropped_impressions() {
+    let (mut env, world) = setup(300).await;
+    let running = fixture::serve(fixture::config(&env, &world)).await;
+    let http = client();
+    // one impression delivered while the broker is up
+    let ok = http
+        .post(running.url("/v1/search"))
+        .header("content-type", "application/json")
+        .body(search_body("cat", "s0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let start = Instant::now();
+    while running.state.events.stats.snapshot().1 < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "first impression not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.broker.as_mut().expect("a private broker").kill();
+    let start = Instant::now();
+    for i in 0..20 {
+        let r = http
+            .post(running.url("/v1/search"))
+            .header("content-type", "application/json")
+            .body(search_body("dog", &format!("s{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // answering did not wait for the broker (timeout is 3 s per event)
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let start = Instant::now();
+    while running.state.events.stats.snapshot().2 < 20 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "drops not counted: {:?}",
+            running.state.events.stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(running.state.events.stats.snapshot().1, 1);
+    // feedback, which needs the broker's acknowledgement, says so
+    let r = http
+        .post(running.url("/v1/feedback/click"))
+        .header("content-type", "application/json")
+        .body(r#"{"request_id": "r1", "image_id": "img-0000001", "rank": 1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    running.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_fuzzing_the_openapi_document_finds_no_server_error() {
+    let (env, world) = setup(200).await;
+    let running = fixture::serve(fixture::config(&env, &world)).await;
+    let cache = std::env::var("KALON_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kalon")
+        });
+    let st = cache.join("py-schemathesis/bin/schemathesis");
+    assert!(
+        st.exists(),
+        "{} missing: run bash scripts/install-tools.sh",
+        st.display()
+    );
+    let output = tokio::process::Command::new(st)
+        .args([
+            "run",
+            &running.url("/openapi.json"),
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "40",
+            "--seed",
+            "7",
+            "--generation-database",
+            "none",
+            "--workers",
+            "2",
+            "--no-color",
+            "--request-timeout",
+            "20",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "schemathesis failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // it really exercised the operations
+    assert!(stdout.contains("Tested: 6"), "{stdout}");
+    running.shutdown().await;
+    env.cleanup().await;
+}
