@@ -6,85 +6,16 @@
 //!
 //! Telemetry is process-global, so this binary holds this one test.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kalon_events::generate::Generator;
 use kalon_ingest::Ingest;
 use kalon_kafka::Outgoing;
+use kalon_tests::otlp::{collector, hex};
 use kalon_tests::TestEnv;
 use opentelemetry::trace::TraceContextExt;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use prost::Message as _;
 use rdkafka::message::OwnedHeaders;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-
-#[derive(Default)]
-struct Received {
-    traces: Vec<ExportTraceServiceRequest>,
-    metrics: Vec<ExportMetricsServiceRequest>,
-}
-
-/// A minimal OTLP/HTTP collector: accepts POST /v1/traces and /v1/metrics
-/// (protobuf bodies, keep-alive connections) and keeps what it decodes.
-async fn collector() -> (String, Arc<Mutex<Received>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
-    let received = Arc::new(Mutex::new(Received::default()));
-    let store = received.clone();
-    tokio::spawn(async move {
-        loop {
-            let (socket, _) = listener.accept().await.unwrap();
-            let store = store.clone();
-            tokio::spawn(async move {
-                let mut reader = BufReader::new(socket);
-                loop {
-                    let mut request_line = String::new();
-                    if reader.read_line(&mut request_line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let mut length = 0usize;
-                    loop {
-                        let mut line = String::new();
-                        reader.read_line(&mut line).await.unwrap();
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if let Some((name, value)) = line.split_once(':') {
-                            if name.eq_ignore_ascii_case("content-length") {
-                                length = value.trim().parse().unwrap();
-                            }
-                        }
-                    }
-                    let mut body = vec![0; length];
-                    reader.read_exact(&mut body).await.unwrap();
-                    {
-                        let mut store = store.lock().unwrap();
-                        if request_line.contains("/v1/traces") {
-                            store
-                                .traces
-                                .push(ExportTraceServiceRequest::decode(&body[..]).unwrap());
-                        } else if request_line.contains("/v1/metrics") {
-                            store
-                                .metrics
-                                .push(ExportMetricsServiceRequest::decode(&body[..]).unwrap());
-                        }
-                    }
-                    let response = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
-                    reader
-                        .get_mut()
-                        .write_all(response.as_bytes())
-                        .await
-                        .unwrap();
-                }
-            });
-        }
-    });
-    (address, received)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trace_crosses_kafka_into_ingest_and_metrics_are_exported() {
@@ -174,8 +105,4 @@ async fn a_trace_crosses_kafka_into_ingest_and_metrics_are_exported() {
         }
     }
     env.cleanup().await;
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -463,3 +463,106 @@ pub mod search {
         }
     }
 }
+
+/// A minimal OTLP/HTTP collector for the telemetry tests.
+pub mod otlp {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use prost::Message as _;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    #[derive(Default)]
+    pub struct Received {
+        pub traces: Vec<ExportTraceServiceRequest>,
+        pub metrics: Vec<ExportMetricsServiceRequest>,
+    }
+
+    /// A minimal OTLP/HTTP collector: accepts POST /v1/traces and /v1/metrics
+    /// (protobuf bodies, keep-alive connections) and keeps what it decodes.
+    pub async fn collector() -> (String, Arc<Mutex<Received>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let received = Arc::new(Mutex::new(Received::default()));
+        let store = received.clone();
+        tokio::spawn(async move {
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut reader = BufReader::new(socket);
+                    loop {
+                        let mut request_line = String::new();
+                        if reader.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut length = 0usize;
+                        loop {
+                            let mut line = String::new();
+                            reader.read_line(&mut line).await.unwrap();
+                            if line == "\r\n" {
+                                break;
+                            }
+                            if let Some((name, value)) = line.split_once(':') {
+                                if name.eq_ignore_ascii_case("content-length") {
+                                    length = value.trim().parse().unwrap();
+                                }
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        reader.read_exact(&mut body).await.unwrap();
+                        {
+                            let mut store = store.lock().unwrap();
+                            if request_line.contains("/v1/traces") {
+                                store
+                                    .traces
+                                    .push(ExportTraceServiceRequest::decode(&body[..]).unwrap());
+                            } else if request_line.contains("/v1/metrics") {
+                                store
+                                    .metrics
+                                    .push(ExportMetricsServiceRequest::decode(&body[..]).unwrap());
+                            }
+                        }
+                        let response = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                        reader
+                            .get_mut()
+                            .write_all(response.as_bytes())
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        (address, received)
+    }
+
+    impl Received {
+        /// Every span received, in arrival order.
+        pub fn spans(&self) -> Vec<Span> {
+            self.traces
+                .iter()
+                .flat_map(|r| &r.resource_spans)
+                .flat_map(|r| &r.scope_spans)
+                .flat_map(|s| s.spans.clone())
+                .collect()
+        }
+
+        /// Names of the metrics received.
+        pub fn metric_names(&self) -> std::collections::BTreeSet<String> {
+            self.metrics
+                .iter()
+                .flat_map(|r| &r.resource_metrics)
+                .flat_map(|r| &r.scope_metrics)
+                .flat_map(|s| &s.metrics)
+                .map(|m| m.name.clone())
+                .collect()
+        }
+    }
+
+    pub fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}

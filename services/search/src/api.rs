@@ -43,9 +43,36 @@ impl Default for Limits {
     }
 }
 
+/// Request metrics (OTLP; a no-op meter until telemetry exports).
+#[derive(Clone)]
+pub struct Metrics {
+    /// Seconds per answered search, by variant and model version.
+    pub duration: opentelemetry::metrics::Histogram<f64>,
+    /// Search requests by outcome (HTTP status class).
+    pub requests: opentelemetry::metrics::Counter<u64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let meter = kalon_telemetry::meter();
+        Metrics {
+            duration: meter
+                .f64_histogram("kalon.search.request.duration")
+                .with_unit("s")
+                .with_description("time to answer a search, embed + ANN + queueing the impression")
+                .build(),
+            requests: meter
+                .u64_counter("kalon.search.requests")
+                .with_description("search requests by status")
+                .build(),
+        }
+    }
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
+    pub metrics: Metrics,
     pub live: Arc<Live>,
     pub events: Events,
     /// Folder of `<image id>.png` files, if this instance serves images.
@@ -204,7 +231,30 @@ async fn search(
             caller
         }
     };
-    run_search(app, request, context).instrument(span).await
+    let started = std::time::Instant::now();
+    let metrics = app.metrics.clone();
+    let answer = run_search(app, request, context).instrument(span).await;
+    let status = match &answer {
+        Ok(Json(answer)) => {
+            let attributes = [
+                opentelemetry::KeyValue::new("variant", answer.variant.clone()),
+                opentelemetry::KeyValue::new("model_version", answer.model_version.clone()),
+            ];
+            metrics
+                .duration
+                .record(started.elapsed().as_secs_f64(), &attributes);
+            StatusCode::OK
+        }
+        Err(error) => error.status,
+    };
+    metrics.requests.add(
+        1,
+        &[opentelemetry::KeyValue::new(
+            "status",
+            i64::from(status.as_u16()),
+        )],
+    );
+    answer
 }
 
 async fn run_search(

@@ -72,11 +72,11 @@ impl Events {
             kafka: kafka.clone(),
             stats: Arc::default(),
             dropped_metric: meter
-                .u64_counter("kalon_search_impressions_dropped")
+                .u64_counter("kalon.search.impressions.dropped")
                 .with_description("impressions lost: producer buffer full or broker unreachable")
                 .build(),
             delivered_metric: meter
-                .u64_counter("kalon_search_impressions_delivered")
+                .u64_counter("kalon.search.impressions.delivered")
                 .with_description("impressions acknowledged by the broker")
                 .build(),
             feedback_timeout: timeout,

@@ -61,6 +61,7 @@ impl Search {
             tracing::error!(%error, "loading the deployed versions failed");
         }
         let state = AppState {
+            metrics: api::Metrics::default(),
             live,
             events,
             images: config.images.clone(),
