@@ -47,6 +47,8 @@ pub enum Bench {
         #[arg(long)]
         no_baseline: bool,
     },
+    /// The search service under HTTP load (oha) over a large corpus, and its HNSW index against faiss-cpu (and instant-distance) at the same recall.
+    Search(crate::search_bench::SearchBenchArgs),
     /// Encoder throughput on ONNX Runtime (images/s, texts/s) at batch 1 and 32, on a world's held-out pairs.
     Encoder {
         /// World (and pretrained model) seed, built when missing.
@@ -73,6 +75,7 @@ pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
             batch_max,
         } => ingest(cli, *events, !*no_baseline, *writers, *batch_max).await,
         Bench::Align { steps, no_baseline } => align(*steps, !*no_baseline).await,
+        Bench::Search(args) => crate::search_bench::run(cli, args).await,
         Bench::Encoder {
             seed,
             images,
@@ -255,7 +258,7 @@ async fn baseline_python() -> anyhow::Result<std::path::PathBuf> {
 
 /// A Python in a venv under the cache with `requirements` installed (once);
 /// `module` is imported to tell whether it is ready.
-async fn bench_python(
+pub(crate) async fn bench_python(
     name: &str,
     module: &str,
     requirements: &[&str],

@@ -7,6 +7,7 @@ mod events;
 mod llm;
 mod model;
 mod search;
+mod search_bench;
 mod sim;
 
 use std::path::PathBuf;
