@@ -20,6 +20,7 @@ fn workspace_binaries() -> BTreeSet<String> {
         "crates/kalonctl/Cargo.toml",
         "services/ingest/Cargo.toml",
         "services/enricher/Cargo.toml",
+        "services/search/Cargo.toml",
     ] {
         let text = std::fs::read_to_string(format!("{root}/{manifest}")).unwrap();
         let mut lines = text.lines();

@@ -7,7 +7,37 @@
 //! `kalonctl bench ann`). HNSW answers are re-scored exactly, so scores are
 //! the same whichever path found a row.
 
-use hnsw_rs::prelude::{DistDot, Hnsw};
+use hnsw_rs::prelude::{Distance, Hnsw};
+
+/// `1 - <a, b>` for unit rows, clamped at 0. (anndists' `DistDot` asserts
+/// the distance is non-negative, which rounding breaks for a row and itself:
+/// a panic on a real 100,000-image corpus.)
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnitDot;
+
+impl Distance<f32> for UnitDot {
+    fn eval(&self, va: &[f32], vb: &[f32]) -> f32 {
+        (1.0 - dot(va, vb)).max(0.0)
+    }
+}
+
+/// Inner product with eight independent sums, so the compiler vectorises it.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut sums = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            sums[i] += x[i] * y[i];
+        }
+    }
+    sums.iter().sum::<f32>() + tail
+}
 
 /// Index parameters.
 #[derive(Debug, Clone, Copy)]
@@ -42,7 +72,7 @@ pub struct Hit {
 
 enum Graph {
     Exact,
-    Hnsw(Box<Hnsw<'static, f32, DistDot>>),
+    Hnsw(Box<Hnsw<'static, f32, UnitDot>>),
 }
 
 /// Unit-length rows and, above the exact threshold, an HNSW graph over them.
@@ -83,12 +113,12 @@ impl VectorIndex {
             Graph::Exact
         } else {
             let layers = 16.min((n as f32).ln().ceil() as usize).max(1);
-            let hnsw = Hnsw::<f32, DistDot>::new(
+            let hnsw = Hnsw::<f32, UnitDot>::new(
                 params.max_connections,
                 n,
                 layers,
                 params.ef_construction,
-                DistDot {},
+                UnitDot,
             );
             let rows: Vec<(&[f32], usize)> = data.chunks_exact(dim).zip(0..n).collect();
             hnsw.parallel_insert_slice(&rows);
@@ -124,7 +154,7 @@ impl VectorIndex {
     }
 
     fn dot(&self, row: usize, query: &[f32]) -> f32 {
-        self.row(row).iter().zip(query).map(|(a, b)| a * b).sum()
+        dot(self.row(row), query)
     }
 
     /// The `k` best rows for a unit-length query, best first.
@@ -251,6 +281,20 @@ mod tests {
         let mean = total / 200.0;
         assert!(mean >= 0.95, "recall@10 {mean}");
         assert!(mean <= 1.0);
+    }
+
+    #[test]
+    fn a_row_is_at_distance_zero_from_itself_even_when_rounding_says_otherwise() {
+        // a unit row whose float dot with itself rounds above 1
+        let data = rows(2_000, 64, 5);
+        let over = data
+            .chunks_exact(64)
+            .find(|r| dot(r, r) > 1.0)
+            .expect("some row rounds above 1");
+        assert_eq!(UnitDot.eval(over, over), 0.0);
+        let odd: Vec<f32> = (0..19).map(|i| i as f32).collect();
+        let plain: f32 = odd.iter().map(|x| x * x).sum();
+        assert_eq!(dot(&odd, &odd), plain);
     }
 
     #[test]
