@@ -97,7 +97,7 @@ pub fn init_with(
     install_crypto_provider();
     install_propagator();
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,ort=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,ort=warn,hnsw_rs=warn,anndists=warn"));
     let json = std::env::var("KALON_LOG_FORMAT").is_ok_and(|f| f == "json");
     let fmt = if json {
         tracing_subscriber::fmt::layer()

@@ -10,10 +10,12 @@
 //!    impressions go to the stack's broker.
 //! 3. The index alone: recall@10 of the service's HNSW against exact search
 //!    and its queries/s on one thread, over the world's query and caption
-//!    texts embedded by the model; `instant-distance` (the other maintained
-//!    pure-Rust HNSW considered) with the same parameters beside it; and the
-//!    peer, faiss-cpu's IndexHNSWFlat with the same M and efConstruction, at
-//!    the smallest efSearch that reaches the same recall (bench/search_peer.py).
+//!    texts embedded by the model, for a sweep of efSearch (the service's
+//!    setting is the reported one); the other maintained crates considered,
+//!    `hnsw_rs` and `instant-distance`, with the same parameters beside it;
+//!    and the peer, faiss-cpu's IndexHNSWFlat with the same M and
+//!    efConstruction, at the smallest efSearch that reaches the same recall
+//!    (bench/search_peer.py).
 //!
 //! The last line is one JSON object.
 
@@ -45,9 +47,15 @@ pub struct SearchBenchArgs {
     /// World seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// HNSW efSearch of the service.
-    #[arg(long, default_value_t = 48)]
-    pub ef_search: usize,
+    /// HNSW efSearch of the service [default: the service's].
+    #[arg(long)]
+    pub ef_search: Option<usize>,
+    /// HNSW M of the service [default: the service's].
+    #[arg(long)]
+    pub hnsw_m: Option<usize>,
+    /// HNSW efConstruction of the service [default: the service's].
+    #[arg(long)]
+    pub ef_construction: Option<usize>,
     /// Connections the load generator may open.
     #[arg(long, default_value_t = 16)]
     pub connections: u32,
@@ -123,6 +131,17 @@ impl instant_distance::Point for Unit {
     }
 }
 
+/// `1 - <a, b>` clamped at 0, for the hnsw_rs candidate (anndists' own
+/// `DistDot` asserts on rounding for a row and itself).
+#[derive(Clone, Copy, Default)]
+struct UnitDot;
+
+impl hnsw_rs::prelude::Distance<f32> for UnitDot {
+    fn eval(&self, va: &[f32], vb: &[f32]) -> f32 {
+        (1.0 - kalon_search::index::dot(va, vb)).max(0.0)
+    }
+}
+
 /// Queries/s of `search` over `queries` on this thread, for about a second.
 fn rate(queries: &[f32], dim: usize, mut search: impl FnMut(&[f32])) -> f64 {
     let started = Instant::now();
@@ -140,7 +159,23 @@ struct IndexFigures {
     recall: f64,
     qps: f64,
     build_s: f64,
-    candidate: serde_json::Value,
+    sweep: Vec<serde_json::Value>,
+    candidates: Vec<serde_json::Value>,
+}
+
+/// Mean recall@10 of `search` against `truth`.
+fn mean_recall(
+    queries: &[f32],
+    dim: usize,
+    truth: &[Vec<kalon_search::index::Hit>],
+    mut search: impl FnMut(&[f32]) -> Vec<kalon_search::index::Hit>,
+) -> f64 {
+    let total: f64 = queries
+        .chunks_exact(dim)
+        .zip(truth)
+        .map(|(q, exact)| recall(exact, &search(q)))
+        .sum();
+    total / truth.len() as f64
 }
 
 fn index_figures(
@@ -156,53 +191,87 @@ fn index_figures(
         .chunks_exact(dim)
         .map(|q| index.exact(q, 10))
         .collect();
-    let n = truth.len() as f64;
-    let mut total = 0.0;
-    for (q, exact) in queries.chunks_exact(dim).zip(&truth) {
-        total += recall(exact, &index.search(q, 10)?);
+    let hit = |row: usize, distance: f32| kalon_search::index::Hit {
+        row,
+        score: 1.0 - distance,
+    };
+    // efSearch sweep of the service's index, then its own setting
+    let mut sweep = Vec::new();
+    for ef in [16, 32, 48, 64, 96, 128, 192, 256] {
+        index.set_ef_search(ef);
+        let r = mean_recall(queries, dim, &truth, |q| {
+            index.search(q, 10).expect("dims checked")
+        });
+        let qps = rate(queries, dim, |q| {
+            std::hint::black_box(index.search(q, 10).expect("dims checked"));
+        });
+        sweep.push(
+            serde_json::json!({"ef_search": ef, "recall_at_10": round(r, 4), "qps": qps.round()}),
+        );
     }
+    index.set_ef_search(params.ef_search);
+    let own_recall = mean_recall(queries, dim, &truth, |q| {
+        index.search(q, 10).expect("dims checked")
+    });
     let qps = rate(queries, dim, |q| {
         std::hint::black_box(index.search(q, 10).expect("dims checked"));
     });
 
-    // the candidate: instant-distance, same M (its default 32 links on layer
-    // 0 = 2M, as hnsw_rs), same efConstruction and efSearch
+    // the candidates, same M, efConstruction and efSearch
+    let mut candidates = Vec::new();
+    let n = data.len() / dim;
+    let started = Instant::now();
+    let layers = 16.min((n as f32).ln().ceil() as usize).max(1);
+    let graph = hnsw_rs::hnsw::Hnsw::<f32, UnitDot>::new(
+        params.max_connections,
+        n,
+        layers,
+        params.ef_construction,
+        UnitDot,
+    );
+    let rows: Vec<(&[f32], usize)> = data.chunks_exact(dim).zip(0..n).collect();
+    graph.parallel_insert_slice(&rows);
+    let built = started.elapsed().as_secs_f64();
+    let ef = params.ef_search;
+    let r = mean_recall(queries, dim, &truth, |q| {
+        graph
+            .search(q, 10, ef)
+            .into_iter()
+            .map(|nb| hit(nb.d_id, nb.distance))
+            .collect()
+    });
+    let q_rate = rate(queries, dim, |q| {
+        std::hint::black_box(graph.search(q, 10, ef));
+    });
+    candidates.push(serde_json::json!({"crate": "hnsw_rs 0.3", "recall_at_10": round(r, 4), "qps": q_rate.round(), "build_s": round(built, 2)}));
+    drop(graph);
+
     let points: Vec<Unit> = data.chunks_exact(dim).map(|r| Unit(r.to_vec())).collect();
-    let rows: Vec<usize> = (0..points.len()).collect();
     let started = Instant::now();
     let map = instant_distance::Builder::default()
         .ef_construction(params.ef_construction)
         .ef_search(params.ef_search)
         .seed(7)
-        .build(points, rows);
-    let candidate_build = started.elapsed().as_secs_f64();
+        .build(points, (0..n).collect::<Vec<usize>>());
+    let built = started.elapsed().as_secs_f64();
     let mut searcher = instant_distance::Search::default();
-    let mut candidate_total = 0.0;
-    for (q, exact) in queries.chunks_exact(dim).zip(&truth) {
-        let found: Vec<_> = map
-            .search(&Unit(q.to_vec()), &mut searcher)
+    let r = mean_recall(queries, dim, &truth, |q| {
+        map.search(&Unit(q.to_vec()), &mut searcher)
             .take(10)
-            .map(|item| kalon_search::index::Hit {
-                row: *item.value,
-                score: 1.0 - item.distance,
-            })
-            .collect();
-        candidate_total += recall(exact, &found);
-    }
-    let candidate_qps = rate(queries, dim, |q| {
+            .map(|item| hit(*item.value, item.distance))
+            .collect()
+    });
+    let q_rate = rate(queries, dim, |q| {
         let point = Unit(q.to_vec());
         std::hint::black_box(map.search(&point, &mut searcher).take(10).count());
     });
+    candidates.push(serde_json::json!({"crate": "instant-distance 0.6", "recall_at_10": round(r, 4), "qps": q_rate.round(), "build_s": round(built, 2)}));
     Ok(IndexFigures {
-        recall: total / n,
+        recall: own_recall,
         qps,
         build_s,
-        candidate: serde_json::json!({
-            "crate": "instant-distance 0.6",
-            "recall_at_10": round(candidate_total / n, 4),
-            "qps": candidate_qps.round(),
-            "build_s": round(candidate_build, 2),
-        }),
+        sweep,
+        candidates,
     })
 }
 
@@ -290,7 +359,9 @@ pub async fn run(cli: &Cli, args: &SearchBenchArgs) -> anyhow::Result<()> {
         &endpoints.kafka.brokers,
         &endpoints.kafka.topic_prefix,
     );
-    config.ef_search = args.ef_search;
+    config.ef_search = args.ef_search.unwrap_or(config.ef_search);
+    config.hnsw_m = args.hnsw_m.unwrap_or(config.hnsw_m);
+    config.ef_construction = args.ef_construction.unwrap_or(config.ef_construction);
     config.images = Some(world.join("images"));
     let params = config.index_params();
     let started = Instant::now();
@@ -379,11 +450,16 @@ pub async fn run(cli: &Cli, args: &SearchBenchArgs) -> anyhow::Result<()> {
     let (data, q) = (stored.data.clone(), queries.clone());
     let figures =
         tokio::task::spawn_blocking(move || index_figures(&data, dim, &q, params)).await??;
+    for point in &figures.sweep {
+        println!("index sweep: {point}");
+    }
     println!(
-        "index (hnsw_rs, M {} efC {} efS {}): recall@10 {:.4}, {:.0} queries/s on one thread, built in {:.1} s",
+        "index (usearch, M {} efC {} efS {}): recall@10 {:.4}, {:.0} queries/s on one thread, built in {:.1} s",
         params.max_connections, params.ef_construction, params.ef_search, figures.recall, figures.qps, figures.build_s
     );
-    println!("candidate: {}", figures.candidate);
+    for candidate in &figures.candidates {
+        println!("candidate: {candidate}");
+    }
     let mut faiss_qps = f64::NAN;
     if !args.no_baseline {
         let python =

@@ -61,8 +61,14 @@ pub struct SearchConfig {
     #[arg(long, env = "KALON_SEARCH_EXACT_BELOW", default_value_t = 5_000)]
     pub exact_below: usize,
     /// HNSW candidate list while searching (higher: better recall, slower).
-    #[arg(long, env = "KALON_SEARCH_EF", default_value_t = 48)]
+    #[arg(long, env = "KALON_SEARCH_EF", default_value_t = 256)]
     pub ef_search: usize,
+    /// HNSW links per node (M; higher: better recall, more memory, slower build).
+    #[arg(long, env = "KALON_SEARCH_HNSW_M", default_value_t = 16)]
+    pub hnsw_m: usize,
+    /// HNSW candidate list while building (efConstruction).
+    #[arg(long, env = "KALON_SEARCH_EF_CONSTRUCTION", default_value_t = 100)]
+    pub ef_construction: usize,
 }
 
 impl SearchConfig {
@@ -94,7 +100,8 @@ impl SearchConfig {
         IndexParams {
             exact_below: self.exact_below,
             ef_search: self.ef_search,
-            ..IndexParams::default()
+            max_connections: self.hnsw_m,
+            ef_construction: self.ef_construction,
         }
     }
 }

@@ -3,23 +3,13 @@
 //! Embeddings are unit length, so the score is the inner product. Small
 //! corpora are searched exactly (a scan of n x d floats is faster than a
 //! graph walk below a few thousand rows and is always right); larger ones go
-//! through HNSW (`hnsw_rs`, chosen against `instant-distance` in
-//! `kalonctl bench ann`). HNSW answers are re-scored exactly, so scores are
-//! the same whichever path found a row.
+//! through HNSW (`usearch`, chosen against `hnsw_rs`, `instant-distance` and
+//! faiss in `kalonctl bench search`). HNSW answers are re-scored exactly, so
+//! scores are the same whichever path found a row.
 
-use hnsw_rs::prelude::{Distance, Hnsw};
+use std::sync::{Condvar, Mutex};
 
-/// `1 - <a, b>` for unit rows, clamped at 0. (anndists' `DistDot` asserts
-/// the distance is non-negative, which rounding breaks for a row and itself:
-/// a panic on a real 100,000-image corpus.)
-#[derive(Debug, Clone, Copy, Default)]
-pub struct UnitDot;
-
-impl Distance<f32> for UnitDot {
-    fn eval(&self, va: &[f32], vb: &[f32]) -> f32 {
-        (1.0 - dot(va, vb)).max(0.0)
-    }
-}
+use usearch::ffi::{IndexOptions as UsearchOptions, MetricKind, ScalarKind};
 
 /// Inner product with eight independent sums, so the compiler vectorises it.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -58,7 +48,7 @@ impl Default for IndexParams {
             exact_below: 5_000,
             max_connections: 16,
             ef_construction: 100,
-            ef_search: 48,
+            ef_search: 256,
         }
     }
 }
@@ -72,15 +62,49 @@ pub struct Hit {
 
 enum Graph {
     Exact,
-    Hnsw(Box<Hnsw<'static, f32, UnitDot>>),
+    Hnsw(usearch::Index),
 }
+
+/// At most `n` holders at once: usearch keeps one search context per
+/// reserved thread, so concurrent searches beyond that wait here instead of
+/// failing.
+struct Gate {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Gate {
+    fn new(n: usize) -> Self {
+        Gate {
+            free: Mutex::new(n),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            while *free == 0 {
+                free = self.freed.wait(free).unwrap_or_else(|e| e.into_inner());
+            }
+            *free -= 1;
+        }
+        let out = f();
+        *self.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.freed.notify_one();
+        out
+    }
+}
+
+/// Search contexts reserved per index (concurrent searches beyond this wait).
+const SEARCH_CONTEXTS: usize = 64;
 
 /// Unit-length rows and, above the exact threshold, an HNSW graph over them.
 pub struct VectorIndex {
     dim: usize,
     data: Vec<f32>,
     graph: Graph,
-    params: IndexParams,
+    gate: Gate,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +115,8 @@ pub enum IndexError {
     NotUnit { row: usize, norm: f32 },
     #[error("query is {got}-d, the index {want}-d")]
     QueryDim { got: usize, want: usize },
+    #[error("HNSW index: {0}")]
+    Hnsw(String),
 }
 
 impl VectorIndex {
@@ -112,23 +138,13 @@ impl VectorIndex {
         let graph = if n < params.exact_below {
             Graph::Exact
         } else {
-            let layers = 16.min((n as f32).ln().ceil() as usize).max(1);
-            let hnsw = Hnsw::<f32, UnitDot>::new(
-                params.max_connections,
-                n,
-                layers,
-                params.ef_construction,
-                UnitDot,
-            );
-            let rows: Vec<(&[f32], usize)> = data.chunks_exact(dim).zip(0..n).collect();
-            hnsw.parallel_insert_slice(&rows);
-            Graph::Hnsw(Box::new(hnsw))
+            Graph::Hnsw(build_hnsw(dim, &data, params)?)
         };
         Ok(VectorIndex {
             dim,
             data,
             graph,
-            params,
+            gate: Gate::new(SEARCH_CONTEXTS),
         })
     }
 
@@ -142,6 +158,14 @@ impl VectorIndex {
 
     pub fn dim(&self) -> usize {
         self.dim
+    }
+
+    /// Changes the HNSW candidate list of searches from now on (no-op for
+    /// exact indexes); for recall/speed sweeps.
+    pub fn set_ef_search(&self, ef: usize) {
+        if let Graph::Hnsw(hnsw) = &self.graph {
+            hnsw.change_expansion_search(ef);
+        }
     }
 
     /// Whether searches go through the HNSW graph.
@@ -168,13 +192,20 @@ impl VectorIndex {
         Ok(match &self.graph {
             Graph::Exact => self.exact(query, k),
             Graph::Hnsw(hnsw) => {
-                let ef = self.params.ef_search.max(k);
-                let mut hits: Vec<Hit> = hnsw
-                    .search(query, k, ef)
-                    .into_iter()
-                    .map(|n| Hit {
-                        row: n.d_id,
-                        score: self.dot(n.d_id, query),
+                let k = k.min(self.len());
+                let found = self
+                    .gate
+                    .run(|| hnsw.search(query, k))
+                    .map_err(|e| IndexError::Hnsw(e.to_string()))?;
+                let mut hits: Vec<Hit> = found
+                    .keys
+                    .iter()
+                    .map(|&key| {
+                        let row = key as usize;
+                        Hit {
+                            row,
+                            score: self.dot(row, query),
+                        }
                     })
                     .collect();
                 sort_hits(&mut hits);
@@ -202,6 +233,49 @@ impl VectorIndex {
         sort_hits(&mut hits);
         hits
     }
+}
+
+/// The HNSW graph over the rows (inner product; M, efConstruction and
+/// efSearch from `params`), rows inserted from all cores.
+fn build_hnsw(dim: usize, data: &[f32], params: IndexParams) -> Result<usearch::Index, IndexError> {
+    let error = |e: cxx::Exception| IndexError::Hnsw(e.to_string());
+    let n = data.len() / dim;
+    let index = usearch::Index::new(&UsearchOptions {
+        dimensions: dim,
+        metric: MetricKind::IP,
+        quantization: ScalarKind::F32,
+        connectivity: params.max_connections,
+        expansion_add: params.ef_construction,
+        expansion_search: params.ef_search,
+        multi: false,
+    })
+    .map_err(error)?;
+    let builders = std::thread::available_parallelism().map_or(2, |n| n.get());
+    index
+        .reserve_capacity_and_threads(n, builders.max(SEARCH_CONTEXTS))
+        .map_err(error)?;
+    let stripe = n.div_ceil(builders);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..builders)
+            .map(|b| {
+                let index = &index;
+                scope.spawn(move || {
+                    for row in (b * stripe)..((b + 1) * stripe).min(n) {
+                        index.add(row as u64, &data[row * dim..(row + 1) * dim])?;
+                    }
+                    Ok::<_, cxx::Exception>(())
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker
+                .join()
+                .map_err(|_| IndexError::Hnsw("an insert thread panicked".into()))?
+                .map_err(error)?;
+        }
+        Ok(())
+    })?;
+    Ok(index)
 }
 
 fn sort_hits(hits: &mut [Hit]) {
@@ -284,14 +358,7 @@ mod tests {
     }
 
     #[test]
-    fn a_row_is_at_distance_zero_from_itself_even_when_rounding_says_otherwise() {
-        // a unit row whose float dot with itself rounds above 1
-        let data = rows(2_000, 64, 5);
-        let over = data
-            .chunks_exact(64)
-            .find(|r| dot(r, r) > 1.0)
-            .expect("some row rounds above 1");
-        assert_eq!(UnitDot.eval(over, over), 0.0);
+    fn the_dot_product_handles_every_length() {
         let odd: Vec<f32> = (0..19).map(|i| i as f32).collect();
         let plain: f32 = odd.iter().map(|x| x * x).sum();
         assert_eq!(dot(&odd, &odd), plain);
