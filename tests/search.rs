@@ -655,3 +655,100 @@ async fn schemathesis_fuzzing_the_openapi_document_finds_no_server_error() {
     running.shutdown().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kalonctl_index_and_deploy_put_a_version_into_a_running_search() {
+    let env = TestEnv::new().await;
+    let world = fixture::search_world(200);
+    let running = fixture::serve(fixture::config(&env, &world)).await;
+    assert!(
+        !running.state.live.current().is_ready(),
+        "nothing deployed yet"
+    );
+    let bin = tokio::task::spawn_blocking(|| kalon_tests::workspace_binary("kalonctl", "kalonctl"))
+        .await
+        .unwrap();
+    let kalonctl = |args: Vec<String>| {
+        let mut command = tokio::process::Command::new(&bin);
+        command
+            .args([
+                "--database-url",
+                &env.database_url,
+                "--brokers",
+                &env.kafka.brokers,
+            ])
+            .args(["--topic-prefix", &env.kafka.topic_prefix])
+            .args(args)
+            .env_remove("RUST_BACKTRACE");
+        async move {
+            let out = command.output().await.unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let parent = world.parent.path().display().to_string();
+    let images = world.world.path().display().to_string();
+    let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let (ok, stdout, stderr) = kalonctl(args(&[
+        "index",
+        "--model-version",
+        "cli-a",
+        "--model",
+        &parent,
+        "--images",
+        &images,
+    ]))
+    .await;
+    assert!(ok, "{stderr}");
+    let outcome: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(outcome["images"], 200);
+    assert_eq!(outcome["method"], "tower");
+
+    // a mistake is a clear error
+    let (ok, _, stderr) = kalonctl(args(&["deploy", "--model-version", "never-indexed"])).await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("never-indexed is not registered"),
+        "{stderr}"
+    );
+
+    // deploy: the running service picks it up from the event
+    let (ok, _, stderr) = kalonctl(args(&[
+        "deploy",
+        "--model-version",
+        "cli-a",
+        "--variant",
+        "main",
+    ]))
+    .await;
+    assert!(ok, "{stderr}");
+    let start = Instant::now();
+    while !running.state.live.current().is_ready() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the deployment event never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        running.state.live.current().variants[0].served.version,
+        "cli-a"
+    );
+
+    // and --remove takes it out again
+    let (ok, _, stderr) = kalonctl(args(&["deploy", "--model-version", "cli-a", "--remove"])).await;
+    assert!(ok, "{stderr}");
+    let start = Instant::now();
+    while running.state.live.current().is_ready() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the removal never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.shutdown().await;
+    env.cleanup().await;
+}

@@ -90,6 +90,8 @@ enum Command {
     },
     /// Embed the catalog under a model version into Postgres (search's index source).
     Index(search::IndexArgs),
+    /// Make search answer out of the box: simulated catalog, reference model, index, deployment (each step skipped when done).
+    SearchBootstrap(search::BootstrapArgs),
     /// Route a share of search traffic to an indexed model version (or take it out).
     Deploy(search::DeployArgs),
     /// Benchmarks that print figures.
@@ -265,6 +267,7 @@ async fn main() -> anyhow::Result<()> {
             search::index(&cli.endpoints(), args).await?;
         }
         Command::Deploy(args) => search::deploy(&cli.endpoints(), args).await?,
+        Command::SearchBootstrap(args) => search::bootstrap(&cli.endpoints(), args).await?,
         Command::Bench { which } => bench::run(&cli, which).await?,
     }
     Ok(())

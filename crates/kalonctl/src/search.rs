@@ -104,20 +104,9 @@ pub async fn deploy(endpoints: &Endpoints, args: &DeployArgs) -> anyhow::Result<
     let pool = kalon_db::connect(&endpoints.database_url, 2).await?;
     kalon_db::check_schema(&pool).await?;
     if args.remove {
-        if !kalon_search::store::remove_deployment(&pool, &args.model_version).await? {
+        if !kalon_search::deploy::withdraw(&pool, &endpoints.kafka, &args.model_version).await? {
             anyhow::bail!("{} is not deployed", args.model_version);
         }
-        kalon_search::deploy::announce(
-            &endpoints.kafka,
-            &kalon_search::DeploymentChanged {
-                event_id: uuid::Uuid::now_v7(),
-                occurred_at: chrono::Utc::now(),
-                model_version: args.model_version.clone(),
-                variant: None,
-                weight: 0.0,
-            },
-        )
-        .await?;
     } else {
         kalon_search::deploy(
             &pool,
@@ -133,6 +122,70 @@ pub async fn deploy(endpoints: &Endpoints, args: &DeployArgs) -> anyhow::Result<
             "{:<12} {:<24} weight {}",
             d.variant, d.model_version, d.weight
         );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BootstrapArgs {
+    /// Where the catalog and the model go (`DIR/world`, `DIR/models/VERSION`).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Simulated world seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Images in the simulated catalog.
+    #[arg(long, default_value_t = 10_000)]
+    pub images: usize,
+    /// Version name of the reference model.
+    #[arg(long, default_value = "ref-1")]
+    pub model_version: String,
+}
+
+/// A search that answers out of the box: a simulated catalog, the reference
+/// model pretrained on it, indexed and deployed as `control`. Each step is
+/// skipped when its result is already there, so running it again is cheap
+/// (docker-compose runs it on every start).
+pub async fn bootstrap(endpoints: &Endpoints, args: &BootstrapArgs) -> anyhow::Result<()> {
+    let world = args.dir.join("world");
+    let model = args.dir.join("models").join(&args.model_version);
+    let (seed, images) = (args.seed, args.images);
+    let (w, m) = (world.clone(), model.clone());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        if !w.join("world.json").exists() {
+            crate::sim::generate(seed, images, 64, &w)?;
+        }
+        if !m.join(kalon_encoder::MANIFEST_FILE).exists() {
+            let mut pretrain = crate::model::PretrainArgs::defaults();
+            pretrain.init_seed = Some(seed);
+            crate::model::pretrain(&w, &m, &pretrain)?;
+        }
+        Ok(())
+    })
+    .await??;
+    let pool = kalon_db::connect(&endpoints.database_url, 2).await?;
+    kalon_db::check_schema(&pool).await?;
+    let indexed = kalon_search::store::version(&pool, &args.model_version).await?;
+    if indexed.is_none_or(|v| v.images_indexed == 0) {
+        index(
+            endpoints,
+            &IndexArgs {
+                model_version: args.model_version.clone(),
+                model: model.clone(),
+                images: world.clone(),
+                parent: None,
+                full: false,
+                batch: 64,
+            },
+        )
+        .await?;
+    }
+    let deployed = kalon_search::store::deployments(&pool).await?;
+    if deployed.is_empty() {
+        kalon_search::deploy(&pool, &endpoints.kafka, &args.model_version, "control", 1.0).await?;
+        eprintln!("deployed {} as control", args.model_version);
+    } else {
+        eprintln!("deployments already present; left as they are");
     }
     Ok(())
 }

@@ -67,6 +67,26 @@ pub async fn deploy(
     .await
 }
 
+/// Takes a version out of service and announces it: `kalonctl deploy
+/// --remove`. Returns whether it was deployed.
+pub async fn withdraw(pool: &PgPool, kafka: &KafkaSettings, version: &str) -> anyhow::Result<bool> {
+    if !store::remove_deployment(pool, version).await? {
+        return Ok(false);
+    }
+    announce(
+        kafka,
+        &DeploymentChanged {
+            event_id: Uuid::now_v7(),
+            occurred_at: Utc::now(),
+            model_version: version.to_owned(),
+            variant: None,
+            weight: 0.0,
+        },
+    )
+    .await?;
+    Ok(true)
+}
+
 /// Keeps a [`Live`] routing in step with the `deployments` table.
 #[derive(Clone)]
 pub struct Reloader {
