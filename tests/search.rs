@@ -752,3 +752,39 @@ async fn kalonctl_index_and_deploy_put_a_version_into_a_running_search() {
     running.shutdown().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_broker_at_start_search_serves_from_postgres_and_counts_what_it_drops() {
+    let (env, world) = setup(200).await;
+    let mut config = fixture::config(&env, &world);
+    // nothing listens here
+    config.brokers = format!("127.0.0.1:{}", kalon_tests::free_port());
+    config.kafka_timeout_ms = 1000;
+    let running = fixture::serve(config).await;
+    assert!(
+        running.state.live.current().is_ready(),
+        "deployments read from Postgres"
+    );
+    let http = client();
+    for i in 0..5 {
+        let r = http
+            .post(running.url("/v1/search"))
+            .header("content-type", "application/json")
+            .body(search_body("a red cat", &format!("s{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let start = Instant::now();
+    while running.state.events.stats.snapshot().2 < 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "drops not counted: {:?}",
+            running.state.events.stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.shutdown().await;
+    env.cleanup().await;
+}

@@ -133,7 +133,7 @@ impl Reloader {
             .set("enable.partition.eof", "false")
             .create()?;
         let topic = kafka.topic(kalon_events::DEPLOYMENT_TOPIC);
-        let (_, high) = consumer.fetch_watermarks(&topic, 0, Duration::from_secs(10))?;
+        let (_, high) = consumer.fetch_watermarks(&topic, 0, Duration::from_secs(5))?;
         let mut partitions = TopicPartitionList::new();
         partitions.add_partition_offset(&topic, 0, Offset::Offset(high))?;
         consumer.assign(&partitions)?;
@@ -141,10 +141,14 @@ impl Reloader {
     }
 
     /// Reloads on every deployment event, and every `every` in case an
-    /// event was lost, until `shutdown` resolves.
+    /// event was lost, until `shutdown` resolves. Without a watcher (the
+    /// broker was away at start) it tries to position one at every tick and
+    /// re-reads the table once it has, so search runs on Postgres alone
+    /// until Kafka is back.
     pub async fn run(
         self,
-        consumer: StreamConsumer,
+        kafka: KafkaSettings,
+        mut watcher: Option<StreamConsumer>,
         every: Duration,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
@@ -153,22 +157,40 @@ impl Reloader {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
+            let next = async {
+                match &watcher {
+                    Some(consumer) => Some(consumer.recv().await),
+                    None => std::future::pending().await,
+                }
+            };
             let why = tokio::select! {
                 _ = &mut shutdown => return,
-                _ = tick.tick() => "periodic",
-                message = consumer.recv() => match message {
-                    Ok(message) => {
+                _ = tick.tick() => {
+                    if watcher.is_none() {
+                        match self.watch(&kafka) {
+                            Ok(consumer) => {
+                                tracing::info!("deployment events: watching again");
+                                watcher = Some(consumer);
+                            }
+                            Err(error) => tracing::warn!(%error, "deployment events: broker still unreachable"),
+                        }
+                    }
+                    "periodic"
+                }
+                message = next => match message {
+                    Some(Ok(message)) => {
                         let change = message
                             .payload()
                             .and_then(|p| serde_json::from_slice::<DeploymentChanged>(p).ok());
                         tracing::info!(?change, "deployment event");
                         "event"
                     }
-                    Err(error) => {
+                    Some(Err(error)) => {
                         tracing::warn!(%error, "deployment topic");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
+                    None => continue,
                 },
             };
             if let Err(error) = self.reload().await {

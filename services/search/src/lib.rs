@@ -29,7 +29,8 @@ pub use routing::{Live, Routing};
 pub struct Search {
     pub state: AppState,
     pub reloader: Reloader,
-    watcher: rdkafka::consumer::StreamConsumer,
+    watcher: Option<rdkafka::consumer::StreamConsumer>,
+    kafka: KafkaSettings,
     reload_every: Duration,
     config: SearchConfig,
 }
@@ -54,7 +55,15 @@ impl Search {
             options: EncoderOptions::from_env()?,
             params: config.index_params(),
         };
-        let watcher = reloader.watch(&kafka)?;
+        // without the broker search still serves what Postgres says; the
+        // watcher is positioned once the broker answers (see Reloader::run)
+        let watcher = match reloader.watch(&kafka) {
+            Ok(consumer) => Some(consumer),
+            Err(error) => {
+                tracing::warn!(%error, "deployment events unavailable; re-reading deployments periodically until the broker answers");
+                None
+            }
+        };
         if let Err(error) = reloader.reload().await {
             // start anyway (not ready) and keep trying: a bad version must
             // not keep the service down once a good one is deployed
@@ -72,6 +81,7 @@ impl Search {
             state,
             reloader,
             watcher,
+            kafka,
             reload_every: Duration::from_secs(config.reload_every_s.max(1)),
             config,
         })
@@ -86,6 +96,7 @@ impl Search {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut stop_watch = stop_rx.clone();
         let watcher = tokio::spawn(self.reloader.run(
+            self.kafka,
             self.watcher,
             self.reload_every,
             async move {
