@@ -20,6 +20,18 @@ use crate::model::{prepare, PretrainArgs};
 
 #[derive(Clone, Args)]
 pub struct AlignArgs {
+    /// D_po: candidates retrieved per training query (K).
+    #[arg(long, default_value_t = AlignConfig::default().spec.k)]
+    pub dpo_k: usize,
+    /// D_po: semantic bands, the matrix rows (u).
+    #[arg(long, default_value_t = AlignConfig::default().spec.u)]
+    pub dpo_u: usize,
+    /// D_po: images per band, the matrix columns (v).
+    #[arg(long, default_value_t = AlignConfig::default().spec.v)]
+    pub dpo_v: usize,
+    /// D_po: take every stride-th candidate in relevance order.
+    #[arg(long, default_value_t = AlignConfig::default().spec.stride)]
+    pub dpo_stride: usize,
     /// Optimisation steps of the adapter.
     #[arg(long, default_value_t = AlignConfig::default().steps)]
     pub steps: usize,
@@ -162,6 +174,12 @@ impl AlignArgs {
         config.params.beta = self.beta;
         config.params.eps = self.eps;
         config.params.alpha = self.alpha;
+        config.spec = kalon_align::algorithm::DpoSpec {
+            k: self.dpo_k,
+            u: self.dpo_u,
+            v: self.dpo_v,
+            stride: self.dpo_stride,
+        };
         config
     }
 }
