@@ -3,9 +3,8 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use candle_nn::{VarBuilder, VarMap};
-use kalon_align::adapter::Adapter;
 use kalon_align::algorithm::{product_order_count, DpoSpec};
 use kalon_align::rephrase::{PromptVariant, WorldRephraser};
 use kalon_align::world::{self, AlignConfig, Embedded};
@@ -19,26 +18,12 @@ use kalon_llm::{Judge, LlmClient, LlmConfig};
 use kalon_model::{ModelConfig, TwoTower};
 use rand::{Rng, SeedableRng};
 
-/// An adapter with random (non-zero) weights.
-fn random_adapter(dim: usize, seed: u64) -> Adapter {
-    let adapter = Adapter::new(dim, &Device::Cpu).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let values: Vec<f32> = (0..dim * dim)
-        .map(|_| rng.random_range(-0.5..0.5))
-        .collect();
-    let vars = adapter.varmap.all_vars();
-    vars[0]
-        .set(&Tensor::from_vec(values, (dim, dim), &Device::Cpu).unwrap())
-        .unwrap();
-    adapter
-}
-
 /// The exported aligned tower computes `adapter(tower(x))` in ONNX Runtime
 /// as candle does, for Kalon's own tower and for one made by another tool.
 fn check_export(parent: &Path, pixels: &[f32]) {
     let parent_encoder = Encoder::load(parent, &EncoderOptions::default()).unwrap();
     let dim = parent_encoder.manifest.embedding_dim;
-    let adapter = random_adapter(dim, 9);
+    let adapter = kalon_tests::search::random_adapter(dim, 9, 0.5);
     let out = tempfile::tempdir().unwrap();
     adapter
         .export(parent, out.path(), Default::default())
@@ -97,25 +82,7 @@ fn small_world_and_model() -> (tempfile::TempDir, tempfile::TempDir, Encoder, Em
     )
     .unwrap();
     let model_dir = tempfile::tempdir().unwrap();
-    let tokenizer = WordTokenizer::build(
-        std::fs::read_to_string(world_dir.path().join("captions.jsonl"))
-            .unwrap()
-            .lines(),
-        1,
-        16,
-    );
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
-    let model = TwoTower::new(ModelConfig::reference(tokenizer.vocab_size()), vb).unwrap();
-    kalon_model::model::seeded_init(&varmap, 4).unwrap();
-    kalon_model::export::export(
-        &model,
-        &varmap,
-        &tokenizer,
-        model_dir.path(),
-        Default::default(),
-    )
-    .unwrap();
+    kalon_tests::search::random_reference_model(world_dir.path(), model_dir.path());
     let encoder = Encoder::load(model_dir.path(), &EncoderOptions::default()).unwrap();
     let data = Embedded::load(world_dir.path(), &encoder).unwrap();
     (world_dir, model_dir, encoder, data)

@@ -340,6 +340,31 @@ pub mod search {
         }
     }
 
+    /// The reference model, randomly initialised (seed 4) with a tokenizer
+    /// built from `world`'s captions, exported into `out`.
+    pub fn random_reference_model(world: &std::path::Path, out: &std::path::Path) {
+        let captions = std::fs::read_to_string(world.join("captions.jsonl")).unwrap();
+        let tokenizer = WordTokenizer::build(captions.lines(), 1, 16);
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+        let model = TwoTower::new(ModelConfig::reference(tokenizer.vocab_size()), vb).unwrap();
+        kalon_model::model::seeded_init(&varmap, 4).unwrap();
+        kalon_model::export::export(&model, &varmap, &tokenizer, out, Default::default()).unwrap();
+    }
+
+    /// An alignment adapter with weights drawn uniformly from (-scale, scale).
+    pub fn random_adapter(dim: usize, seed: u64, scale: f32) -> kalon_align::adapter::Adapter {
+        let adapter = kalon_align::adapter::Adapter::new(dim, &Device::Cpu).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let values: Vec<f32> = (0..dim * dim)
+            .map(|_| rng.random_range(-scale..scale))
+            .collect();
+        adapter.varmap.all_vars()[0]
+            .set(&Tensor::from_vec(values, (dim, dim), &Device::Cpu).unwrap())
+            .unwrap();
+        adapter
+    }
+
     pub fn search_world(images: usize) -> SearchWorld {
         let world = tempfile::tempdir().unwrap();
         kalon_world::export(
@@ -349,30 +374,9 @@ pub mod search {
         )
         .unwrap();
         let parent = tempfile::tempdir().unwrap();
-        let captions = std::fs::read_to_string(world.path().join("captions.jsonl")).unwrap();
-        let tokenizer = WordTokenizer::build(captions.lines(), 1, 16);
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
-        let model = TwoTower::new(ModelConfig::reference(tokenizer.vocab_size()), vb).unwrap();
-        kalon_model::model::seeded_init(&varmap, 4).unwrap();
-        kalon_model::export::export(
-            &model,
-            &varmap,
-            &tokenizer,
-            parent.path(),
-            Default::default(),
-        )
-        .unwrap();
+        random_reference_model(world.path(), parent.path());
         // an adapter with random non-zero weights, exported as train align does
-        let dim = 64;
-        let adapter = kalon_align::adapter::Adapter::new(dim, &Device::Cpu).unwrap();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        let values: Vec<f32> = (0..dim * dim)
-            .map(|_| rng.random_range(-0.3..0.3))
-            .collect();
-        adapter.varmap.all_vars()[0]
-            .set(&Tensor::from_vec(values, (dim, dim), &Device::Cpu).unwrap())
-            .unwrap();
+        let adapter = random_adapter(64, 9, 0.3);
         let aligned = tempfile::tempdir().unwrap();
         let notes = serde_json::json!({ "parent": parent.path().display().to_string() });
         let serde_json::Value::Object(notes) = notes else {

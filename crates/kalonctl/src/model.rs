@@ -151,6 +151,21 @@ pub fn pretrain(world: &Path, out: &Path, args: &PretrainArgs) -> anyhow::Result
     Ok(())
 }
 
+/// The world of a seed and size under the state directory, built when missing.
+pub fn cached_world(state_dir: &Path, seed: u64, images: usize) -> anyhow::Result<PathBuf> {
+    let world = state_dir
+        .join("worlds")
+        .join(format!("seed-{seed}-{images}"));
+    if !world.join("world.json").exists() {
+        eprintln!(
+            "building world seed {seed} ({images} images) in {}",
+            world.display()
+        );
+        crate::sim::generate(seed, images, 64, &world)?;
+    }
+    Ok(world)
+}
+
 /// The world and model `eval` and `bench` use for a seed, built when missing.
 pub struct Prepared {
     pub world: PathBuf,
@@ -165,16 +180,7 @@ pub fn prepare(
     retrain: bool,
     args: &PretrainArgs,
 ) -> anyhow::Result<Prepared> {
-    let world = state_dir
-        .join("worlds")
-        .join(format!("seed-{seed}-{images}"));
-    if !world.join("world.json").exists() {
-        eprintln!(
-            "building world seed {seed} ({images} images) in {}",
-            world.display()
-        );
-        crate::sim::generate(seed, images, 64, &world)?;
-    }
+    let world = cached_world(state_dir, seed, images)?;
     let model = match model {
         Some(dir) => dir.to_owned(),
         None => {

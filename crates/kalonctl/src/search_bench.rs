@@ -310,16 +310,7 @@ pub async fn run(cli: &Cli, args: &SearchBenchArgs) -> anyhow::Result<()> {
             false,
             &crate::model::PretrainArgs::defaults(),
         )?;
-        let world = state_dir
-            .join("worlds")
-            .join(format!("seed-{seed}-{images}"));
-        if !world.join("world.json").exists() {
-            eprintln!(
-                "building world seed {seed} ({images} images) in {}",
-                world.display()
-            );
-            crate::sim::generate(seed, images, 64, &world)?;
-        }
+        let world = crate::model::cached_world(&state_dir, seed, images)?;
         Ok((prepared.model, world))
     })
     .await??;

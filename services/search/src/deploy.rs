@@ -31,6 +31,19 @@ pub struct DeploymentChanged {
     pub weight: f64,
 }
 
+impl DeploymentChanged {
+    /// A change happening now (`variant` None: taken out of service).
+    pub fn now(model_version: &str, variant: Option<&str>, weight: f64) -> Self {
+        DeploymentChanged {
+            event_id: Uuid::now_v7(),
+            occurred_at: Utc::now(),
+            model_version: model_version.to_owned(),
+            variant: variant.map(str::to_owned),
+            weight,
+        }
+    }
+}
+
 /// Announces a change already written to the `deployments` table.
 pub async fn announce(kafka: &KafkaSettings, change: &DeploymentChanged) -> anyhow::Result<()> {
     let message = kalon_kafka::Outgoing {
@@ -56,13 +69,7 @@ pub async fn deploy(
     store::set_deployment(pool, version, variant, weight).await?;
     announce(
         kafka,
-        &DeploymentChanged {
-            event_id: Uuid::now_v7(),
-            occurred_at: Utc::now(),
-            model_version: version.to_owned(),
-            variant: Some(variant.to_owned()),
-            weight,
-        },
+        &DeploymentChanged::now(version, Some(variant), weight),
     )
     .await
 }
@@ -73,17 +80,7 @@ pub async fn withdraw(pool: &PgPool, kafka: &KafkaSettings, version: &str) -> an
     if !store::remove_deployment(pool, version).await? {
         return Ok(false);
     }
-    announce(
-        kafka,
-        &DeploymentChanged {
-            event_id: Uuid::now_v7(),
-            occurred_at: Utc::now(),
-            model_version: version.to_owned(),
-            variant: None,
-            weight: 0.0,
-        },
-    )
-    .await?;
+    announce(kafka, &DeploymentChanged::now(version, None, 0.0)).await?;
     Ok(true)
 }
 
