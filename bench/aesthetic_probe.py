@@ -13,27 +13,13 @@ import json
 import sys
 
 import numpy as np
-import onnxruntime as ort
-from PIL import Image
 
-TASTE = {"plain": 0.45, "minimal": 0.7, "vintage": 0.6, "neon": 0.35, "pastel": 0.6, "moody": 0.5}
+from alignment_ceiling import TASTE, embed_images
 
 
 def main(world, model, train=8000):
     meta = [json.loads(line) for line in open(f"{world}/oracle/images.jsonl")]
-    manifest = json.load(open(f"{model}/kalon-model.json"))
-    mean = np.array(manifest["image"]["mean"], np.float32)[:, None, None]
-    std = np.array(manifest["image"]["std"], np.float32)[:, None, None]
-    session = ort.InferenceSession(f"{model}/{manifest['image']['file']}")
-    embeds = []
-    for i in range(0, len(meta), 256):
-        batch = np.stack([
-            (np.asarray(Image.open(f"{world}/images/{m['id']}.png").convert("RGB"), np.float32)
-             .transpose(2, 0, 1) / 255.0 - mean) / std
-            for m in meta[i:i + 256]
-        ])
-        embeds.append(session.run(["image_embeds"], {"pixel_values": batch})[0])
-    x = np.concatenate(embeds)
+    x = embed_images(world, model, meta)
     x = np.hstack([x, np.ones((len(x), 1), np.float32)])
     targets = {k: np.array([m[k] for m in meta]) for k in
                ["harmony", "composition", "blur", "noise", "colourfulness", "exposure", "contrast"]}

@@ -77,7 +77,13 @@ def agreement(items, score):
     return out
 
 
-def embed(world, model, meta, texts):
+def unit(a):
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def embed_images(world, model, meta):
+    """Unit image embeddings of `meta`'s images through ONNX Runtime, with
+    Kalon's preprocessing (the world's images are already at the model's size)."""
     manifest = json.load(open(f"{model}/kalon-model.json"))
     mean = np.array(manifest["image"]["mean"], np.float32)[:, None, None]
     std = np.array(manifest["image"]["std"], np.float32)[:, None, None]
@@ -90,7 +96,12 @@ def embed(world, model, meta, texts):
             for m in meta[i:i + 256]
         ])
         images.append(session.run(["image_embeds"], {"pixel_values": batch})[0])
-    x = np.concatenate(images)
+    return unit(np.concatenate(images))
+
+
+def embed_texts(model, texts):
+    """Unit text embeddings through the model's word tokenizer and text tower."""
+    manifest = json.load(open(f"{model}/kalon-model.json"))
     words = json.load(open(f"{model}/{manifest['text']['vocab']}"))["words"]
     ids = {w: i + 2 for i, w in enumerate(words)}  # 0 pad, 1 unknown
     length = manifest["text"]["max_len"]
@@ -100,9 +111,7 @@ def embed(world, model, meta, texts):
         for c, w in enumerate([w.lower() for w in re.split(r"[^0-9A-Za-z]+", text) if w][:length]):
             input_ids[r, c], mask[r, c] = ids.get(w, 1), 1
     session = ort.InferenceSession(f"{model}/{manifest['text']['file']}")
-    t = session.run(["text_embeds"], {"input_ids": input_ids, "attention_mask": mask})[0]
-    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
-    return unit(x), unit(t)
+    return unit(session.run(["text_embeds"], {"input_ids": input_ids, "attention_mask": mask})[0])
 
 
 def main(world, model):
@@ -112,7 +121,7 @@ def main(world, model):
     queries = {q["text"]: q for q in map(json.loads, open(f"{world}/oracle/queries.jsonl"))}
     items = [json.loads(line) for line in open(f"{world}/hpir.jsonl")]
     texts = sorted({it["query"] for it in items})
-    x, t = embed(world, model, meta, texts)
+    x, t = embed_images(world, model, meta), embed_texts(model, texts)
     text_row = {q: k for k, q in enumerate(texts)}
     one_hot = lambda m: np.array([m["style"] == s for s in STYLES], float)
     content = lambda m: {key: {m[key]: 1.0} for key in ["subject", "colour", "scene"]}
