@@ -159,6 +159,9 @@ def main(world, model):
     for lam in [0.2, 0.4, 0.6, 1.0]:
         lines.append((f"encoder cos + {lam} x true beauty",
                       lambda q, i, lam=lam: cos(q, i) + lam * true_beauty(q, i)))
+    for lam in [0.2, 0.4, 0.6, 1.0]:
+        lines.append((f"encoder cos + {lam} x read-out beauty",
+                      lambda q, i, lam=lam: cos(q, i) + lam * beauty_hat(q, i)))
     for lam in [0.1, 0.2, 0.4]:
         lines.append((f"read-outs: relevance + {lam} x beauty",
                       lambda q, i, lam=lam: rel_hat(q, i) + lam * beauty_hat(q, i)))
