@@ -9,8 +9,8 @@ as Kalon's `eval align` does) with:
     perfect aesthetic term added to this encoder's scores would give);
   - linear read-outs of the image embeddings fitted on the training images
     with the hidden labels (ridge): beauty (quality + the query's style) and
-    relevance (subject, colour, scene). No adapter on these embeddings can
-    know more than such a read-out, so this bounds the adapter.
+    relevance (subject, colour, scene), alone and added to the cosine: a
+    yardstick for what an adapter, linear on these embeddings, can get.
 
     python3 bench/alignment_ceiling.py WORLD_DIR MODEL_DIR
 
