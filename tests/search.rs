@@ -48,6 +48,18 @@ fn search_body(query: &str, session: &str) -> String {
     serde_json::json!({ "query": query, "k": 5, "session_id": session }).to_string()
 }
 
+/// A `POST /v1/search` for the top 5 of `query` in `session`, ready to send.
+fn search_request(
+    http: &reqwest::Client,
+    running: &fixture::Running,
+    query: &str,
+    session: &str,
+) -> reqwest::RequestBuilder {
+    http.post(running.url("/v1/search"))
+        .header("content-type", "application/json")
+        .body(search_body(query, session))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adapter_version_reuses_the_parents_embeddings_and_matches_its_own_tower() {
     let (env, world) = setup(300).await;
@@ -318,17 +330,16 @@ async fn over_a_socket_searches_log_impressions_and_feedback_reaches_its_topics(
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut answers = Vec::new();
     for i in 0..20 {
-        let response = http
-            .post(running.url("/v1/search"))
-            .header("content-type", "application/json")
-            .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
-            .body(search_body(
-                "a blue dog by the sea",
-                &format!("session-{i}"),
-            ))
-            .send()
-            .await
-            .unwrap();
+        let response = search_request(
+            &http,
+            &running,
+            "a blue dog by the sea",
+            &format!("session-{i}"),
+        )
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .unwrap();
         assert_eq!(response.status(), 200);
         let answer: SearchResponse =
             serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
@@ -551,10 +562,7 @@ async fn with_kafka_down_search_still_answers_and_counts_the_dropped_impressions
     let running = fixture::serve(fixture::config(&env, &world)).await;
     let http = client();
     // one impression delivered while the broker is up
-    let ok = http
-        .post(running.url("/v1/search"))
-        .header("content-type", "application/json")
-        .body(search_body("cat", "s0"))
+    let ok = search_request(&http, &running, "cat", "s0")
         .send()
         .await
         .unwrap();
@@ -570,10 +578,7 @@ async fn with_kafka_down_search_still_answers_and_counts_the_dropped_impressions
     env.broker.as_mut().expect("a private broker").kill();
     let start = Instant::now();
     for i in 0..20 {
-        let r = http
-            .post(running.url("/v1/search"))
-            .header("content-type", "application/json")
-            .body(search_body("dog", &format!("s{i}")))
+        let r = search_request(&http, &running, "dog", &format!("s{i}"))
             .send()
             .await
             .unwrap();
@@ -767,10 +772,7 @@ async fn without_a_broker_at_start_search_serves_from_postgres_and_counts_what_i
     );
     let http = client();
     for i in 0..5 {
-        let r = http
-            .post(running.url("/v1/search"))
-            .header("content-type", "application/json")
-            .body(search_body("a red cat", &format!("s{i}")))
+        let r = search_request(&http, &running, "a red cat", &format!("s{i}"))
             .send()
             .await
             .unwrap();
