@@ -352,17 +352,37 @@ pub mod search {
         kalon_model::export::export(&model, &varmap, &tokenizer, out, Default::default()).unwrap();
     }
 
-    /// An alignment adapter with weights drawn uniformly from (-scale, scale).
-    pub fn random_adapter(dim: usize, seed: u64, scale: f32) -> kalon_align::adapter::Adapter {
-        let adapter = kalon_align::adapter::Adapter::new(dim, &Device::Cpu).unwrap();
+    /// An alignment adapter of `kind` with weights drawn uniformly from
+    /// (-scale, scale); the beauty kind's direction is the mean of a few
+    /// random query rows.
+    pub fn random_adapter_of(
+        kind: kalon_align::adapter::AdapterKind,
+        dim: usize,
+        seed: u64,
+        scale: f32,
+    ) -> kalon_align::adapter::Adapter {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let values: Vec<f32> = (0..dim * dim)
+        let queries: Vec<f32> = (0..4 * dim).map(|_| rng.random_range(0.0..1.0)).collect();
+        let adapter = kalon_align::adapter::Adapter::in_varmap(
+            VarMap::new(),
+            dim,
+            kind,
+            Some(&queries),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let var = &adapter.vars()[0];
+        let values: Vec<f32> = (0..var.elem_count())
             .map(|_| rng.random_range(-scale..scale))
             .collect();
-        adapter.varmap.all_vars()[0]
-            .set(&Tensor::from_vec(values, (dim, dim), &Device::Cpu).unwrap())
+        var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap())
             .unwrap();
         adapter
+    }
+
+    /// A full-matrix alignment adapter with random weights.
+    pub fn random_adapter(dim: usize, seed: u64, scale: f32) -> kalon_align::adapter::Adapter {
+        random_adapter_of(kalon_align::adapter::AdapterKind::Matrix, dim, seed, scale)
     }
 
     pub fn search_world(images: usize) -> SearchWorld {

@@ -18,7 +18,7 @@ use kalon_model::train::{info_nce, Pairs, Split};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::Adapter;
+use crate::adapter::{Adapter, AdapterKind};
 use crate::algorithm::{
     dpo_matrix, dpo_pairs, hpir_agreement, ranked_dpo_loss, DpoParams, DpoSpec, Judged,
 };
@@ -268,6 +268,11 @@ pub struct AlignConfig {
     /// ratings, judgments) trained on beside D_po.
     #[serde(default)]
     pub pairs_file: Option<std::path::PathBuf>,
+    /// The adapter's shape; with the whole tower, `beauty` appends the
+    /// beauty head to the tower (trained with it) and `matrix` trains the
+    /// tower alone.
+    #[serde(default)]
+    pub adapter: AdapterKind,
 }
 
 /// Reads a JSONL file of preference pairs; a bad line is an error naming it.
@@ -325,6 +330,7 @@ impl Default for AlignConfig {
             checkpoint_dir: None,
             resume: None,
             pairs_file: None,
+            adapter: AdapterKind::default(),
         }
     }
 }
@@ -505,19 +511,46 @@ pub fn train_adapter(
     mut on_step: impl FnMut(AlignStep),
 ) -> anyhow::Result<Adapter> {
     let device = kalon_model::train::training_device()?;
-    let adapter = Adapter::new(set.images.dim, &device)?;
+    let adapter = Adapter::in_varmap(
+        candle_nn::VarMap::new(),
+        set.images.dim,
+        config.adapter,
+        Some(&set.queries.data),
+        &device,
+    )?;
     let embed = |rows: &[usize]| adapter.forward(&gather(set.images, rows, &device)?);
-    let vars = adapter.varmap.all_vars();
+    let vars = adapter.vars();
     optimise(set, config, &adapter.varmap, vars, &embed, &mut on_step)?;
     Ok(adapter)
 }
 
-/// What [`train_tower`] returns: the model, its weights and its tokenizer.
-pub type TrainedTower = (
-    kalon_model::TwoTower,
-    candle_nn::VarMap,
-    kalon_encoder::WordTokenizer,
-);
+/// What [`train_tower`] returns: the model, its weights (the head's too),
+/// its tokenizer, and the beauty head when one was trained with it.
+pub struct TrainedTower {
+    pub model: kalon_model::TwoTower,
+    pub varmap: candle_nn::VarMap,
+    pub tokenizer: kalon_encoder::WordTokenizer,
+    pub head: Option<Adapter>,
+}
+
+impl TrainedTower {
+    /// Writes the trained model as an encoder directory; a head is
+    /// appended to the exported image tower's graph.
+    pub fn export(
+        &self,
+        out: &Path,
+        notes: serde_json::Map<String, serde_json::Value>,
+    ) -> anyhow::Result<kalon_encoder::Manifest> {
+        let manifest =
+            kalon_model::export::export(&self.model, &self.varmap, &self.tokenizer, out, notes)?;
+        if let Some(head) = &self.head {
+            let path = out.join(&manifest.image.file);
+            let tower = std::fs::read(&path)?;
+            std::fs::write(&path, head.append_to_tower(&tower)?)?;
+        }
+        Ok(manifest)
+    }
+}
 
 /// Trains the whole image tower of Kalon's reference model (its candle
 /// weights in `model_dir`); the text tower stays frozen.
@@ -530,7 +563,7 @@ pub fn train_tower(
 ) -> anyhow::Result<TrainedTower> {
     let device = kalon_model::train::training_device()?;
     let (model, varmap, tokenizer) = kalon_model::export::load(model_dir, &device)?;
-    let vars = {
+    let mut vars = {
         let all = varmap.data().lock().expect("varmap lock");
         let mut named: Vec<(&String, &candle_core::Var)> = all
             .iter()
@@ -547,14 +580,37 @@ pub fn train_tower(
         "{} has no image tower weights",
         model_dir.display()
     );
+    let head = match config.adapter {
+        AdapterKind::Matrix => None,
+        AdapterKind::Beauty => {
+            let head = Adapter::in_varmap(
+                varmap.clone(),
+                model.config.dim,
+                AdapterKind::Beauty,
+                Some(&set.queries.data),
+                &device,
+            )?;
+            vars.extend(head.vars());
+            Some(head)
+        }
+    };
     let spec = kalon_model::train::image_spec(&model.config);
     let embed = |rows: &[usize]| {
-        model
+        let v = model
             .image
-            .forward(&data.pairs.pixels(rows, &spec, &device)?)
+            .forward(&data.pairs.pixels(rows, &spec, &device)?)?;
+        match &head {
+            Some(head) => head.forward(&v),
+            None => Ok(v),
+        }
     };
     optimise(set, config, &varmap, vars, &embed, &mut on_step)?;
-    Ok((model, varmap, tokenizer))
+    Ok(TrainedTower {
+        model,
+        varmap,
+        tokenizer,
+        head,
+    })
 }
 
 /// One HPIR item of `hpir.jsonl`, as the world writes it.

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
+use kalon_align::adapter::AdapterKind;
 use kalon_align::rephrase::{PromptVariant, WorldRephraser};
 use kalon_align::world::{self, AlignConfig, Embedded};
 use kalon_align::{AestheticScorer, ImageSource, LmmScorer, LowLevelScorer, ModelScorer};
@@ -54,6 +55,12 @@ pub struct AlignArgs {
     /// weights) instead of the adapter.
     #[arg(long)]
     pub tower: bool,
+    /// The adapter's shape: `matrix` trains all d x d entries; `beauty`
+    /// trains a beauty read-out added along the queries' mean direction
+    /// (with --tower: `beauty` adds that head to the tower, `matrix` trains
+    /// the tower alone).
+    #[arg(long, default_value = "matrix")]
+    pub adapter: AdapterKind,
     /// Save the weights every this many steps into OUT/checkpoints (0: never).
     #[arg(long, default_value_t = 100)]
     pub checkpoint_every: usize,
@@ -169,6 +176,7 @@ impl AlignArgs {
             resume: self.resume.clone(),
             variant: self.variant,
             pairs_file: self.pairs.clone(),
+            adapter: self.adapter,
             ..AlignConfig::default()
         };
         config.params.beta = self.beta;
@@ -230,6 +238,24 @@ pub fn align(
             path.display()
         );
     }
+    if config.adapter == AdapterKind::Beauty {
+        // the beauty term reaches query q with weight t(q) . m
+        if let Some(m) = kalon_align::adapter::mean_direction(&query_embeds.data, query_embeds.dim)
+        {
+            let reach: Vec<f32> = query_embeds
+                .data
+                .chunks_exact(query_embeds.dim)
+                .map(|t| t.iter().zip(&m).map(|(a, b)| a * b).sum())
+                .collect();
+            let min = reach.iter().copied().fold(f32::INFINITY, f32::min);
+            let mean = reach.iter().sum::<f32>() / reach.len() as f32;
+            eprintln!(
+                "beauty head: t(q) . m over the training queries: mean {mean:.3}, min {min:.3} ({} of {} positive)",
+                reach.iter().filter(|r| **r > 0.0).count(),
+                reach.len()
+            );
+        }
+    }
     std::fs::create_dir_all(out)?;
     let log_path = out.join("align-log.jsonl");
     let mut log = std::io::BufWriter::new(
@@ -279,8 +305,7 @@ pub fn align(
             adapter.export(model, out, notes)?;
         }
         Trained::Tower(trained) => {
-            let (tower, varmap, tokenizer) = *trained;
-            kalon_model::export::export(&tower, &varmap, &tokenizer, out, notes)?;
+            trained.export(out, notes)?;
         }
     }
     eprintln!(
@@ -335,10 +360,11 @@ pub fn eval_align(
         false,
         &PretrainArgs::defaults(),
     )?;
-    let what = if args.tower {
-        "aligned-tower"
-    } else {
-        "aligned"
+    let what = match (args.tower, args.adapter) {
+        (false, AdapterKind::Matrix) => "aligned",
+        (false, AdapterKind::Beauty) => "aligned-beauty",
+        (true, AdapterKind::Matrix) => "aligned-tower",
+        (true, AdapterKind::Beauty) => "aligned-tower-beauty",
     };
     let aligned_dir = state_dir
         .join("models")
