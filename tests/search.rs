@@ -628,7 +628,11 @@ async fn schemathesis_fuzzing_the_openapi_document_finds_no_server_error() {
         "{} missing: run bash scripts/install-tools.sh",
         st.display()
     );
+    // schemathesis keeps a .schemathesis/ cache in its working directory:
+    // a temporary one, not the checkout
+    let scratch = tempfile::tempdir().unwrap();
     let output = tokio::process::Command::new(st)
+        .current_dir(scratch.path())
         .args([
             "run",
             &running.url("/openapi.json"),
