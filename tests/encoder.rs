@@ -453,6 +453,17 @@ fn pretraining_from_the_command_line_beats_chance_on_held_out_captions() {
     let aligned = models.join(format!("aligned-lmm-seed-{seed}-2000"));
     Manifest::load(&aligned).unwrap();
     onnx_checker(&aligned.join("image.onnx"));
+    // the training log: one JSON line per step, in order
+    let log = std::fs::read_to_string(aligned.join("align-log.jsonl")).unwrap();
+    let steps: Vec<u64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=100).collect::<Vec<_>>());
 }
 
 #[test]

@@ -268,8 +268,9 @@ pub fn align(
     let on_step = |step: world::AlignStep| {
         bar.set_position(step.step as u64);
         bar.set_message(format!("loss {:.3}", step.loss));
+        // one line per step, flushed, so `tail -f` follows the run
         let _ = serde_json::to_writer(&mut log, &step);
-        let _ = log.write_all(b"\n");
+        let _ = log.write_all(b"\n").and_then(|()| log.flush());
         last = Some(step);
     };
     let mut config = config.clone();
