@@ -37,6 +37,8 @@ pub enum AdapterKind {
 }
 
 impl AdapterKind {
+    pub const ALL: [AdapterKind; 2] = [AdapterKind::Matrix, AdapterKind::Beauty];
+
     pub fn name(self) -> &'static str {
         match self {
             AdapterKind::Matrix => "matrix",
@@ -48,11 +50,10 @@ impl AdapterKind {
 impl std::str::FromStr for AdapterKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "matrix" => Ok(AdapterKind::Matrix),
-            "beauty" => Ok(AdapterKind::Beauty),
-            other => Err(format!("unknown adapter kind {other:?} (matrix or beauty)")),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.name() == s)
+            .ok_or_else(|| format!("unknown adapter kind {s:?} (matrix or beauty)"))
     }
 }
 
@@ -298,6 +299,10 @@ mod tests {
         for q in queries.chunks(3) {
             assert!((score(q) * norm - plain(q) - 0.6 * 0.3).abs() < 1e-6);
         }
+        for kind in AdapterKind::ALL {
+            assert_eq!(kind.name().parse::<AdapterKind>().unwrap(), kind);
+        }
+        assert!("rank-one".parse::<AdapterKind>().is_err());
         assert!(
             Adapter::in_varmap(VarMap::new(), 3, AdapterKind::Beauty, None, &Device::Cpu).is_err()
         );
