@@ -73,11 +73,6 @@ pub const MATRIX_VAR: &str = "adapter.weight";
 pub const BEAUTY_VAR: &str = "adapter.beauty";
 
 impl Adapter {
-    /// A full-matrix adapter at zero (the identity map).
-    pub fn new(dim: usize, device: &Device) -> candle_core::Result<Self> {
-        Self::in_varmap(VarMap::new(), dim, AdapterKind::Matrix, None, device)
-    }
-
     /// An adapter of `kind` whose weights live in `varmap` (a tower's own,
     /// so they are checkpointed with it). `queries` (unit text embeddings,
     /// row-major) give the `beauty` kind its direction; they are ignored by
