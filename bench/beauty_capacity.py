@@ -73,7 +73,9 @@ def forward(params, x, pooling):
     return gap @ w + b
 
 
-def train(pixels, qual, style, shape, steps, batch=128, seed=0):
+def train(pixels, qual, style, shape, steps, fit, batch=128, seed=0):
+    """Fits a tower of `shape` on the first `fit` rows; predicts every row:
+    (quality, style probabilities)."""
     channels, pooling = SHAPES[shape]
     params = init(jax.random.PRNGKey(seed), channels, pooling)
     opt = optax.adam(2e-3)
@@ -93,18 +95,17 @@ def train(pixels, qual, style, shape, steps, batch=128, seed=0):
 
     rng = np.random.default_rng(seed)
     for k in range(steps):
-        idx = rng.integers(0, len(pixels), batch)
+        idx = rng.integers(0, fit, batch)
         params, state, loss = step(params, state, pixels[idx], qual[idx], style[idx])
         if (k + 1) % 500 == 0:
             print(f"  {shape} step {k + 1}: loss {float(loss):.4f}", flush=True)
     predict = jax.jit(lambda p, x: forward(p, x, pooling))
-    out = np.concatenate([np.asarray(predict(params, pixels_all[i:i + 512]))
-                          for i in range(0, len(pixels_all), 512)])
+    out = np.concatenate([np.asarray(predict(params, pixels[i:i + 512]))
+                          for i in range(0, len(pixels), 512)])
     return out[:, 0], np.asarray(jax.nn.softmax(out[:, 1:]))
 
 
 def main(world, model, shapes, steps):
-    global pixels_all
     meta = [json.loads(line) for line in open(f"{world}/oracle/images.jsonl")]
     row = {m["id"]: k for k, m in enumerate(meta)}
     queries = {q["text"]: q for q in map(json.loads, open(f"{world}/oracle/queries.jsonl"))}
@@ -112,7 +113,7 @@ def main(world, model, shapes, steps):
     manifest = json.load(open(f"{model}/kalon-model.json"))
     mean = np.array(manifest["image"]["mean"], np.float32)[:, None, None]
     std = np.array(manifest["image"]["std"], np.float32)[:, None, None]
-    pixels_all = np.stack([
+    pixels = np.stack([
         (np.asarray(Image.open(f"{world}/images/{m['id']}.png").convert("RGB"), np.float32)
          .transpose(2, 0, 1) / 255.0 - mean) / std for m in meta])
     fit = int(len(meta) * 0.9)  # the world's training split: no HPIR query is about these
@@ -127,7 +128,7 @@ def main(world, model, shapes, steps):
     report = {"encoder": base}
     for shape in shapes:
         started = time.time()
-        q_hat, s_hat = train(pixels_all[:fit], qual[:fit], style[:fit], shape, steps)
+        q_hat, s_hat = train(pixels, qual, style, shape, steps, fit)
         held = slice(fit, len(meta))
         r2 = 1 - ((q_hat[held] - qual[held]) ** 2).mean() / qual[held].var()
         style_acc = float((s_hat[held].argmax(1) == style[held].argmax(1)).mean())
