@@ -62,15 +62,14 @@ def forward(params, x, pooling):
         x = jax.lax.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)))
         x = jax.nn.relu(x + b[None, :, None, None])
         i += 1
-    gap = x.mean(axis=(2, 3))
+    pooled = [x.mean(axis=(2, 3))]
     if pooling in ("grid", "gridstats"):
         h = x.shape[2] // 2
-        cells = [x[:, :, a:a + h, b:b + h].mean(axis=(2, 3)) for a in (0, h) for b in (0, h)]
-        gap = jnp.concatenate([gap, *cells], axis=1)
+        pooled += [x[:, :, a:a + h, b:b + h].mean(axis=(2, 3)) for a in (0, h) for b in (0, h)]
     if pooling in ("stats", "gridstats"):
-        gap = jnp.concatenate([gap, x.std(axis=(2, 3))], axis=1)
+        pooled.append(x.std(axis=(2, 3)))
     w, b = params["out"]
-    return gap @ w + b
+    return jnp.concatenate(pooled, axis=1) @ w + b
 
 
 def train(pixels, qual, style, shape, steps, fit, batch=128, seed=0):
