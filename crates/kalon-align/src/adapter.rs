@@ -53,7 +53,10 @@ impl std::str::FromStr for AdapterKind {
         Self::ALL
             .into_iter()
             .find(|kind| kind.name() == s)
-            .ok_or_else(|| format!("unknown adapter kind {s:?} (matrix or beauty)"))
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|kind| kind.name()).collect();
+                format!("unknown adapter kind {s:?} (one of: {})", names.join(", "))
+            })
     }
 }
 
@@ -297,7 +300,8 @@ mod tests {
         for kind in AdapterKind::ALL {
             assert_eq!(kind.name().parse::<AdapterKind>().unwrap(), kind);
         }
-        assert!("rank-one".parse::<AdapterKind>().is_err());
+        let unknown = "rank-one".parse::<AdapterKind>().unwrap_err();
+        assert!(unknown.contains("matrix, beauty"), "{unknown}");
         assert!(
             Adapter::in_varmap(VarMap::new(), 3, AdapterKind::Beauty, None, &Device::Cpu).is_err()
         );
