@@ -10,7 +10,7 @@ use candle_nn::{VarBuilder, VarMap};
 use kalon_encoder::{Encoder, EncoderError, EncoderOptions, Manifest, WordTokenizer};
 use kalon_model::onnx::{self, Dim, Elem, GraphBuilder};
 use kalon_model::train::{image_spec, tokens};
-use kalon_model::{ModelConfig, TwoTower};
+use kalon_model::{ModelConfig, Pooling, TwoTower};
 use rand::{Rng, SeedableRng};
 
 /// Checks a file with the `onnx` Python package's full checker.
@@ -39,7 +39,7 @@ fn onnx_checker(path: &Path) {
     assert!(ir <= 13, "IR version {ir}");
 }
 
-fn random_model(seed: u64) -> (TwoTower, VarMap, WordTokenizer) {
+fn random_model(seed: u64, pooling: Pooling) -> (TwoTower, VarMap, WordTokenizer) {
     let device = Device::Cpu;
     let tokenizer = WordTokenizer::build(
         [
@@ -52,7 +52,8 @@ fn random_model(seed: u64) -> (TwoTower, VarMap, WordTokenizer) {
     );
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-    let model = TwoTower::new(ModelConfig::reference(tokenizer.vocab_size()), vb).unwrap();
+    let config = ModelConfig::reference(tokenizer.vocab_size()).with_pooling(pooling);
+    let model = TwoTower::new(config, vb).unwrap();
     kalon_model::model::seeded_init(&varmap, seed).unwrap();
     (model, varmap, tokenizer)
 }
@@ -66,10 +67,30 @@ fn options(batch_size: usize) -> EncoderOptions {
 
 #[test]
 fn exported_model_round_trips_candle_and_onnx_runtime_agree() {
+    for pooling in Pooling::ALL {
+        round_trip(pooling);
+    }
+}
+
+fn round_trip(pooling: Pooling) {
     let dir = tempfile::tempdir().unwrap();
-    let (model, varmap, tokenizer) = random_model(7);
+    let (model, varmap, tokenizer) = random_model(7, pooling);
     kalon_model::export::export(&model, &varmap, &tokenizer, dir.path(), Default::default())
         .unwrap();
+    // the pooled features: the mean per channel, and with mean-std the std too
+    let channels = *model.config.channels.last().unwrap();
+    let probe = Tensor::ones((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
+    let features = model.image.features(&probe).unwrap();
+    assert_eq!(features.dims(), [1, channels * pooling.width()]);
+    // read back into candle, the same weights give the same embeddings
+    let (reloaded, _, _) = kalon_model::export::load(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(reloaded.config.pooling, pooling);
+    let again = reloaded.image.features(&probe).unwrap();
+    let diff = kalon_tests::max_abs_diff(
+        &features.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        &again.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    assert!(diff == 0.0, "{pooling}: reloaded features differ by {diff}");
     onnx_checker(&dir.path().join("image.onnx"));
     onnx_checker(&dir.path().join("text.onnx"));
 
@@ -92,7 +113,10 @@ fn exported_model_round_trips_candle_and_onnx_runtime_agree() {
     let from_ort = encoder.image.embed_pixels(&pixels).unwrap();
     assert_eq!(from_ort.len(), n);
     let diff = kalon_tests::max_abs_diff(&from_candle, &from_ort.data);
-    assert!(diff <= 1e-4, "image tower: candle and ORT differ by {diff}");
+    assert!(
+        diff <= 1e-4,
+        "image tower ({pooling}): candle and ORT differ by {diff}"
+    );
 
     let texts = [
         "a red cat on a beach",

@@ -9,4 +9,4 @@ pub mod model;
 pub mod onnx;
 pub mod train;
 
-pub use model::{ModelConfig, TwoTower};
+pub use model::{ModelConfig, Pooling, TwoTower};

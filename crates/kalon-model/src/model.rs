@@ -1,7 +1,8 @@
 //! The reference two-tower model, defined in candle.
 //!
-//! Image tower: three 3x3 stride-2 convolutions with ReLU, global average
-//! pooling, a linear projection, L2 normalisation. Text tower: word
+//! Image tower: three 3x3 stride-2 convolutions with ReLU, global pooling
+//! (the per-channel mean, and with [`Pooling::MeanStd`] also the per-channel
+//! standard deviation), a linear projection, L2 normalisation. Text tower: word
 //! embeddings averaged under the attention mask, a ReLU MLP, a linear
 //! projection, L2 normalisation. Both write themselves to ONNX with
 //! [`ImageTower::to_onnx`] / [`TextTower::to_onnx`], op for op the same
@@ -29,7 +30,68 @@ pub struct ModelConfig {
     /// Pixel normalisation (CLIP's constants).
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// How the last convolution's feature map becomes one vector (models
+    /// written before this setting existed pooled the mean).
+    #[serde(default)]
+    pub pooling: Pooling,
 }
+
+/// Global pooling of the image tower's last feature map `[n, c, h, w]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pooling {
+    /// The per-channel mean: `[n, c]`.
+    #[default]
+    Mean,
+    /// The per-channel mean and standard deviation, concatenated: `[n, 2c]`.
+    /// The spread of a channel over the image (contrast, texture, noise)
+    /// carries much of what the simulated world's beauty depends on, which
+    /// an average washes out (docs/ALGORITHM.md, "Can the tower's shape see
+    /// beauty at all?").
+    MeanStd,
+}
+
+impl Pooling {
+    pub const ALL: [Pooling; 2] = [Pooling::Mean, Pooling::MeanStd];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Mean => "mean",
+            Pooling::MeanStd => "mean-std",
+        }
+    }
+
+    /// Pooled features per channel of the feature map.
+    pub fn width(self) -> usize {
+        match self {
+            Pooling::Mean => 1,
+            Pooling::MeanStd => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for Pooling {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|pooling| pooling.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|p| p.name()).collect();
+                format!("unknown pooling {s:?} (one of: {})", names.join(", "))
+            })
+    }
+}
+
+impl std::fmt::Display for Pooling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Added to the variance before its square root, so the gradient stays
+/// finite where a channel is constant (a ReLU that is off everywhere).
+const STD_EPS: f32 = 1e-5;
 
 impl ModelConfig {
     pub fn reference(vocab_size: usize) -> Self {
@@ -43,7 +105,13 @@ impl ModelConfig {
             dim: 64,
             mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
             std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
+            pooling: Pooling::Mean,
         }
+    }
+
+    /// The reference sizes with another pooling.
+    pub fn with_pooling(self, pooling: Pooling) -> Self {
+        ModelConfig { pooling, ..self }
     }
 }
 
@@ -66,6 +134,7 @@ fn conv_config() -> Conv2dConfig {
 pub struct ImageTower {
     convs: Vec<Conv2d>,
     proj: Linear,
+    pooling: Pooling,
     size: usize,
     dim: usize,
 }
@@ -86,19 +155,35 @@ impl ImageTower {
         }
         Ok(ImageTower {
             convs,
-            proj: candle_nn::linear(channels, config.dim, vb.pp("proj"))?,
+            proj: candle_nn::linear(
+                channels * config.pooling.width(),
+                config.dim,
+                vb.pp("proj"),
+            )?,
+            pooling: config.pooling,
             size: config.image_size,
             dim: config.dim,
         })
     }
 
-    /// The trunk before the projection: pooled features `[n, channels]`.
+    /// The trunk before the projection: pooled features
+    /// `[n, channels * pooling.width()]`.
     pub fn features(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = pixels.clone();
         for conv in &self.convs {
             x = conv.forward(&x)?.relu()?;
         }
-        x.mean(D::Minus1)?.mean(D::Minus1)
+        let mean = x.mean_keepdim(3)?.mean_keepdim(2)?;
+        let flat = mean.flatten_from(1)?;
+        match self.pooling {
+            Pooling::Mean => Ok(flat),
+            Pooling::MeanStd => {
+                // centred, as the ONNX graph computes it
+                let var = x.broadcast_sub(&mean)?.sqr()?.mean(D::Minus1)?.mean(D::Minus1)?;
+                let std = (var + STD_EPS as f64)?.sqrt()?;
+                Tensor::cat(&[&flat, &std], 1)
+            }
+        }
     }
 
     /// `[n, 3, size, size]` -> unit vectors `[n, dim]`.
@@ -137,7 +222,19 @@ impl ImageTower {
             );
             x = g.node("Relu", &[&y], vec![], None);
         }
-        let pooled = g.node("GlobalAveragePool", &[&x], vec![], None);
+        let mean = g.node("GlobalAveragePool", &[&x], vec![], None);
+        let pooled = match self.pooling {
+            Pooling::Mean => mean,
+            Pooling::MeanStd => {
+                let centred = g.node("Sub", &[&x, &mean], vec![], None);
+                let squared = g.node("Mul", &[&centred, &centred], vec![], None);
+                let var = g.node("GlobalAveragePool", &[&squared], vec![], None);
+                let eps = g.weight("std_eps", &[1], &[STD_EPS]);
+                let var = g.node("Add", &[&var, &eps], vec![], None);
+                let std = g.node("Sqrt", &[&var], vec![], None);
+                g.node("Concat", &[&mean, &std], vec![attr_int("axis", 1)], None)
+            }
+        };
         let flat = g.node("Flatten", &[&pooled], vec![attr_int("axis", 1)], None);
         let w = self.proj.weight();
         let b = self.proj.bias().expect("projection has a bias");
@@ -285,4 +382,53 @@ fn kalon_normal(rng: &mut impl rand::Rng) -> f32 {
     let u: f32 = rng.random_range(f32::EPSILON..1.0);
     let v: f32 = rng.random();
     (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_written_before_pooling_existed_read_as_mean_pooling() {
+        let mut json = serde_json::to_value(ModelConfig::reference(10)).unwrap();
+        json.as_object_mut().unwrap().remove("pooling");
+        let config: ModelConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(config.pooling, Pooling::Mean);
+        let json = serde_json::to_value(ModelConfig::reference(10).with_pooling(Pooling::MeanStd));
+        assert_eq!(json.unwrap()["pooling"], "mean-std");
+    }
+
+    #[test]
+    fn pooling_names_parse_both_ways() {
+        for pooling in Pooling::ALL {
+            assert_eq!(pooling.to_string().parse::<Pooling>().unwrap(), pooling);
+        }
+        let unknown = "max".parse::<Pooling>().unwrap_err();
+        assert!(unknown.contains("mean, mean-std"), "{unknown}");
+    }
+
+    #[test]
+    fn std_pooling_sees_the_spread_that_the_mean_washes_out() {
+        let device = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+        let config = ModelConfig::reference(4).with_pooling(Pooling::MeanStd);
+        let tower = ImageTower::new(&config, vb).unwrap();
+        seeded_init(&varmap, 3).unwrap();
+        // a flat image and a striped one: the std half of the features tells them apart
+        let flat = Tensor::full(0.5f32, (1, 3, 64, 64), &device).unwrap();
+        let stripes: Vec<f32> = (0..3 * 64 * 64)
+            .map(|i| if (i / 4) % 2 == 0 { 2.0 } else { -1.0 })
+            .collect();
+        let stripes = Tensor::from_vec(stripes, (1, 3, 64, 64), &device).unwrap();
+        let c = *config.channels.last().unwrap();
+        let std_of = |x: &Tensor| values(&tower.features(x).unwrap().narrow(1, c, c).unwrap());
+        let flat_std = std_of(&flat).unwrap();
+        let stripes_std = std_of(&stripes).unwrap();
+        assert!(flat_std.iter().all(|&s| s >= 0.0));
+        // a constant image gives a constant map away from the border padding
+        let flat_max = flat_std.iter().cloned().fold(0.0f32, f32::max);
+        let stripes_max = stripes_std.iter().cloned().fold(0.0f32, f32::max);
+        assert!(stripes_max > flat_max, "{stripes_max} vs {flat_max}");
+    }
 }

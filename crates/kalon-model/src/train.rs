@@ -20,7 +20,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ModelConfig, TwoTower};
+use crate::model::{ModelConfig, Pooling, TwoTower};
 
 /// Whether pair `index` (line number in `captions.jsonl`) is held out.
 pub fn held_out(index: usize) -> bool {
@@ -45,6 +45,8 @@ pub struct PretrainConfig {
     pub label_smoothing: f64,
     /// Use at most this many training pairs (all when `None`).
     pub max_pairs: Option<usize>,
+    /// The image tower's global pooling.
+    pub pooling: Pooling,
 }
 
 impl Default for PretrainConfig {
@@ -57,6 +59,7 @@ impl Default for PretrainConfig {
             weight_decay: 0.01,
             label_smoothing: 0.1,
             max_pairs: None,
+            pooling: Pooling::Mean,
         }
     }
 }
@@ -269,7 +272,7 @@ pub fn pretrain(
     let probe = ModelConfig::reference(0);
     let train = Pairs::load(world, Split::Train, probe.image_size, config.max_pairs)?;
     let tokenizer = build_tokenizer(world, &train, probe.max_len)?;
-    let model_config = ModelConfig::reference(tokenizer.vocab_size());
+    let model_config = ModelConfig::reference(tokenizer.vocab_size()).with_pooling(config.pooling);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     let model = TwoTower::new(model_config.clone(), vb)?;

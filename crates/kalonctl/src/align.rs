@@ -17,7 +17,8 @@ use kalon_llm::{Judge, LlmClient, LlmConfig};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::model::{prepare, PretrainArgs};
+use crate::model::{pooling_tag, prepare, PretrainArgs};
+use kalon_model::Pooling;
 
 #[derive(Clone, Args)]
 pub struct AlignArgs {
@@ -344,23 +345,20 @@ fn evaluate(
     world::agreement(items, &queries, data, images)
 }
 
+/// `world`: the seed and size of the world, and the pretrained model's pooling.
 pub fn eval_align(
     state_dir: &Path,
-    seed: u64,
-    images: usize,
+    (seed, images, pooling): (u64, usize, Pooling),
     json: Option<&Path>,
     args: &AlignArgs,
     retrain: bool,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let prepared = prepare(
-        state_dir,
-        seed,
-        images,
-        None,
-        false,
-        &PretrainArgs::defaults(),
-    )?;
+    let pretrain = PretrainArgs {
+        pooling,
+        ..PretrainArgs::defaults()
+    };
+    let prepared = prepare(state_dir, seed, images, None, false, &pretrain)?;
     let what = match (args.tower, args.adapter) {
         (false, AdapterKind::Matrix) => "aligned",
         (false, AdapterKind::Beauty) => "aligned-beauty",
@@ -369,7 +367,14 @@ pub fn eval_align(
     };
     let aligned_dir = state_dir
         .join("models")
-        .join(format!("{what}-{:?}-seed-{seed}-{images}", args.teacher).to_lowercase());
+        .join(
+            format!(
+                "{what}{}-{:?}-seed-{seed}-{images}",
+                pooling_tag(pooling),
+                args.teacher
+            )
+            .to_lowercase(),
+        );
     let config = args.config(seed);
     let teacher = teacher(args, &prepared.world, &prepared.model)?;
     let data = if retrain || !aligned_dir.join(kalon_encoder::MANIFEST_FILE).exists() {

@@ -135,7 +135,8 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
             args.align.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            crate::align::eval_align(&state_dir, seed, images, None, &align, false)
+            let world = (seed, images, kalon_model::Pooling::Mean);
+            crate::align::eval_align(&state_dir, world, None, &align, false)
         })
         .await??;
     }

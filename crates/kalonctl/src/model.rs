@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use kalon_encoder::{Encoder, EncoderOptions, Manifest};
 use kalon_model::eval::RetrievalReport;
 use kalon_model::train::{Pairs, PretrainConfig, Split};
+use kalon_model::Pooling;
 
 #[derive(Clone, Args)]
 pub struct PretrainArgs {
@@ -26,6 +27,11 @@ pub struct PretrainArgs {
     /// Train on at most this many pairs.
     #[arg(long)]
     pub max_pairs: Option<usize>,
+    /// The image tower's global pooling: `mean`, or `mean-std` (the
+    /// per-channel mean and standard deviation; sees more of an image's
+    /// aesthetics).
+    #[arg(long, default_value_t = Pooling::Mean)]
+    pub pooling: Pooling,
 }
 
 impl PretrainArgs {
@@ -39,6 +45,7 @@ impl PretrainArgs {
             learning_rate: c.learning_rate,
             label_smoothing: c.label_smoothing,
             max_pairs: c.max_pairs,
+            pooling: c.pooling,
         }
     }
 
@@ -50,6 +57,7 @@ impl PretrainArgs {
             learning_rate: self.learning_rate,
             label_smoothing: self.label_smoothing,
             max_pairs: self.max_pairs,
+            pooling: self.pooling,
             ..PretrainConfig::default()
         }
     }
@@ -103,6 +111,10 @@ pub enum Eval {
         /// Align again even when an aligned model for this world exists.
         #[arg(long)]
         retrain: bool,
+        /// The pretrained reference model's image pooling (`mean` or
+        /// `mean-std`); each pooling keeps its own models.
+        #[arg(long, default_value_t = Pooling::Mean)]
+        pooling: Pooling,
         #[command(flatten)]
         args: crate::align::AlignArgs,
     },
@@ -186,7 +198,7 @@ pub fn prepare(
         None => {
             let dir = state_dir
                 .join("models")
-                .join(format!("ref-seed-{seed}-{images}"));
+                .join(format!("ref{}-seed-{seed}-{images}", pooling_tag(args.pooling)));
             if retrain || !dir.join(kalon_encoder::MANIFEST_FILE).exists() {
                 eprintln!("pretraining the reference model for world seed {seed}");
                 let mut args = args.clone();
@@ -197,6 +209,15 @@ pub fn prepare(
         }
     };
     Ok(Prepared { world, model })
+}
+
+/// What a model directory's name says of its pooling: nothing for the
+/// default mean pooling (so existing directories keep their names).
+pub fn pooling_tag(pooling: Pooling) -> String {
+    match pooling {
+        Pooling::Mean => String::new(),
+        other => format!("-{other}"),
+    }
 }
 
 /// Image file bytes of held-out pairs, with their captions.
@@ -271,8 +292,15 @@ pub fn run_eval(state_dir: &Path, eval: &Eval) -> anyhow::Result<()> {
             images,
             json,
             retrain,
+            pooling,
             args,
-        } => crate::align::eval_align(state_dir, *seed, *images, json.as_deref(), args, *retrain),
+        } => crate::align::eval_align(
+            state_dir,
+            (*seed, *images, *pooling),
+            json.as_deref(),
+            args,
+            *retrain,
+        ),
     }
 }
 
