@@ -511,3 +511,63 @@ fn pretraining_is_deterministic_for_a_seed() {
     assert_eq!(first, run(5), "same seed, same losses");
     assert_ne!(first, run(6), "another seed differs");
 }
+
+#[test]
+fn pretraining_with_std_pooling_from_the_command_line_writes_a_servable_model() {
+    let world = tempfile::tempdir().unwrap();
+    kalon_world::export(&kalon_world::WorldSpec::new(13, 200), world.path(), |_| {}).unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = Command::new(kalonctl())
+        .args(["train", "pretrain", "--pooling", "mean-std"])
+        .args(["--epochs", "1", "--batch-size", "16", "--max-pairs", "16"])
+        .arg("--world")
+        .arg(world.path())
+        .arg("--out")
+        .arg(out_dir.path())
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.path().join("model-config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["pooling"], "mean-std");
+    onnx_checker(&out_dir.path().join("image.onnx"));
+    // ONNX Runtime serves it and agrees with candle on a real image file
+    let (model, _, _) = kalon_model::export::load(out_dir.path(), &Device::Cpu).unwrap();
+    let encoder = Encoder::load(out_dir.path(), &options(4)).unwrap();
+    let png = std::fs::read_dir(world.path().join("images"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let from_file = encoder.image.embed_files(&[std::fs::read(&png).unwrap()]);
+    let image = kalon_encoder::image::open(&png).unwrap().to_rgb8();
+    let mut raw = Vec::new();
+    kalon_encoder::preprocess::push_rgb8(image.as_raw(), &image_spec(&model.config), &mut raw);
+    let from_candle = model
+        .image
+        .forward(&Tensor::from_vec(raw, (1, 3, 64, 64), &Device::Cpu).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let diff = kalon_tests::max_abs_diff(&from_candle, &from_file.unwrap().data);
+    assert!(diff <= 1e-4, "candle and ORT differ by {diff}");
+    // an unknown pooling is refused before any work, naming the choices
+    let out = Command::new(kalonctl())
+        .args(["train", "pretrain", "--pooling", "max"])
+        .arg("--world")
+        .arg(world.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mean, mean-std"), "{stderr}");
+}

@@ -155,11 +155,7 @@ impl ImageTower {
         }
         Ok(ImageTower {
             convs,
-            proj: candle_nn::linear(
-                channels * config.pooling.width(),
-                config.dim,
-                vb.pp("proj"),
-            )?,
+            proj: candle_nn::linear(channels * config.pooling.width(), config.dim, vb.pp("proj"))?,
             pooling: config.pooling,
             size: config.image_size,
             dim: config.dim,
@@ -179,7 +175,11 @@ impl ImageTower {
             Pooling::Mean => Ok(flat),
             Pooling::MeanStd => {
                 // centred, as the ONNX graph computes it
-                let var = x.broadcast_sub(&mean)?.sqr()?.mean(D::Minus1)?.mean(D::Minus1)?;
+                let var = x
+                    .broadcast_sub(&mean)?
+                    .sqr()?
+                    .mean(D::Minus1)?
+                    .mean(D::Minus1)?;
                 let std = (var + STD_EPS as f64)?.sqrt()?;
                 Tensor::cat(&[&flat, &std], 1)
             }

@@ -365,16 +365,14 @@ pub fn eval_align(
         (true, AdapterKind::Matrix) => "aligned-tower",
         (true, AdapterKind::Beauty) => "aligned-tower-beauty",
     };
-    let aligned_dir = state_dir
-        .join("models")
-        .join(
-            format!(
-                "{what}{}-{:?}-seed-{seed}-{images}",
-                pooling_tag(pooling),
-                args.teacher
-            )
-            .to_lowercase(),
-        );
+    let aligned_dir = state_dir.join("models").join(
+        format!(
+            "{what}{}-{:?}-seed-{seed}-{images}",
+            pooling_tag(pooling),
+            args.teacher
+        )
+        .to_lowercase(),
+    );
     let config = args.config(seed);
     let teacher = teacher(args, &prepared.world, &prepared.model)?;
     let data = if retrain || !aligned_dir.join(kalon_encoder::MANIFEST_FILE).exists() {

@@ -196,9 +196,10 @@ pub fn prepare(
     let model = match model {
         Some(dir) => dir.to_owned(),
         None => {
-            let dir = state_dir
-                .join("models")
-                .join(format!("ref{}-seed-{seed}-{images}", pooling_tag(args.pooling)));
+            let dir = state_dir.join("models").join(format!(
+                "ref{}-seed-{seed}-{images}",
+                pooling_tag(args.pooling)
+            ));
             if retrain || !dir.join(kalon_encoder::MANIFEST_FILE).exists() {
                 eprintln!("pretraining the reference model for world seed {seed}");
                 let mut args = args.clone();
