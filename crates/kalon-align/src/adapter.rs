@@ -50,13 +50,7 @@ impl AdapterKind {
 impl std::str::FromStr for AdapterKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|kind| kind.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|kind| kind.name()).collect();
-                format!("unknown adapter kind {s:?} (one of: {})", names.join(", "))
-            })
+        kalon_model::model::parse_name(s, &Self::ALL, Self::name, "adapter kind")
     }
 }
 

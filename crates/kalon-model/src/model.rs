@@ -70,16 +70,25 @@ impl Pooling {
     }
 }
 
+/// The one of `all` whose `name` is `s`; else an error naming the choices
+/// (`what`: what the name is of). Serves the name-parsed enums of the
+/// command line: [`Pooling`] here, kalon-align's adapter kinds.
+pub fn parse_name<T: Copy>(
+    s: &str,
+    all: &[T],
+    name: fn(T) -> &'static str,
+    what: &str,
+) -> Result<T, String> {
+    all.iter().copied().find(|&v| name(v) == s).ok_or_else(|| {
+        let names: Vec<&str> = all.iter().map(|&v| name(v)).collect();
+        format!("unknown {what} {s:?} (one of: {})", names.join(", "))
+    })
+}
+
 impl std::str::FromStr for Pooling {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|pooling| pooling.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|p| p.name()).collect();
-                format!("unknown pooling {s:?} (one of: {})", names.join(", "))
-            })
+        parse_name(s, &Self::ALL, Self::name, "pooling")
     }
 }
 

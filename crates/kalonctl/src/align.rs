@@ -18,7 +18,6 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::model::{pooling_tag, prepare, PretrainArgs};
-use kalon_model::Pooling;
 
 #[derive(Clone, Args)]
 pub struct AlignArgs {
@@ -345,20 +344,19 @@ fn evaluate(
     world::agreement(items, &queries, data, images)
 }
 
-/// `world`: the seed and size of the world, and the pretrained model's pooling.
+/// `pretrain`: how the reference model is pretrained when the world has
+/// none yet (its pooling also names the aligned model's directory).
 pub fn eval_align(
     state_dir: &Path,
-    (seed, images, pooling): (u64, usize, Pooling),
+    seed: u64,
+    images: usize,
+    pretrain: &PretrainArgs,
     json: Option<&Path>,
     args: &AlignArgs,
     retrain: bool,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let pretrain = PretrainArgs {
-        pooling,
-        ..PretrainArgs::defaults()
-    };
-    let prepared = prepare(state_dir, seed, images, None, false, &pretrain)?;
+    let prepared = prepare(state_dir, seed, images, None, false, pretrain)?;
     let what = match (args.tower, args.adapter) {
         (false, AdapterKind::Matrix) => "aligned",
         (false, AdapterKind::Beauty) => "aligned-beauty",
@@ -368,7 +366,7 @@ pub fn eval_align(
     let aligned_dir = state_dir.join("models").join(
         format!(
             "{what}{}-{:?}-seed-{seed}-{images}",
-            pooling_tag(pooling),
+            pooling_tag(pretrain.pooling),
             args.teacher
         )
         .to_lowercase(),

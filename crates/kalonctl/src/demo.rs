@@ -135,8 +135,8 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
             args.align.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            let world = (seed, images, kalon_model::Pooling::Mean);
-            crate::align::eval_align(&state_dir, world, None, &align, false)
+            let pretrain = crate::model::PretrainArgs::defaults();
+            crate::align::eval_align(&state_dir, seed, images, &pretrain, None, &align, false)
         })
         .await??;
     }

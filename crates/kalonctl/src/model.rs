@@ -295,13 +295,21 @@ pub fn run_eval(state_dir: &Path, eval: &Eval) -> anyhow::Result<()> {
             retrain,
             pooling,
             args,
-        } => crate::align::eval_align(
-            state_dir,
-            (*seed, *images, *pooling),
-            json.as_deref(),
-            args,
-            *retrain,
-        ),
+        } => {
+            let pretrain = PretrainArgs {
+                pooling: *pooling,
+                ..PretrainArgs::defaults()
+            };
+            crate::align::eval_align(
+                state_dir,
+                *seed,
+                *images,
+                &pretrain,
+                json.as_deref(),
+                args,
+                *retrain,
+            )
+        }
     }
 }
 
