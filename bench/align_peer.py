@@ -1,5 +1,6 @@
 """The peer of `kalonctl bench align`: Kalon's adapter, loss and optimiser
-in JAX on CPU, on data of the same sizes.
+in JAX (on its default backend: the CPU, or a GPU where JAX has one), on
+data of the same sizes.
 
 Model: v' = normalise(v + v A^T), A (64 x 64) from zero. Loss per step:
 confidence-weighted Ranked DPO over 256 sampled pairs (tau 0.07, beta 0.5,
@@ -92,7 +93,8 @@ def main():
         state = step(state, images, captions, queries, *sample())
     jax.block_until_ready(state)
     seconds = time.perf_counter() - started
-    print(json.dumps({"peer": "jax", "jax": jax.__version__, "steps": args.steps,
+    print(json.dumps({"peer": "jax", "jax": jax.__version__, "backend": jax.default_backend(),
+                      "steps": args.steps,
                       "pairs_per_s": round(args.steps * PAIR_BATCH / seconds)}))
 
 

@@ -39,13 +39,16 @@ pub enum Bench {
         #[arg(long, default_value_t = 2000)]
         batch_max: usize,
     },
-    /// Ranked DPO adapter training throughput (pairs/s) against the same model and loss in JAX on CPU (bench/align_peer.py).
+    /// Ranked DPO adapter training throughput (pairs/s) against the same model and loss in JAX (bench/align_peer.py). Kalon trains on KALON_TRAIN_DEVICE (cpu, or cuda in a `cuda` build); the peer on JAX's default backend.
     Align {
         #[arg(long, default_value_t = 200)]
         steps: usize,
         /// Skip the JAX peer.
         #[arg(long)]
         no_baseline: bool,
+        /// A Python that already has JAX (a GPU machine's, say) to run the peer with; by default a venv with jax[cpu] is made in the cache.
+        #[arg(long)]
+        peer_python: Option<std::path::PathBuf>,
     },
     /// The search service under HTTP load (oha) over a large corpus, and its HNSW index against faiss-cpu (and instant-distance) at the same recall.
     Search(crate::search_bench::SearchBenchArgs),
@@ -74,7 +77,11 @@ pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
             writers,
             batch_max,
         } => ingest(cli, *events, !*no_baseline, *writers, *batch_max).await,
-        Bench::Align { steps, no_baseline } => align(*steps, !*no_baseline).await,
+        Bench::Align {
+            steps,
+            no_baseline,
+            peer_python,
+        } => align(*steps, (!*no_baseline).then_some(peer_python.as_deref())).await,
         Bench::Search(args) => crate::search_bench::run(cli, args).await,
         Bench::Encoder {
             seed,
@@ -194,14 +201,11 @@ async fn ingest(
             .iter()
             .map(|k| kafka.topic(k.topic()))
             .collect();
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../scripts/bench/baseline_consumer.py"
-        );
+        let script = repo_file("scripts/bench/baseline_consumer.py");
         let pipeline = format!(
             "set -o pipefail; '{}' '{}' '{}' 'baseline-{tag}' {count} {} | psql -X -q -v ON_ERROR_STOP=1 '{}' -c '\\copy baseline_events(payload) FROM STDIN'",
             python.display(),
-            script,
+            script.display(),
             kafka.brokers,
             topics.join(" "),
             database_url
@@ -258,6 +262,20 @@ async fn baseline_python() -> anyhow::Result<std::path::PathBuf> {
 
 /// A Python in a venv under the cache with `requirements` installed (once);
 /// `module` is imported to tell whether it is ready.
+/// A file of Kalon's repository that a bench runs (a peer's script): where
+/// this binary was built from, else relative to the current directory (a
+/// binary copied to another machine, run in a checkout there).
+pub(crate) fn repo_file(path: &str) -> std::path::PathBuf {
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path);
+    if built.exists() {
+        built
+    } else {
+        path.into()
+    }
+}
+
 pub(crate) async fn bench_python(
     name: &str,
     module: &str,
@@ -301,8 +319,10 @@ pub(crate) async fn bench_python(
 
 /// `bench align`: synthetic unit embeddings of a 10,000-image world (64-d,
 /// 600 queries, 28,800 pairs); Kalon's trainer, then the JAX peer on data
-/// of the same sizes, same batch sizes and steps.
-async fn align(steps: usize, peer: bool) -> anyhow::Result<()> {
+/// of the same sizes, same batch sizes and steps. `peer`: None skips the
+/// peer; Some(None) runs it in a cached jax[cpu] venv, Some(Some(python))
+/// with that Python.
+async fn align(steps: usize, peer: Option<Option<&std::path::Path>>) -> anyhow::Result<()> {
     use kalon_align::world::{train_adapter, AlignConfig, IndexedPair, TrainingSet};
     use kalon_encoder::Embeddings;
     use rand::{Rng, SeedableRng};
@@ -315,6 +335,11 @@ async fn align(steps: usize, peer: bool) -> anyhow::Result<()> {
     let config = AlignConfig {
         steps,
         ..AlignConfig::default()
+    };
+    let device = if kalon_model::train::training_device()?.is_cuda() {
+        "CUDA"
+    } else {
+        "CPU"
     };
     let kalon = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -346,18 +371,21 @@ async fn align(steps: usize, peer: bool) -> anyhow::Result<()> {
         Ok((steps * config.pair_batch) as f64 / started.elapsed().as_secs_f64())
     })
     .await??;
-    println!("kalon (candle, CPU): {kalon:.0} pairs/s");
+    println!("kalon (candle, {device}): {kalon:.0} pairs/s");
     let mut figures = serde_json::json!({
         "bench": "align",
+        "device": device,
         "steps": steps,
         "pair_batch": AlignConfig::default().pair_batch,
         "caption_batch": AlignConfig::default().caption_batch,
         "pairs_per_s": kalon.round(),
     });
-    if peer {
-        let python = bench_python("bench-jax", "jax", &["jax[cpu]==0.10.2"]).await?;
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/align_peer.py");
+    if let Some(python) = peer {
+        let python = match python {
+            Some(python) => python.to_path_buf(),
+            None => bench_python("bench-jax", "jax", &["jax[cpu]==0.10.2"]).await?,
+        };
+        let script = repo_file("bench/align_peer.py");
         let out = tokio::process::Command::new(python)
             .arg(&script)
             .args(["--steps", &steps.to_string()])
@@ -374,10 +402,12 @@ async fn align(steps: usize, peer: bool) -> anyhow::Result<()> {
             serde_json::from_str(line.trim().lines().last().unwrap_or_default())
                 .context("the JAX peer printed no JSON line")?;
         let peer_rate = peer["pairs_per_s"].as_f64().unwrap_or_default();
+        let backend = peer["backend"].as_str().unwrap_or("cpu").to_uppercase();
         println!(
-            "peer (JAX, CPU): {peer_rate:.0} pairs/s; ratio {:.2}",
+            "peer (JAX, {backend}): {peer_rate:.0} pairs/s; ratio {:.2}",
             kalon / peer_rate
         );
+        figures["peer_device"] = backend.into();
         figures["peer_pairs_per_s"] = peer_rate.round().into();
         figures["ratio"] = ((kalon / peer_rate * 100.0).round() / 100.0).into();
     }

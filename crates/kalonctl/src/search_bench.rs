@@ -459,7 +459,7 @@ pub async fn run(cli: &Cli, args: &SearchBenchArgs) -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         write_f32(&dir.path().join("base.f32"), &stored.data)?;
         write_f32(&dir.path().join("queries.f32"), &queries)?;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/search_peer.py");
+        let script = crate::bench::repo_file("bench/search_peer.py");
         let out = tokio::process::Command::new(python)
             .arg(&script)
             .arg("--base")
