@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The trainer's figures on an NVIDIA GPU, in one run: `kalonctl bench align`
-# on the GPU beside the JAX peer on the same GPU, then `kalonctl eval align`
-# end to end with the whole image tower trained on the GPU (a fresh world,
+# on the machine's CPU and on its GPU, each beside the JAX peer on the same
+# device; then, per world seed, `kalonctl eval align` end to end with the
+# whole image tower and a beauty head trained on the GPU (a fresh world,
 # pretraining, D_po, Ranked DPO, held-out evaluation), and each trained
 # model's recorded time and pairs/s.
 #
@@ -11,7 +12,10 @@
 # (ONNX Runtime's CPU library: the evaluation encodes on the CPU), a CUDA 13
 # driver, and the CUDA 13 libraries: CUDA_LIBS, else PyTorch's cu130 wheels
 # found through python3. A Python with JAX runs the peer (PEER_PYTHON,
-# default python3).
+# default python3). SEEDS (default "5"), STATE (default a new temp folder:
+# worlds and models, reused by a later run given the same one).
+# Writes OUT_DIR/eval-align-seed-S.json and align-log-seed-S.jsonl; the rest
+# goes to stdout.
 set -uo pipefail
 bin="$1"
 out="$2"
@@ -27,7 +31,7 @@ PY
 )"
 fi
 export LD_LIBRARY_PATH="${CUDA_LIBS}:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if ldd "$bin" | grep "not found"; then
   echo "missing libraries (CUDA_LIBS=$CUDA_LIBS)" >&2
   exit 1
@@ -35,18 +39,21 @@ fi
 
 echo "== bench align on this machine's CPU (Kalon and the JAX peer)"
 KALON_TRAIN_DEVICE=cpu JAX_PLATFORMS=cpu timeout 120 "$bin" bench align --steps 200 \
-  --peer-python "${PEER_PYTHON:-python3}" 2>&1 | tee "$out/bench-align-cpu.txt"
+  --peer-python "${PEER_PYTHON:-python3}" 2>&1
 export KALON_TRAIN_DEVICE=cuda
 echo "== bench align on the GPU (Kalon on CUDA, the JAX peer on its default backend)"
-timeout 120 "$bin" bench align --steps 1000 --peer-python "${PEER_PYTHON:-python3}" 2>&1 | tee "$out/bench-align.txt"
+timeout 120 "$bin" bench align --steps 1000 --peer-python "${PEER_PYTHON:-python3}" 2>&1
 
-echo "== eval align, tower + beauty head, trained on CUDA"
-state="$(mktemp -d)"
-timeout "${EVAL_TIMEOUT:-330}" "$bin" --state-dir "$state" eval align --seed "${SEED:-5}" \
-  --pooling mean-std --tower --adapter beauty --dpo-u 1 --dpo-v 12 --steps 600 \
-  --json "$out/eval-align.json" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -60 | tee "$out/eval-align.txt"
+state="${STATE:-$(mktemp -d)}"
+for seed in ${SEEDS:-5}; do
+  echo "== eval align, world seed $seed: tower + beauty head, trained on CUDA"
+  timeout "${EVAL_TIMEOUT:-330}" "$bin" --state-dir "$state" eval align --seed "$seed" \
+    --pooling mean-std --tower --adapter beauty --dpo-u 1 --dpo-v 12 --steps 600 \
+    --json "$out/eval-align-seed-$seed.json" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -40
+  cp "$state/models/aligned-tower-beauty-mean-std-lmm-seed-$seed-10000/align-log.jsonl" \
+    "$out/align-log-seed-$seed.jsonl" 2>/dev/null
+done
 for manifest in "$state"/models/*/kalon-model.json; do
   echo "$manifest"
   python3 -c 'import json,sys; n=json.load(open(sys.argv[1])).get("notes",{}); print({k: n.get(k) for k in ("trainer","seconds","pairs_per_s","pairs","first_loss","final_loss","last_step")})' "$manifest"
-done | tee "$out/models.txt"
-cp "$state"/models/aligned-*/align-log.jsonl "$out/" 2>/dev/null
+done

@@ -460,27 +460,33 @@ fn optimise(
         let texts = gather(set.captions, &captions, &device)?;
         let pt = info_nce(&images, &texts, &log_scale, 0.1)?;
         let loss = (&dpo + (&pt * config.params.alpha)?)?;
-        let value: f32 = loss.to_scalar()?;
+        let grads = loss.backward()?;
+        // one device -> host read per step (each read waits for the GPU):
+        // the loss, its parts, the pair accuracy and the gradients' total
+        // |g| (not finite when any gradient is not)
+        let f32 = candle_core::DType::F32;
+        let mut grad_total = Tensor::zeros((), f32, &device)?;
+        for var in &checked {
+            if let Some(grad) = grads.get(var) {
+                grad_total = (grad_total + grad.abs()?.sum_all()?.to_dtype(f32)?)?;
+            }
+        }
+        let right = theta_w.ge(&theta_l)?.to_dtype(f32)?.mean_all()?;
+        let figures =
+            Tensor::stack(&[&loss, &dpo, &pt, &right, &grad_total], 0)?.to_vec1::<f32>()?;
+        let [value, dpo_loss, pt_loss, pair_accuracy, grad_total] = figures[..] else {
+            unreachable!("five figures stacked")
+        };
         anyhow::ensure!(
             value.is_finite(),
             "the loss is {value} at step {}: lower the learning rate or beta; nothing is exported",
             step + 1
         );
-        let grads = loss.backward()?;
-        for var in &checked {
-            if let Some(grad) = grads.get(var) {
-                let total: f32 = grad
-                    .abs()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_scalar()?;
-                anyhow::ensure!(
-                    total.is_finite(),
-                    "a gradient is not finite at step {}: lower the learning rate or beta; nothing is exported",
-                    step + 1
-                );
-            }
-        }
+        anyhow::ensure!(
+            grad_total.is_finite(),
+            "a gradient is not finite at step {}: lower the learning rate or beta; nothing is exported",
+            step + 1
+        );
         optimizer.step(&grads)?;
         if let (Some(dir), true) = (&config.checkpoint_dir, config.checkpoint_every > 0) {
             if (step + 1) % config.checkpoint_every == 0 {
@@ -488,17 +494,13 @@ fn optimise(
                 varmap.save(dir.join(format!("checkpoint-{:06}.safetensors", step + 1)))?;
             }
         }
-        let right = theta_w
-            .ge(&theta_l)?
-            .to_dtype(candle_core::DType::F32)?
-            .mean_all()?;
         on_step(AlignStep {
             step: step + 1,
             steps: config.steps,
-            loss: loss.to_scalar()?,
-            dpo_loss: dpo.to_scalar()?,
-            pt_loss: pt.to_scalar()?,
-            pair_accuracy: right.to_scalar()?,
+            loss: value,
+            dpo_loss,
+            pt_loss,
+            pair_accuracy,
         });
     }
     Ok(())

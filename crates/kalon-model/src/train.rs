@@ -253,7 +253,11 @@ pub fn training_device() -> anyhow::Result<Device> {
     let wanted = std::env::var("KALON_TRAIN_DEVICE").unwrap_or_default();
     match (wanted.trim(), cfg!(feature = "cuda")) {
         ("cpu", _) | ("", false) => Ok(Device::Cpu),
-        ("cuda", true) | ("", true) => Ok(Device::new_cuda(0)?),
+        ("cuda", true) | ("", true) => Device::new_cuda(0).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open CUDA device 0 ({e}): is there a GPU and its driver? KALON_TRAIN_DEVICE=cpu trains on the CPU"
+            )
+        }),
         ("cuda", false) => anyhow::bail!(
             "KALON_TRAIN_DEVICE=cuda, but this build has no CUDA support: build with `--features cuda` (needs nvcc)"
         ),

@@ -318,8 +318,8 @@ pub(crate) async fn bench_python(
 }
 
 /// `bench align`: synthetic unit embeddings of a 10,000-image world (64-d,
-/// 600 queries, 28,800 pairs); Kalon's trainer, then the JAX peer on data
-/// of the same sizes, same batch sizes and steps. `peer`: None skips the
+/// 600 queries, 28,800 pairs); Kalon's trainer (after 3 untimed steps),
+/// then the JAX peer on data of the same sizes, same batch sizes and steps. `peer`: None skips the
 /// peer; Some(None) runs it in a cached jax[cpu] venv, Some(Some(python))
 /// with that Python.
 async fn align(steps: usize, peer: Option<Option<&std::path::Path>>) -> anyhow::Result<()> {
@@ -366,6 +366,13 @@ async fn align(steps: usize, peer: Option<Option<&std::path::Path>>) -> anyhow::
             queries: &queries,
             pairs: &pairs,
         };
+        // a few untimed steps first: the peer's one-time compilation is
+        // excluded too (for CUDA: loading the kernels' modules)
+        let warm_up = AlignConfig {
+            steps: 3,
+            ..config.clone()
+        };
+        train_adapter(&set, &warm_up, |_| {})?;
         let started = Instant::now();
         train_adapter(&set, &config, |_| {})?;
         Ok((steps * config.pair_batch) as f64 / started.elapsed().as_secs_f64())
