@@ -509,3 +509,57 @@ fn a_users_aesthetic_model_scores_through_onnx_runtime() {
         "{error}"
     );
 }
+
+/// `kalonctl bench align` names the device it trained on, refuses a CUDA
+/// device in a build without CUDA, and says when its peer cannot run.
+#[test]
+fn bench_align_reports_its_device_and_says_what_it_cannot_run() {
+    use std::process::Command;
+    let kalonctl = kalon_tests::workspace_binary("kalonctl", "kalonctl");
+    let bench = |device: &str, extra: &[&str]| {
+        let out = Command::new(&kalonctl)
+            .args(["bench", "align", "--steps", "5"])
+            .args(extra)
+            .env("KALON_TRAIN_DEVICE", device)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), stdout, stderr)
+    };
+
+    let (ok, stdout, stderr) = bench("cpu", &["--no-baseline"]);
+    assert!(ok, "{stderr}");
+    let figures: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(figures["device"], "CPU", "{stdout}");
+    assert!(figures["pairs_per_s"].as_f64().unwrap() > 0.0, "{stdout}");
+    assert!(figures.get("ratio").is_none(), "no peer ran: {stdout}");
+
+    // CI builds without the `cuda` feature
+    let (ok, _, stderr) = bench("cuda", &["--no-baseline"]);
+    assert!(!ok);
+    assert!(stderr.contains("--features cuda"), "{stderr}");
+
+    // a Python whose JAX is missing: the peer's own error comes through
+    let dir = tempfile::tempdir().unwrap();
+    let python = dir.path().join("python");
+    std::fs::write(
+        &python,
+        "#!/bin/sh\necho \"ModuleNotFoundError: No module named 'jax'\" >&2\nexit 1\n",
+    )
+    .unwrap();
+    let mut permissions = std::fs::metadata(&python).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&python, permissions).unwrap();
+    let (ok, stdout, stderr) = bench("cpu", &["--peer-python", python.to_str().unwrap()]);
+    assert!(!ok, "{stdout}");
+    assert!(
+        stdout.contains("kalon (candle, CPU)"),
+        "Kalon ran first: {stdout}"
+    );
+    assert!(
+        stderr.contains("the JAX peer failed") && stderr.contains("No module named 'jax'"),
+        "{stderr}"
+    );
+}

@@ -259,7 +259,7 @@ pub fn training_device() -> anyhow::Result<Device> {
             )
         }),
         ("cuda", false) => anyhow::bail!(
-            "KALON_TRAIN_DEVICE=cuda, but this build has no CUDA support: build with `--features cuda` (needs nvcc)"
+            "KALON_TRAIN_DEVICE=cuda, but this build has no CUDA support: build with `--features cuda` (scripts/build-cuda.sh does, no CUDA toolkit needed)"
         ),
         (other, _) => anyhow::bail!("KALON_TRAIN_DEVICE={other:?}: use cpu or cuda"),
     }
