@@ -271,22 +271,25 @@ pub fn ingest_binary() -> PathBuf {
 }
 
 /// Builds (if stale) and locates binary `bin` of workspace package `package`.
+/// It builds every workspace binary, as the test command does before the
+/// tests: building one package alone unifies its dependencies' features
+/// differently, so it would rebuild them (and replace the binaries the test
+/// command built).
 pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
     let status = std::process::Command::new(env!("CARGO"))
         .args([
             "build",
             "--quiet",
-            "-p",
-            package,
-            "--bin",
-            bin,
+            "--locked",
+            "--workspace",
+            "--bins",
             "--manifest-path",
             manifest,
         ])
         .status()
         .expect("run cargo build");
-    assert!(status.success(), "building {bin} failed");
+    assert!(status.success(), "building {bin} ({package}) failed");
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> -> target/<profile>/<bin>
     let path = exe
