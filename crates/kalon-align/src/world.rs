@@ -464,14 +464,14 @@ fn optimise(
         // one device -> host read per step (each read waits for the GPU):
         // the loss, its parts, the pair accuracy and the gradients' total
         // |g| (not finite when any gradient is not)
-        let f32 = candle_core::DType::F32;
-        let mut grad_total = Tensor::zeros((), f32, &device)?;
+        let dtype = candle_core::DType::F32;
+        let mut grad_total = Tensor::zeros((), dtype, &device)?;
         for var in &checked {
             if let Some(grad) = grads.get(var) {
-                grad_total = (grad_total + grad.abs()?.sum_all()?.to_dtype(f32)?)?;
+                grad_total = (grad_total + grad.abs()?.sum_all()?.to_dtype(dtype)?)?;
             }
         }
-        let right = theta_w.ge(&theta_l)?.to_dtype(f32)?.mean_all()?;
+        let right = theta_w.ge(&theta_l)?.to_dtype(dtype)?.mean_all()?;
         let figures =
             Tensor::stack(&[&loss, &dpo, &pt, &right, &grad_total], 0)?.to_vec1::<f32>()?;
         let [value, dpo_loss, pt_loss, pair_accuracy, grad_total] = figures[..] else {

@@ -260,8 +260,6 @@ async fn baseline_python() -> anyhow::Result<std::path::PathBuf> {
     .await
 }
 
-/// A Python in a venv under the cache with `requirements` installed (once);
-/// `module` is imported to tell whether it is ready.
 /// A file of Kalon's repository that a bench runs (a peer's script): where
 /// this binary was built from, else relative to the current directory (a
 /// binary copied to another machine, run in a checkout there).
@@ -276,6 +274,8 @@ pub(crate) fn repo_file(path: &str) -> std::path::PathBuf {
     }
 }
 
+/// A Python in a venv under the cache with `requirements` installed (once);
+/// `module` is imported to tell whether it is ready.
 pub(crate) async fn bench_python(
     name: &str,
     module: &str,
@@ -319,9 +319,9 @@ pub(crate) async fn bench_python(
 
 /// `bench align`: synthetic unit embeddings of a 10,000-image world (64-d,
 /// 600 queries, 28,800 pairs); Kalon's trainer (after 3 untimed steps),
-/// then the JAX peer on data of the same sizes, same batch sizes and steps. `peer`: None skips the
-/// peer; Some(None) runs it in a cached jax[cpu] venv, Some(Some(python))
-/// with that Python.
+/// then the JAX peer on data of the same sizes, same batch sizes and steps.
+/// `peer`: None skips the peer; Some(None) runs it in a cached jax[cpu]
+/// venv, Some(Some(python)) with that Python.
 async fn align(steps: usize, peer: Option<Option<&std::path::Path>>) -> anyhow::Result<()> {
     use kalon_align::world::{train_adapter, AlignConfig, IndexedPair, TrainingSet};
     use kalon_encoder::Embeddings;
