@@ -249,7 +249,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     };
     let mut steps = Vec::new();
     let set = data.training_set(&query_embeds, &pairs);
-    let adapter = world::train_adapter(&set, &config, |s| steps.push(s)).unwrap();
+    let adapter = world::train_adapter(&Device::Cpu, &set, &config, |s| steps.push(s)).unwrap();
     assert_eq!(steps.len(), 60);
     let mut saved: Vec<String> = std::fs::read_dir(checkpoints.path())
         .unwrap()
@@ -266,6 +266,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     // resuming from the step-50 checkpoint runs the last 10 steps
     let mut resumed = Vec::new();
     world::train_adapter(
+        &Device::Cpu,
         &set,
         &AlignConfig {
             checkpoint_dir: None,
@@ -290,6 +291,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     let foreign = checkpoints.path().join("checkpoint-000010.safetensors");
     other.save(&foreign).unwrap();
     let error = world::train_adapter(
+        &Device::Cpu,
         &set,
         &AlignConfig {
             checkpoint_dir: None,
@@ -306,6 +308,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     );
     // a NaN learning rate poisons the first step: a clear error, no model
     let error = world::train_adapter(
+        &Device::Cpu,
         &set,
         &AlignConfig {
             checkpoint_dir: None,
@@ -324,6 +327,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     // same seed, same run: training is deterministic
     let mut again = Vec::new();
     let twin = world::train_adapter(
+        &Device::Cpu,
         &set,
         &AlignConfig {
             checkpoint_dir: None,
@@ -362,9 +366,14 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
         ..config
     };
     let mut tower_steps = Vec::new();
-    let tower = world::train_tower(&data, &set, model_dir.path(), &tower_config, |s| {
-        tower_steps.push(s)
-    })
+    let tower = world::train_tower(
+        &Device::Cpu,
+        &data,
+        &set,
+        model_dir.path(),
+        &tower_config,
+        |s| tower_steps.push(s),
+    )
     .unwrap();
     assert!(
         tower.head.is_none(),
@@ -404,6 +413,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     };
     let mut beauty_steps = Vec::new();
     let head = world::train_adapter(
+        &Device::Cpu,
         &set,
         &AlignConfig {
             steps: 60,
@@ -425,7 +435,8 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
         tail < 0.68,
         "the beauty head's DPO objective falls: ln 2 -> {tail}"
     );
-    let tower = world::train_tower(&data, &set, model_dir.path(), &beauty, |_| {}).unwrap();
+    let tower =
+        world::train_tower(&Device::Cpu, &data, &set, model_dir.path(), &beauty, |_| {}).unwrap();
     let trained_head = tower.head.as_ref().expect("a head on the tower");
     assert!(
         trained_head
@@ -515,7 +526,7 @@ fn a_users_aesthetic_model_scores_through_onnx_runtime() {
 #[test]
 fn bench_align_reports_its_device_and_says_what_it_cannot_run() {
     use std::process::Command;
-    let kalonctl = kalon_tests::workspace_binary("kalonctl", "kalonctl");
+    let kalonctl = kalon_tests::workspace_binary("kalonctl");
     let bench = |device: &str, extra: &[&str]| {
         let out = Command::new(&kalonctl)
             .args(["bench", "align", "--steps", "5"])

@@ -315,7 +315,7 @@ fn contract_violations_and_broken_files_are_clear_errors() {
 }
 
 fn kalonctl() -> PathBuf {
-    kalon_tests::workspace_binary("kalonctl", "kalonctl")
+    kalon_tests::workspace_binary("kalonctl")
 }
 
 #[test]

@@ -470,26 +470,23 @@ async fn kill_9_mid_call_loses_nothing_a_successor_takes_the_query_over() {
     config.latency = Duration::from_millis(1_500);
     let sim = start_sim(config, "127.0.0.1:0").await;
     let spawn = || {
-        std::process::Command::new(kalon_tests::workspace_binary(
-            "kalon-enricher",
-            "kalon-enricher",
-        ))
-        .env("DATABASE_URL", &env.database_url)
-        .env("KALON_KAFKA_BROKERS", &env.kafka.brokers)
-        .env("KALON_TOPIC_PREFIX", &env.kafka.topic_prefix)
-        .env(
-            "KALON_ENRICHER_GROUP",
-            format!("{}enricher", env.kafka.topic_prefix),
-        )
-        .env("KALON_ENRICHER_ASSIGN_ALL", "true")
-        .env("KALON_ENRICH_VARIANTS", "detail,reorg")
-        .env("KALON_ENRICH_LEASE_S", "2")
-        .env("KALON_ENRICH_POLL_MS", "50")
-        .env("KALON_LLM_BASE_URL", sim.base_url())
-        .env("KALON_LLM_TIMEOUT_MS", "5000")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
+        std::process::Command::new(kalon_tests::workspace_binary("kalon-enricher"))
+            .env("DATABASE_URL", &env.database_url)
+            .env("KALON_KAFKA_BROKERS", &env.kafka.brokers)
+            .env("KALON_TOPIC_PREFIX", &env.kafka.topic_prefix)
+            .env(
+                "KALON_ENRICHER_GROUP",
+                format!("{}enricher", env.kafka.topic_prefix),
+            )
+            .env("KALON_ENRICHER_ASSIGN_ALL", "true")
+            .env("KALON_ENRICH_VARIANTS", "detail,reorg")
+            .env("KALON_ENRICH_LEASE_S", "2")
+            .env("KALON_ENRICH_POLL_MS", "50")
+            .env("KALON_LLM_BASE_URL", sim.base_url())
+            .env("KALON_LLM_TIMEOUT_MS", "5000")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
     };
     let mut first = spawn();
     env.produce(&impressions(&["red cat", "neon dog", "blue boat"]))

@@ -400,7 +400,7 @@ async fn the_judge_is_order_consistent_over_urls_and_inline_images() {
 
 #[tokio::test]
 async fn kalonctl_serves_the_world_endpoint_and_refuses_bad_settings() {
-    let kalonctl = kalon_tests::workspace_binary("kalonctl", "kalonctl");
+    let kalonctl = kalon_tests::workspace_binary("kalonctl");
     let bad = std::process::Command::new(&kalonctl)
         .args(["sim", "serve-llm", "--chatty", "2"])
         .output()

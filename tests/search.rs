@@ -674,7 +674,7 @@ async fn kalonctl_index_and_deploy_put_a_version_into_a_running_search() {
         !running.state.live.current().is_ready(),
         "nothing deployed yet"
     );
-    let bin = tokio::task::spawn_blocking(|| kalon_tests::workspace_binary("kalonctl", "kalonctl"))
+    let bin = tokio::task::spawn_blocking(|| kalon_tests::workspace_binary("kalonctl"))
         .await
         .unwrap();
     let kalonctl = |args: Vec<String>| {

@@ -267,15 +267,15 @@ pub fn committed_messages(kafka: &KafkaSettings, group: &str) -> i64 {
 
 /// The `kalon-ingest` binary, built if needed (tests that kill the process).
 pub fn ingest_binary() -> PathBuf {
-    workspace_binary("kalon-ingest", "kalon-ingest")
+    workspace_binary("kalon-ingest")
 }
 
-/// Builds (if stale) and locates binary `bin` of workspace package `package`.
+/// Builds (if stale) and locates the workspace binary `bin`.
 /// It builds every workspace binary, as the test command does before the
 /// tests: building one package alone unifies its dependencies' features
 /// differently, so it would rebuild them (and replace the binaries the test
 /// command built).
-pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+pub fn workspace_binary(bin: &str) -> PathBuf {
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
     let status = std::process::Command::new(env!("CARGO"))
         .args([
@@ -289,7 +289,10 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
         ])
         .status()
         .expect("run cargo build");
-    assert!(status.success(), "building {bin} ({package}) failed");
+    assert!(
+        status.success(),
+        "building the workspace binaries ({bin}) failed"
+    );
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> -> target/<profile>/<bin>
     let path = exe

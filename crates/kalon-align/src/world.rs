@@ -384,9 +384,10 @@ impl Embedded {
 
 /// The Ranked DPO + `alpha` InfoNCE loop shared by what can be trained:
 /// `embed` maps image rows to the trained model's unit embeddings, `vars`
-/// are what the optimiser moves. Reference scores come from the frozen
-/// encoder's embeddings in `set`.
+/// are what the optimiser moves, on `device` (the one the caller opened).
+/// Reference scores come from the frozen encoder's embeddings in `set`.
 fn optimise(
+    device: &Device,
     set: &TrainingSet<'_>,
     config: &AlignConfig,
     varmap: &candle_nn::VarMap,
@@ -397,7 +398,6 @@ fn optimise(
     let (queries, pairs) = (set.queries, set.pairs);
     anyhow::ensure!(!pairs.is_empty(), "no preference pairs to train on");
     anyhow::ensure!(set.train >= 2, "need at least two caption pairs");
-    let device = kalon_model::train::training_device()?;
     let checked = vars.clone();
     let mut optimizer = AdamW::new(
         vars,
@@ -410,7 +410,7 @@ fn optimise(
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
     let tau = config.params.tau;
     // InfoNCE at the score's own temperature: logits = cos / tau
-    let log_scale = Tensor::new(&[(1.0 / tau).ln() as f32], &device)?.reshape(())?;
+    let log_scale = Tensor::new(&[(1.0 / tau).ln() as f32], device)?.reshape(())?;
     let sample = |rng: &mut rand::rngs::StdRng| {
         let batch: Vec<IndexedPair> = (0..config.pair_batch.min(pairs.len()))
             .map(|_| pairs[rng.random_range(0..pairs.len())])
@@ -444,20 +444,20 @@ fn optimise(
         let (batch, captions) = sample(&mut rng);
         let rows = |pick: fn(&IndexedPair) -> usize| batch.iter().map(pick).collect::<Vec<_>>();
         let (winners, losers) = (rows(|p| p.winner), rows(|p| p.loser));
-        let q = gather(queries, &rows(|p| p.query), &device)?;
+        let q = gather(queries, &rows(|p| p.query), device)?;
         let score =
             |v: &Tensor| -> candle_core::Result<Tensor> { (q.mul(v)?.sum(1)? / tau)?.contiguous() };
-        let ref_w = score(&gather(set.images, &winners, &device)?)?;
-        let ref_l = score(&gather(set.images, &losers, &device)?)?;
+        let ref_w = score(&gather(set.images, &winners, device)?)?;
+        let ref_l = score(&gather(set.images, &losers, device)?)?;
         let (theta_w, theta_l) = (score(&embed(&winners)?)?, score(&embed(&losers)?)?);
         let weights = Tensor::from_vec(
             batch.iter().map(|p| p.weight).collect::<Vec<_>>(),
             batch.len(),
-            &device,
+            device,
         )?;
         let dpo = ranked_dpo_loss(&theta_w, &ref_w, &theta_l, &ref_l, &weights, &config.params)?;
         let images = embed(&captions)?;
-        let texts = gather(set.captions, &captions, &device)?;
+        let texts = gather(set.captions, &captions, device)?;
         let pt = info_nce(&images, &texts, &log_scale, 0.1)?;
         let loss = (&dpo + (&pt * config.params.alpha)?)?;
         let grads = loss.backward()?;
@@ -465,7 +465,7 @@ fn optimise(
         // the loss, its parts, the pair accuracy and the gradients' total
         // |g| (not finite when any gradient is not)
         let dtype = candle_core::DType::F32;
-        let mut grad_total = Tensor::zeros((), dtype, &device)?;
+        let mut grad_total = Tensor::zeros((), dtype, device)?;
         for var in &checked {
             if let Some(grad) = grads.get(var) {
                 grad_total = (grad_total + grad.abs()?.sum_all()?.to_dtype(dtype)?)?;
@@ -506,23 +506,32 @@ fn optimise(
     Ok(())
 }
 
-/// Trains the alignment adapter (any image tower; embeddings only).
+/// Trains the alignment adapter (any image tower; embeddings only) on
+/// `device` ([`kalon_model::train::training_device`]).
 pub fn train_adapter(
+    device: &Device,
     set: &TrainingSet<'_>,
     config: &AlignConfig,
     mut on_step: impl FnMut(AlignStep),
 ) -> anyhow::Result<Adapter> {
-    let device = kalon_model::train::training_device()?;
     let adapter = Adapter::in_varmap(
         candle_nn::VarMap::new(),
         set.images.dim,
         config.adapter,
         Some(&set.queries.data),
-        &device,
+        device,
     )?;
-    let embed = |rows: &[usize]| adapter.forward(&gather(set.images, rows, &device)?);
+    let embed = |rows: &[usize]| adapter.forward(&gather(set.images, rows, device)?);
     let vars = adapter.vars();
-    optimise(set, config, &adapter.varmap, vars, &embed, &mut on_step)?;
+    optimise(
+        device,
+        set,
+        config,
+        &adapter.varmap,
+        vars,
+        &embed,
+        &mut on_step,
+    )?;
     Ok(adapter)
 }
 
@@ -555,16 +564,16 @@ impl TrainedTower {
 }
 
 /// Trains the whole image tower of Kalon's reference model (its candle
-/// weights in `model_dir`); the text tower stays frozen.
+/// weights in `model_dir`) on `device`; the text tower stays frozen.
 pub fn train_tower(
+    device: &Device,
     data: &Embedded,
     set: &TrainingSet<'_>,
     model_dir: &Path,
     config: &AlignConfig,
     mut on_step: impl FnMut(AlignStep),
 ) -> anyhow::Result<TrainedTower> {
-    let device = kalon_model::train::training_device()?;
-    let (model, varmap, tokenizer) = kalon_model::export::load(model_dir, &device)?;
+    let (model, varmap, tokenizer) = kalon_model::export::load(model_dir, device)?;
     let mut vars = {
         let all = varmap.data().lock().expect("varmap lock");
         let mut named: Vec<(&String, &candle_core::Var)> = all
@@ -590,7 +599,7 @@ pub fn train_tower(
                 model.config.dim,
                 AdapterKind::Beauty,
                 Some(&set.queries.data),
-                &device,
+                device,
             )?;
             vars.extend(head.vars());
             Some(head)
@@ -600,13 +609,13 @@ pub fn train_tower(
     let embed = |rows: &[usize]| {
         let v = model
             .image
-            .forward(&data.pairs.pixels(rows, &spec, &device)?)?;
+            .forward(&data.pairs.pixels(rows, &spec, device)?)?;
         match &head {
             Some(head) => head.forward(&v),
             None => Ok(v),
         }
     };
-    optimise(set, config, &varmap, vars, &embed, &mut on_step)?;
+    optimise(device, set, config, &varmap, vars, &embed, &mut on_step)?;
     Ok(TrainedTower {
         model,
         varmap,

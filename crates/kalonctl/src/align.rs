@@ -276,13 +276,14 @@ pub fn align(
     let mut config = config.clone();
     config.checkpoint_dir = Some(out.join("checkpoints"));
     let config = &config;
+    let device = kalon_model::train::training_device()?;
     let training = Instant::now();
     let trained = if tower {
         Trained::Tower(Box::new(world::train_tower(
-            &data, &set, model, config, on_step,
+            &device, &data, &set, model, config, on_step,
         )?))
     } else {
-        Trained::Adapter(world::train_adapter(&set, config, on_step)?)
+        Trained::Adapter(world::train_adapter(&device, &set, config, on_step)?)
     };
     let train_seconds = training.elapsed().as_secs_f64();
     bar.finish();

@@ -81,7 +81,14 @@ pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
             steps,
             no_baseline,
             peer_python,
-        } => align(*steps, (!*no_baseline).then_some(peer_python.as_deref())).await,
+        } => {
+            let peer = match (no_baseline, peer_python) {
+                (true, _) => AlignPeer::Skip,
+                (false, None) => AlignPeer::CachedVenv,
+                (false, Some(python)) => AlignPeer::Python(python),
+            };
+            align(*steps, peer).await
+        }
         Bench::Search(args) => crate::search_bench::run(cli, args).await,
         Bench::Encoder {
             seed,
@@ -317,12 +324,20 @@ pub(crate) async fn bench_python(
     Ok(python)
 }
 
+/// Where `bench align` runs its JAX peer.
+enum AlignPeer<'a> {
+    /// `--no-baseline`: Kalon alone.
+    Skip,
+    /// A venv with jax[cpu] in the cache, made once.
+    CachedVenv,
+    /// `--peer-python`: a Python that already has JAX.
+    Python(&'a std::path::Path),
+}
+
 /// `bench align`: synthetic unit embeddings of a 10,000-image world (64-d,
 /// 600 queries, 28,800 pairs); Kalon's trainer (after 3 untimed steps),
 /// then the JAX peer on data of the same sizes, same batch sizes and steps.
-/// `peer`: None skips the peer; Some(None) runs it in a cached jax[cpu]
-/// venv, Some(Some(python)) with that Python.
-async fn align(steps: usize, peer: Option<Option<&std::path::Path>>) -> anyhow::Result<()> {
+async fn align(steps: usize, peer: AlignPeer<'_>) -> anyhow::Result<()> {
     use kalon_align::world::{train_adapter, AlignConfig, IndexedPair, TrainingSet};
     use kalon_encoder::Embeddings;
     use rand::{Rng, SeedableRng};
@@ -336,11 +351,8 @@ async fn align(steps: usize, peer: Option<Option<&std::path::Path>>) -> anyhow::
         steps,
         ..AlignConfig::default()
     };
-    let device = if kalon_model::train::training_device()?.is_cuda() {
-        "CUDA"
-    } else {
-        "CPU"
-    };
+    let trainer = kalon_model::train::training_device()?;
+    let device = if trainer.is_cuda() { "CUDA" } else { "CPU" };
     let kalon = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut unit = |rows: usize| {
@@ -372,9 +384,9 @@ async fn align(steps: usize, peer: Option<Option<&std::path::Path>>) -> anyhow::
             steps: 3,
             ..config.clone()
         };
-        train_adapter(&set, &warm_up, |_| {})?;
+        train_adapter(&trainer, &set, &warm_up, |_| {})?;
         let started = Instant::now();
-        train_adapter(&set, &config, |_| {})?;
+        train_adapter(&trainer, &set, &config, |_| {})?;
         Ok((steps * config.pair_batch) as f64 / started.elapsed().as_secs_f64())
     })
     .await??;
@@ -387,11 +399,14 @@ async fn align(steps: usize, peer: Option<Option<&std::path::Path>>) -> anyhow::
         "caption_batch": AlignConfig::default().caption_batch,
         "pairs_per_s": kalon.round(),
     });
-    if let Some(python) = peer {
-        let python = match python {
-            Some(python) => python.to_path_buf(),
-            None => bench_python("bench-jax", "jax", &["jax[cpu]==0.10.2"]).await?,
-        };
+    let python = match peer {
+        AlignPeer::Skip => None,
+        AlignPeer::CachedVenv => {
+            Some(bench_python("bench-jax", "jax", &["jax[cpu]==0.10.2"]).await?)
+        }
+        AlignPeer::Python(python) => Some(python.to_path_buf()),
+    };
+    if let Some(python) = python {
         let script = repo_file("bench/align_peer.py");
         let out = tokio::process::Command::new(python)
             .arg(&script)
