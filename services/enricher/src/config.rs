@@ -48,7 +48,9 @@ pub struct EnricherConfig {
     /// Queries worked on at once (the LLM client's own limits still apply).
     #[arg(long, env = "KALON_ENRICH_WORKERS", default_value_t = 8)]
     pub workers: usize,
-    /// How long a worker owns a claimed query before others may take it.
+    /// How long a claimed query stays a worker's without a renewal (a live
+    /// worker renews it every third of this): a dead worker's queries are
+    /// taken over after it.
     #[arg(long, env = "KALON_ENRICH_LEASE_S", default_value_t = 300)]
     pub lease_s: u64,
     /// Longest pause before a query whose LLM calls failed is tried again.

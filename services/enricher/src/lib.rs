@@ -318,10 +318,32 @@ impl Shared {
                         self.counters.postponed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+                () = self.keep_lease(&query, attempt, lease) => {
+                    // another worker holds the query now; it asks what is left
+                    warn!(query, "lease lost mid-work; leaving the query to its new holder");
+                }
                 _ = until_stopped(&mut stopped) => {
                     // give the query back for the next run
                     let _ = store::postpone(&self.pool, &query, Duration::ZERO, "enricher stopped").await;
                 }
+            }
+        }
+    }
+
+    /// Renews this worker's lease on `query` every third of `lease` while it
+    /// works, so slow LLM calls never let another worker claim the query
+    /// and ask the same variants again. Returns only when the claim is lost.
+    async fn keep_lease(&self, query: &str, attempt: i32, lease: Duration) {
+        let mut tick = tokio::time::interval(lease / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; the claim is fresh
+        loop {
+            tick.tick().await;
+            match store::renew(&self.pool, query, attempt, lease).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                // the lease may run out; renewing goes on
+                Err(error) => warn!(%error, query, "renewing a lease failed"),
             }
         }
     }

@@ -59,6 +59,28 @@ pub async fn claim(pool: &PgPool, lease: Duration) -> sqlx::Result<Option<(Strin
     .await
 }
 
+/// Extends the lease of `query` claimed as attempt `attempt` by `lease`
+/// from now. False when the claim is no longer this worker's: its lease ran
+/// out and another worker claimed it, or the query was finished or
+/// postponed (a renewal landing after those leaves them as they are).
+pub async fn renew(
+    pool: &PgPool,
+    query: &str,
+    attempt: i32,
+    lease: Duration,
+) -> sqlx::Result<bool> {
+    let renewed = sqlx::query(
+        "UPDATE enrich_queries SET lease_until = now() + make_interval(secs => $3)
+         WHERE query = $1 AND attempts = $2 AND status = 'pending' AND lease_until IS NOT NULL",
+    )
+    .bind(query)
+    .bind(attempt)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(renewed.rows_affected() == 1)
+}
+
 /// Variants of `query` rephrased within `ttl` (not to be asked again).
 pub async fn fresh_variants(
     pool: &PgPool,
