@@ -474,7 +474,8 @@ fn pretraining_from_the_command_line_beats_chance_on_held_out_captions() {
     // the teacher sees what people see far better than chance
     let teacher = report["scorer"]["hpir_aesthetic"].as_f64().unwrap();
     assert!(teacher > 0.7, "teacher agreement {teacher}");
-    let aligned = models.join(format!("aligned-lmm-seed-{seed}-2000"));
+    // the default pooling, mean-std, is in the models' names
+    let aligned = models.join(format!("aligned-mean-std-lmm-seed-{seed}-2000"));
     Manifest::load(&aligned).unwrap();
     onnx_checker(&aligned.join("image.onnx"));
     // the training log: one JSON line per step, in order
@@ -513,12 +514,12 @@ fn pretraining_is_deterministic_for_a_seed() {
 }
 
 #[test]
-fn pretraining_with_std_pooling_from_the_command_line_writes_a_servable_model() {
+fn pretraining_from_the_command_line_pools_mean_and_std_by_default_into_a_servable_model() {
     let world = tempfile::tempdir().unwrap();
     kalon_world::export(&kalon_world::WorldSpec::new(13, 200), world.path(), |_| {}).unwrap();
     let out_dir = tempfile::tempdir().unwrap();
     let out = Command::new(kalonctl())
-        .args(["train", "pretrain", "--pooling", "mean-std"])
+        .args(["train", "pretrain"])
         .args(["--epochs", "1", "--batch-size", "16", "--max-pairs", "16"])
         .arg("--world")
         .arg(world.path())

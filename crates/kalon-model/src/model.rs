@@ -103,6 +103,9 @@ impl std::fmt::Display for Pooling {
 const STD_EPS: f32 = 1e-5;
 
 impl ModelConfig {
+    /// The reference model's sizes, with mean pooling (what a config
+    /// without the setting means); pretraining sets its own
+    /// ([`crate::train::PretrainConfig`]'s, mean-std by default).
     pub fn reference(vocab_size: usize) -> Self {
         ModelConfig {
             image_size: 64,

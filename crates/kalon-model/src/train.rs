@@ -45,7 +45,8 @@ pub struct PretrainConfig {
     pub label_smoothing: f64,
     /// Use at most this many training pairs (all when `None`).
     pub max_pairs: Option<usize>,
-    /// The image tower's global pooling.
+    /// The image tower's global pooling: mean and std by default (twice
+    /// the recall of mean pooling at the same cost; docs/ALGORITHM.md).
     pub pooling: Pooling,
 }
 
@@ -59,7 +60,7 @@ impl Default for PretrainConfig {
             weight_decay: 0.01,
             label_smoothing: 0.1,
             max_pairs: None,
-            pooling: Pooling::Mean,
+            pooling: Pooling::MeanStd,
         }
     }
 }

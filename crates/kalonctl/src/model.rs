@@ -27,10 +27,10 @@ pub struct PretrainArgs {
     /// Train on at most this many pairs.
     #[arg(long)]
     pub max_pairs: Option<usize>,
-    /// The image tower's global pooling: `mean`, or `mean-std` (the
-    /// per-channel mean and standard deviation; sees more of an image's
-    /// aesthetics).
-    #[arg(long, default_value_t = Pooling::Mean)]
+    /// The image tower's global pooling: `mean-std` (the per-channel mean
+    /// and standard deviation; sees more of an image's content and
+    /// aesthetics), or `mean` (what models before it used).
+    #[arg(long, default_value_t = PretrainConfig::default().pooling)]
     pub pooling: Pooling,
 }
 
@@ -111,9 +111,9 @@ pub enum Eval {
         /// Align again even when an aligned model for this world exists.
         #[arg(long)]
         retrain: bool,
-        /// The pretrained reference model's image pooling (`mean` or
-        /// `mean-std`); each pooling keeps its own models.
-        #[arg(long, default_value_t = Pooling::Mean)]
+        /// The pretrained reference model's image pooling (`mean-std` or
+        /// `mean`); each pooling keeps its own models.
+        #[arg(long, default_value_t = PretrainConfig::default().pooling)]
         pooling: Pooling,
         #[command(flatten)]
         args: crate::align::AlignArgs,
@@ -212,8 +212,8 @@ pub fn prepare(
     Ok(Prepared { world, model })
 }
 
-/// What a model directory's name says of its pooling: nothing for the
-/// default mean pooling (so existing directories keep their names).
+/// What a model directory's name says of its pooling: nothing for mean
+/// pooling (the default before mean-std; its directories keep their names).
 pub fn pooling_tag(pooling: Pooling) -> String {
     match pooling {
         Pooling::Mean => String::new(),
