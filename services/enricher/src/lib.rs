@@ -311,6 +311,10 @@ impl Shared {
                 continue;
             };
             tokio::select! {
+                // the work first: when it has just finished the query, the
+                // renewal that found the claim gone (no longer pending) is
+                // no takeover, and must not be reported as one
+                biased;
                 result = self.enrich(&query, attempt) => {
                     if let Err(error) = result {
                         warn!(%error, query, "enriching failed; will retry");
