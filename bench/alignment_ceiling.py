@@ -6,11 +6,13 @@ It scores the world's HPIR items (rows by mean score, confidence-weighted,
 as Kalon's `eval align` does) with:
   - the hidden truth: relevance, beauty, and relevance + lambda * beauty;
   - the encoder: cos(text, image), and cos + lambda * the TRUE beauty (what a
-    perfect aesthetic term added to this encoder's scores would give);
+    perfect aesthetic term added to this encoder's scores would give), or
+    only its style term (query-dependent) or only its quality term;
   - linear read-outs of the image embeddings fitted on the training images
     with the hidden labels (ridge): beauty (quality + the query's style) and
-    relevance (subject, colour, scene), alone and added to the cosine: a
-    yardstick for what an adapter, linear on these embeddings, can get.
+    relevance (subject, colour, scene), alone and added to the cosine, and
+    the style term from the read-out of the style: a yardstick for what an
+    adapter, linear on these embeddings, can get.
 
     python3 bench/alignment_ceiling.py WORLD_DIR MODEL_DIR
 
@@ -146,9 +148,20 @@ def main(world, model):
         predicted = read_out(np.array([[m[key] == v for v in values] for m in meta], float))
         shares[key] = [dict(zip(values, p)) for p in predicted]
     beauty_hat = lambda q, i: beauty_from(queries[q], qual_hat[row[i]], style_hat[row[i]])
+    # the oracle's beauty split into its two terms: the style's (query-
+    # dependent) and the quality's (the same for every query)
+    style_term = lambda q, i, share: beauty_from(queries[q], 0.0, share)
+    true_style = lambda q, i: style_term(q, i, one_hot(by_id[i]))
+    true_quality = lambda q, i: true_beauty(q, i) - true_style(q, i)
+    style_read = lambda q, i: style_term(q, i, style_hat[row[i]])
+    held = slice(fit.stop, len(meta))
+    style_accuracy = float(np.mean(
+        style_hat[held].argmax(1) == np.array([STYLES.index(m["style"]) for m in meta[held]])))
     rel_hat = lambda q, i: relevance_from(queries[q], {k: s[row[i]] for k, s in shares.items()})
 
-    report = {"items": len(items)}
+    report = {"items": len(items), "read-out style accuracy (held-out images)": round(style_accuracy, 3)}
+    print(f"read-out of the style from the image embeddings: {style_accuracy:.3f} right "
+          f"on the last {len(meta) - fit.stop} images (6 styles)")
     lines = [
         ("truth: relevance", true_rel),
         ("truth: beauty", true_beauty),
@@ -159,6 +172,13 @@ def main(world, model):
     for lam in [0.2, 0.4, 0.6, 1.0]:
         lines.append((f"encoder cos + {lam} x true beauty",
                       lambda q, i, lam=lam: cos(q, i) + lam * true_beauty(q, i)))
+    for lam in [0.4, 1.0]:
+        lines.append((f"encoder cos + {lam} x true style term",
+                      lambda q, i, lam=lam: cos(q, i) + lam * true_style(q, i)))
+        lines.append((f"encoder cos + {lam} x true quality term",
+                      lambda q, i, lam=lam: cos(q, i) + lam * true_quality(q, i)))
+        lines.append((f"encoder cos + {lam} x read-out style term",
+                      lambda q, i, lam=lam: cos(q, i) + lam * style_read(q, i)))
     for lam in [0.2, 0.4, 0.6, 1.0]:
         lines.append((f"encoder cos + {lam} x read-out beauty",
                       lambda q, i, lam=lam: cos(q, i) + lam * beauty_hat(q, i)))
