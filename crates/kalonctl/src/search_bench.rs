@@ -13,9 +13,11 @@
 //!    texts embedded by the model, for a sweep of efSearch (the service's
 //!    setting is the reported one); the other maintained crates considered,
 //!    `hnsw_rs` and `instant-distance`, with the same parameters beside it;
-//!    and the peer, faiss-cpu's IndexHNSWFlat with the same M and
-//!    efConstruction, at the smallest efSearch that reaches the same recall
-//!    (bench/search_peer.py).
+//!    and the peer, faiss-cpu's HNSW with the same M and efConstruction,
+//!    float (IndexHNSWFlat) and int8 with exact re-scoring like the
+//!    service's (IndexHNSWSQ under IndexRefineFlat), each at the smallest
+//!    efSearch that reaches the same recall; the faster of the two is the
+//!    peer (bench/search_peer.py).
 //!
 //! The last line is one JSON object.
 
