@@ -6,9 +6,9 @@
 //! through HNSW (`usearch`, chosen against `hnsw_rs`, `instant-distance` and
 //! faiss in `kalonctl bench search`). The graph keeps its copy of the rows
 //! in int8 (a quarter of the memory traffic per distance); a search asks it
-//! for [`OVERFETCH`] times the rows wanted and re-scores them exactly from
-//! the float rows, so the order and the scores are the same whichever path
-//! found a row, and int8's rounding costs no recall at the top.
+//! for `OVERFETCH` times the rows wanted and re-scores them exactly from the
+//! float rows, so the order and the scores are the same whichever path found
+//! a row, and int8's rounding only decides which rows are proposed.
 
 use std::sync::{Condvar, Mutex};
 
@@ -104,7 +104,7 @@ const SEARCH_CONTEXTS: usize = 64;
 
 /// How many times `k` rows an HNSW search takes from the int8 graph before
 /// the exact re-scoring keeps the best `k`.
-pub const OVERFETCH: usize = 4;
+const OVERFETCH: usize = 4;
 
 /// Unit-length rows and, above the exact threshold, an HNSW graph over them.
 pub struct VectorIndex {
