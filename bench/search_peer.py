@@ -25,14 +25,14 @@ EF_GRID = [10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64, 80, 96, 112, 128, 160, 19
            320, 384, 512]
 
 
-def sweep(search, set_ef, truth, k, target):
-    """efSearch upwards until the recall reaches `target`: the settings tried."""
+def sweep(search, truth, k, target):
+    """efSearch upwards until the recall reaches `target`: the settings
+    tried. `search(ef)` answers every query with that efSearch."""
     tried = []
     for ef in EF_GRID:
-        set_ef(max(ef, k))
         done, started = 0, time.perf_counter()
         while True:
-            found = search()
+            found = search(max(ef, k))
             done += len(truth)
             if time.perf_counter() - started >= 1.0:
                 break
@@ -71,11 +71,12 @@ def main():
     build_s = time.perf_counter() - started
     faiss.omp_set_num_threads(1)
 
-    def set_flat(ef):
+    def search_flat(ef):
         hnsw.hnsw.efSearch = ef
+        return hnsw.search(xq, a.k)[1]
 
     variants["flat"] = {"build_s": round(build_s, 2),
-                        **sweep(lambda: hnsw.search(xq, a.k)[1], set_flat, truth, a.k, a.target_recall)}
+                        **sweep(search_flat, truth, a.k, a.target_recall)}
     del hnsw
 
     faiss.omp_set_num_threads(a.build_threads)
@@ -87,14 +88,14 @@ def main():
     refine.add(xb)
     build_s = time.perf_counter() - started
     faiss.omp_set_num_threads(1)
-    params = {}
 
-    def set_sq(ef):
-        params["p"] = faiss.IndexRefineSearchParameters(
+    def search_sq(ef):
+        params = faiss.IndexRefineSearchParameters(
             k_factor=4, base_index_params=faiss.SearchParametersHNSW(efSearch=ef))
+        return refine.search(xq, a.k, params=params)[1]
 
-    variants["sq8-refine"] = {"build_s": round(build_s, 2), **sweep(
-        lambda: refine.search(xq, a.k, params=params["p"])[1], set_sq, truth, a.k, a.target_recall)}
+    variants["sq8-refine"] = {"build_s": round(build_s, 2),
+                              **sweep(search_sq, truth, a.k, a.target_recall)}
 
     reaching = [(name, v) for name, v in variants.items() if v["reached"]]
     name, best = max(reaching or variants.items(), key=lambda nv: nv[1]["chosen"]["qps"])
