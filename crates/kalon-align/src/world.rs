@@ -443,20 +443,31 @@ fn optimise(
     for step in first..config.steps {
         let (batch, captions) = sample(&mut rng);
         let rows = |pick: fn(&IndexedPair) -> usize| batch.iter().map(pick).collect::<Vec<_>>();
-        let (winners, losers) = (rows(|p| p.winner), rows(|p| p.loser));
+        // winners, losers and captions go through the model as one batch
+        let n = batch.len();
+        let mut all = rows(|p| p.winner);
+        all.extend(rows(|p| p.loser));
         let q = gather(queries, &rows(|p| p.query), device)?;
         let score =
             |v: &Tensor| -> candle_core::Result<Tensor> { (q.mul(v)?.sum(1)? / tau)?.contiguous() };
-        let ref_w = score(&gather(set.images, &winners, device)?)?;
-        let ref_l = score(&gather(set.images, &losers, device)?)?;
-        let (theta_w, theta_l) = (score(&embed(&winners)?)?, score(&embed(&losers)?)?);
+        let reference = gather(set.images, &all, device)?;
+        let (ref_w, ref_l) = (
+            score(&reference.narrow(0, 0, n)?)?,
+            score(&reference.narrow(0, n, n)?)?,
+        );
+        all.extend_from_slice(&captions);
+        let embedded = embed(&all)?;
+        let (theta_w, theta_l) = (
+            score(&embedded.narrow(0, 0, n)?)?,
+            score(&embedded.narrow(0, n, n)?)?,
+        );
         let weights = Tensor::from_vec(
             batch.iter().map(|p| p.weight).collect::<Vec<_>>(),
             batch.len(),
             device,
         )?;
         let dpo = ranked_dpo_loss(&theta_w, &ref_w, &theta_l, &ref_l, &weights, &config.params)?;
-        let images = embed(&captions)?;
+        let images = embedded.narrow(0, 2 * n, captions.len())?;
         let texts = gather(set.captions, &captions, device)?;
         let pt = info_nce(&images, &texts, &log_scale, 0.1)?;
         let loss = (&dpo + (&pt * config.params.alpha)?)?;

@@ -247,6 +247,21 @@ pub fn build_tokenizer(
     ))
 }
 
+/// Fixes candle's CPU thread count for the process: sets `RAYON_NUM_THREADS`
+/// to the physical core count (candle's own default) unless it is set.
+///
+/// candle 0.11 looks its thread count up on every matrix product, and with
+/// neither `RAYON_NUM_THREADS` nor `CANDLE_CPU_MASK` set that lookup parses
+/// `/proc/cpuinfo` (`num_cpus::get_physical`): about a dozen times per
+/// alignment step, 7% of the adapter trainer's time on two cores. Call it
+/// first thing in `main`, before any thread is started (it changes the
+/// process environment).
+pub fn pin_cpu_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", num_cpus::get_physical().to_string());
+    }
+}
+
 /// The device training runs on, from `KALON_TRAIN_DEVICE`: `cpu`, or
 /// `cuda` (device 0; needs a build with the `cuda` feature). Unset: CUDA
 /// when the build has it, else the CPU.

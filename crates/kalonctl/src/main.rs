@@ -182,9 +182,18 @@ async fn migrate(url: &str) -> anyhow::Result<()> {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // before the runtime starts any thread
+    kalon_model::train::pin_cpu_threads();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let _telemetry = kalon_telemetry::init("kalonctl")?;
     match &cli.command {
         Command::Stack { action } => match action {
