@@ -319,6 +319,21 @@ fn kalonctl() -> PathBuf {
 }
 
 #[test]
+fn a_closed_stdout_ends_kalonctl_quietly_not_with_a_panic() {
+    // the pipe's reader is gone before kalonctl writes: `kalonctl ... | head`
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(kalonctl())
+        .args(["topics", "list"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn a_missing_or_broken_runtime_library_is_a_clear_error_not_a_panic() {
     let bin = kalonctl();
     let run = |dylib: Option<&Path>| {

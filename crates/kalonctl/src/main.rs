@@ -182,7 +182,29 @@ async fn migrate(url: &str) -> anyhow::Result<()> {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `kalonctl ... | head` closes stdout early, and `println!` then panics
+/// ("failed printing to stdout: Broken pipe"). Exit quietly with the status
+/// of a program stopped by SIGPIPE (141) instead; every other panic is
+/// reported as before. (Restoring SIGPIPE itself would also stop the
+/// services, and the processes the stack starts, on a closed socket.)
+fn quiet_when_stdout_closes() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        report(info);
+    }));
+}
+
 fn main() -> anyhow::Result<()> {
+    quiet_when_stdout_closes();
     let cli = Cli::parse();
     // before the runtime starts any thread
     kalon_model::train::pin_cpu_threads();
