@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use kalon_encoder::{EncoderOptions, Manifest, TextEncoder};
-use kalon_search::index::{recall, IndexParams, VectorIndex};
+use kalon_search::index::{recall, IndexParams, VectorIndex, OVERFETCH};
 use kalon_search::indexer::{self, IndexJob};
 use kalon_search::{store, Search, SearchConfig};
 
@@ -197,11 +197,16 @@ fn index_figures(
         row,
         score: 1.0 - distance,
     };
-    // efSearch sweep of the service's index, then its own setting. It
-    // starts at 48: a search for 10 asks the int8 graph for 40 candidates
-    // (to re-score them exactly), so any efSearch below 40 searches as 40
+    // efSearch sweep of the service's index, then its own setting. A search
+    // for 10 asks the int8 graph for 10 x OVERFETCH candidates (to re-score
+    // them exactly), and any smaller efSearch searches as that many: the
+    // sweep starts above it
     let mut sweep = Vec::new();
-    for ef in [48, 64, 96, 128, 192, 256] {
+    let candidates = 10 * OVERFETCH;
+    for ef in [16, 32, 48, 64, 96, 128, 192, 256]
+        .into_iter()
+        .filter(|&ef| ef > candidates)
+    {
         index.set_ef_search(ef);
         let r = mean_recall(queries, dim, &truth, |q| {
             index.search(q, 10).expect("dims checked")

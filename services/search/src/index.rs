@@ -104,7 +104,7 @@ const SEARCH_CONTEXTS: usize = 64;
 
 /// How many times `k` rows an HNSW search takes from the int8 graph before
 /// the exact re-scoring keeps the best `k`.
-const OVERFETCH: usize = 4;
+pub const OVERFETCH: usize = 4;
 
 /// Unit-length rows and, above the exact threshold, an HNSW graph over them.
 pub struct VectorIndex {
