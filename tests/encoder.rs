@@ -445,35 +445,33 @@ fn pretraining_from_the_command_line_beats_chance_on_held_out_captions() {
     onnx_checker(&model_dir.join("image.onnx"));
 
     // the same unseen seed end to end through alignment: the world and the
-    // pretrained model are reused, D_po is built with the world's LMM judge
-    // (in-process), the adapter trains, both models are evaluated
+    // pretrained model (same pretraining settings) are reused, D_po is
+    // built with the world's LMM judge (in-process), the adapter trains,
+    // both models are evaluated
     let json = state.path().join("align.json");
-    let out = Command::new(kalonctl())
-        .args([
-            "eval",
-            "align",
-            "--images",
-            "2000",
-            "--steps",
-            "100",
-            "--queries",
-            "200",
-        ])
-        .args(["--seed", &seed.to_string()])
-        .arg("--json")
-        .arg(&json)
-        .arg("--state-dir")
-        .arg(state.path())
-        .env("RAYON_NUM_THREADS", "1")
-        .env("KALON_ENCODER_THREADS", "1")
-        .output()
-        .unwrap();
+    let pretrained_as_above = ["--epochs", "8", "--batch-size", "64"];
+    let eval_align = |pretraining: &[&str], extra: &[&str]| {
+        Command::new(kalonctl())
+            .args(["eval", "align", "--images", "2000", "--queries", "200"])
+            .args(pretraining)
+            .args(extra)
+            .args(["--seed", &seed.to_string()])
+            .arg("--json")
+            .arg(&json)
+            .arg("--state-dir")
+            .arg(state.path())
+            .env("RAYON_NUM_THREADS", "1")
+            .env("KALON_ENCODER_THREADS", "1")
+            .output()
+            .unwrap()
+    };
+    let out = eval_align(&pretrained_as_above, &["--steps", "100"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "seed {seed}: {stderr}");
     assert!(
-        !stderr.contains("pretraining"),
-        "the pretrained model is reused: {stderr}"
+        !stderr.contains("pretraining") && !stderr.contains("building world"),
+        "the world and the pretrained model are reused: {stderr}"
     );
     assert!(stderr.contains("lmm-judge teacher"), "{stderr}");
     for line in ["pretrained", "aligned", "teacher", "reorg"] {
@@ -486,6 +484,21 @@ fn pretraining_from_the_command_line_beats_chance_on_held_out_captions() {
             assert!((0.0..=1.0).contains(&v), "{model}.{key} = {v}");
         }
     }
+    // the change per aspect is the difference of the two agreements, with
+    // a paired standard error that is positive (the models differ on some
+    // items) and below the 0.5 that the worst case of {-1, 0, 1} gives
+    for key in ["hpir_accuracy", "hpir_aesthetic"] {
+        let change = &report["change"][key];
+        let difference =
+            report["aligned"][key].as_f64().unwrap() - report["pretrained"][key].as_f64().unwrap();
+        assert!(
+            (change["change"].as_f64().unwrap() - difference).abs() < 1e-9,
+            "{key}: {change} vs {difference}"
+        );
+        let se = change["standard_error"].as_f64().unwrap();
+        assert!(se > 0.0 && se < 0.5, "{key}: standard error {se}");
+    }
+    assert!(stdout.contains("paired standard error"), "{stdout}");
     // the teacher sees what people see far better than chance
     let teacher = report["scorer"]["hpir_aesthetic"].as_f64().unwrap();
     assert!(teacher > 0.7, "teacher agreement {teacher}");
@@ -504,6 +517,28 @@ fn pretraining_from_the_command_line_beats_chance_on_held_out_captions() {
         })
         .collect();
     assert_eq!(steps, (1..=100).collect::<Vec<_>>());
+
+    // other alignment settings: the cached aligned model is not reused
+    // under its name, it is made again with them
+    let out = eval_align(&pretrained_as_above, &["--steps", "30"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "seed {seed}: {stderr}");
+    assert!(stderr.contains("aligning again"), "{stderr}");
+    assert!(!stderr.contains("pretraining"), "{stderr}");
+    let log = std::fs::read_to_string(aligned.join("align-log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 30, "the new run's log");
+    // other pretraining settings (a tiny run): pretrained again, and the
+    // aligned model, whose parent changed, is aligned again too
+    let out = eval_align(&["--epochs", "1", "--max-pairs", "128"], &["--steps", "30"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "seed {seed}: {stderr}");
+    assert!(
+        stderr.contains("pretrained with other settings"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("aligning again"), "{stderr}");
+    let notes = Manifest::load(&model_dir).unwrap().notes;
+    assert_eq!(notes["config"]["epochs"], 1, "{notes:?}");
 }
 
 #[test]

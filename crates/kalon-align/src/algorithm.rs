@@ -213,18 +213,45 @@ pub struct Judged {
 /// higher mean score) the row people chose; a tie agrees with neither.
 pub fn hpir_agreement(items: &[Judged]) -> f64 {
     let total: f64 = items.iter().map(|i| i.confidence).sum();
-    let agreed: f64 = items
-        .iter()
-        .filter(|i| {
-            if i.people_chose_a {
-                i.mean_a > i.mean_b
-            } else {
-                i.mean_b > i.mean_a
-            }
-        })
-        .map(|i| i.confidence)
-        .sum();
+    let agreed: f64 = items.iter().map(|i| i.confidence * agrees(i)).sum();
     agreed / total
+}
+
+/// Whether the model agrees with the people on one item (a tie agrees
+/// with neither), as 0 or 1.
+fn agrees(item: &Judged) -> f64 {
+    let preferred = if item.people_chose_a {
+        item.mean_a > item.mean_b
+    } else {
+        item.mean_b > item.mean_a
+    };
+    f64::from(u8::from(preferred))
+}
+
+/// The change in agreement from `before` to `after`, two models judged on
+/// the SAME items in the same order, and its standard error.
+///
+/// Both agreements share the denominator `sum(c)`, so the change is
+/// `D = sum(c_i d_i) / sum(c)` with `d_i = agree_after_i - agree_before_i`
+/// in {-1, 0, 1}: a weighted mean of per-item differences. Its standard
+/// error is the weighted mean's: `sqrt(n / (n - 1) * sum(c_i^2 (d_i - D)^2)) / sum(c)`.
+/// Pairing the items removes the noise the two agreements share (which
+/// items were drawn), so the error is far smaller than either agreement's.
+pub fn paired_change(before: &[Judged], after: &[Judged]) -> (f64, f64) {
+    assert_eq!(before.len(), after.len(), "the same items, judged twice");
+    let total: f64 = before.iter().map(|i| i.confidence).sum();
+    let d: Vec<(f64, f64)> = before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| (b.confidence, agrees(a) - agrees(b)))
+        .collect();
+    let change = d.iter().map(|(c, x)| c * x).sum::<f64>() / total;
+    let n = d.len() as f64;
+    if n < 2.0 {
+        return (change, f64::NAN);
+    }
+    let spread: f64 = d.iter().map(|(c, x)| (c * (x - change)).powi(2)).sum();
+    (change, (n / (n - 1.0) * spread).sqrt() / total)
 }
 
 #[cfg(test)]
@@ -454,5 +481,41 @@ mod tests {
         ];
         // (1.0 + 0.8) / 3.0
         assert!(close(hpir_agreement(&items), 0.6, 1e-12));
+    }
+
+    #[test]
+    fn paired_change_is_the_weighted_mean_difference_with_its_error() {
+        // people chose A each time; a model "agrees" with mean_a 1 > mean_b 0
+        let judged = |agree: &[bool]| -> Vec<Judged> {
+            agree
+                .iter()
+                .zip([1.0, 0.5, 0.5])
+                .map(|(&a, confidence)| Judged {
+                    mean_a: f64::from(u8::from(a)),
+                    mean_b: 0.0,
+                    people_chose_a: true,
+                    confidence,
+                })
+                .collect()
+        };
+        // d = (0, 1, -1): D = 0; sqrt(3/2 * (0.25 + 0.25)) / 2
+        let (change, se) =
+            paired_change(&judged(&[true, false, true]), &judged(&[true, true, false]));
+        assert!(close(change, 0.0, 1e-12), "{change}");
+        assert!(close(se, 0.75f64.sqrt() / 2.0, 1e-12), "{se}");
+        // d = (1, 1, 0): D = 1.5 / 2; sqrt(3/2 * 0.21875) / 2
+        let before = judged(&[false, false, true]);
+        let after = judged(&[true, true, true]);
+        let (change, se) = paired_change(&before, &after);
+        assert!(close(change, 0.75, 1e-12), "{change}");
+        assert!(close(se, 0.328125f64.sqrt() / 2.0, 1e-12), "{se}");
+        // the change is exactly the difference of the two agreements
+        assert!(close(
+            change,
+            hpir_agreement(&after) - hpir_agreement(&before),
+            1e-12
+        ));
+        // a model judged against itself has changed by nothing, surely
+        assert_eq!(paired_change(&after, &after), (0.0, 0.0));
     }
 }

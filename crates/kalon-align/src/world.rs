@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapter::{Adapter, AdapterKind};
 use crate::algorithm::{
-    dpo_matrix, dpo_pairs, hpir_agreement, ranked_dpo_loss, DpoParams, DpoSpec, Judged,
+    dpo_matrix, dpo_pairs, hpir_agreement, paired_change, ranked_dpo_loss, DpoParams, DpoSpec,
+    Judged,
 };
 use crate::rephrase::{PromptVariant, Rephraser};
 use crate::scorer::{normalise, AestheticScorer, Candidate};
@@ -667,17 +668,69 @@ pub struct Agreement {
     pub hpir_aesthetic: f64,
 }
 
-/// HPIR agreement per aspect when `row_score(item, row)` scores a row of
-/// item number `item` (the model prefers the row with the higher score).
-pub fn agreement_by(
+/// Each HPIR item's judgment per aspect under one model: its two row
+/// scores beside the people's choice, in item order.
+#[derive(Debug, Clone)]
+pub struct Judgments {
+    pub accuracy: Vec<Judged>,
+    pub aesthetic: Vec<Judged>,
+}
+
+/// A change of agreement between two models on the same items, with its
+/// paired standard error ([`paired_change`]), as fractions.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Change {
+    pub change: f64,
+    pub standard_error: f64,
+}
+
+/// The change per aspect from one model to another.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct AgreementChange {
+    pub hpir_accuracy: Change,
+    pub hpir_aesthetic: Change,
+}
+
+impl Judgments {
+    pub fn agreement(&self) -> Agreement {
+        Agreement {
+            hpir_accuracy: hpir_agreement(&self.accuracy),
+            hpir_aesthetic: hpir_agreement(&self.aesthetic),
+        }
+    }
+
+    /// How agreement changed from `before` (judged on the same items).
+    pub fn change_from(&self, before: &Judgments) -> AgreementChange {
+        let change = |b: &[Judged], a: &[Judged]| {
+            let (change, standard_error) = paired_change(b, a);
+            Change {
+                change,
+                standard_error,
+            }
+        };
+        AgreementChange {
+            hpir_accuracy: change(&before.accuracy, &self.accuracy),
+            hpir_aesthetic: change(&before.aesthetic, &self.aesthetic),
+        }
+    }
+}
+
+/// Each item's judgments when `row_score(item, row)` scores a row of item
+/// number `item` (the model prefers the row with the higher score).
+pub fn judgments_by(
     items: &[HpirLine],
     mut row_scores: impl FnMut(usize, &HpirLine) -> anyhow::Result<(f64, f64)>,
-) -> anyhow::Result<Agreement> {
-    let mut acc = Vec::new();
-    let mut aes = Vec::new();
+) -> anyhow::Result<Judgments> {
+    let mut judgments = Judgments {
+        accuracy: Vec::with_capacity(items.len()),
+        aesthetic: Vec::with_capacity(items.len()),
+    };
     for (i, item) in items.iter().enumerate() {
         let (a, b) = row_scores(i, item)?;
-        for (label, out) in [(&item.accuracy, &mut acc), (&item.aesthetic, &mut aes)] {
+        for (label, out) in [
+            (&item.accuracy, &mut judgments.accuracy),
+            (&item.aesthetic, &mut judgments.aesthetic),
+        ] {
             out.push(Judged {
                 mean_a: a,
                 mean_b: b,
@@ -686,10 +739,15 @@ pub fn agreement_by(
             });
         }
     }
-    Ok(Agreement {
-        hpir_accuracy: hpir_agreement(&acc),
-        hpir_aesthetic: hpir_agreement(&aes),
-    })
+    Ok(judgments)
+}
+
+/// HPIR agreement per aspect of a row scoring ([`judgments_by`]).
+pub fn agreement_by(
+    items: &[HpirLine],
+    row_scores: impl FnMut(usize, &HpirLine) -> anyhow::Result<(f64, f64)>,
+) -> anyhow::Result<Agreement> {
+    Ok(judgments_by(items, row_scores)?.agreement())
 }
 
 fn catalog_row(data: &Embedded, id: &str) -> anyhow::Result<usize> {
@@ -699,16 +757,16 @@ fn catalog_row(data: &Embedded, id: &str) -> anyhow::Result<usize> {
         .ok_or_else(|| anyhow::anyhow!("HPIR image {id} is not in the catalog"))
 }
 
-/// HPIR agreement of a model: `query_embeds[i]` embeds `items[i].query`
+/// HPIR judgments of a model: `query_embeds[i]` embeds `items[i].query`
 /// (possibly rephrased); `images` are its catalog embeddings; a row scores
 /// its mean similarity.
-pub fn agreement(
+pub fn judgments(
     items: &[HpirLine],
     query_embeds: &Embeddings,
     data: &Embedded,
     images: &Embeddings,
-) -> anyhow::Result<Agreement> {
-    agreement_by(items, |i, item| {
+) -> anyhow::Result<Judgments> {
+    judgments_by(items, |i, item| {
         let mean = |row: &[String]| -> anyhow::Result<f64> {
             let mut sum = 0.0;
             for id in row {

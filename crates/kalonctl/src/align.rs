@@ -290,6 +290,7 @@ pub fn align(
     log.flush()?;
     let seconds = started.elapsed().as_secs_f64();
     let notes = serde_json::json!({
+        "parent_config": parent_config(model)?,
         "trainer": if tower { "kalonctl train align --tower (Ranked DPO, whole image tower)" } else { "kalonctl train align (Ranked DPO adapter)" },
         "parent": model.display().to_string(),
         "world": world.display().to_string(),
@@ -317,6 +318,17 @@ pub fn align(
     Ok(data)
 }
 
+/// How the encoder in `model` was trained (its manifest's `config` note;
+/// null for an encoder Kalon did not train).
+fn parent_config(model: &Path) -> anyhow::Result<serde_json::Value> {
+    let manifest = kalon_encoder::Manifest::load(model)?;
+    Ok(manifest
+        .notes
+        .get("config")
+        .cloned()
+        .unwrap_or(serde_json::Value::Null))
+}
+
 /// Evaluation of one encoder on the world's held-out data.
 /// The catalog's embeddings by `encoder` (through ONNX Runtime).
 fn embed_catalog(encoder: &Encoder, data: &Embedded) -> anyhow::Result<Embeddings> {
@@ -327,7 +339,7 @@ fn embed_catalog(encoder: &Encoder, data: &Embedded) -> anyhow::Result<Embedding
     Ok(encoder.image.embed_pixels(&pixels)?)
 }
 
-/// HPIR agreement of `encoder` with its catalog embeddings `images`, the
+/// HPIR judgments of `encoder` with its catalog embeddings `images`, the
 /// items' queries rephrased with `variant`.
 fn evaluate(
     encoder: &Encoder,
@@ -335,14 +347,14 @@ fn evaluate(
     data: &Embedded,
     items: &[world::HpirLine],
     variant: PromptVariant,
-) -> anyhow::Result<world::Agreement> {
+) -> anyhow::Result<world::Judgments> {
     let rephraser = WorldRephraser::default();
     let texts = items
         .iter()
         .map(|i| kalon_align::rephrase::Rephraser::rephrase(&rephraser, &i.query, variant))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let queries = encoder.text.embed_texts(&texts)?;
-    world::agreement(items, &queries, data, images)
+    world::judgments(items, &queries, data, images)
 }
 
 /// `pretrain`: how the reference model is pretrained when the world has
@@ -374,7 +386,22 @@ pub fn eval_align(
     );
     let config = args.config(seed);
     let teacher = teacher(args, &prepared.world, &prepared.model)?;
-    let data = if retrain || !aligned_dir.join(kalon_encoder::MANIFEST_FILE).exists() {
+    // reused only when made with these settings from this very parent
+    let mut recorded = config.clone();
+    recorded.checkpoint_dir = Some(aligned_dir.join("checkpoints"));
+    let recorded = serde_json::to_value(&recorded)?;
+    let parent = parent_config(&prepared.model)?;
+    let made = crate::model::made_with(
+        &aligned_dir,
+        &[("config", &recorded), ("parent_config", &parent)],
+    );
+    if !made && !retrain && aligned_dir.join(kalon_encoder::MANIFEST_FILE).exists() {
+        eprintln!(
+            "{} was aligned with other settings or from another model: aligning again",
+            aligned_dir.display()
+        );
+    }
+    let data = if retrain || !made {
         align(
             &prepared.world,
             &prepared.model,
@@ -403,17 +430,20 @@ pub fn eval_align(
     );
     let pretrained_images = embed_catalog(&pretrained, &data)?;
     let aligned_images = embed_catalog(&aligned, &data)?;
+    let mut judged = Vec::new();
     for (name, encoder, image_embeds) in [
         ("pretrained", &pretrained, &pretrained_images),
         ("aligned", &aligned, &aligned_images),
     ] {
-        let agreement = evaluate(
+        let judgments = evaluate(
             encoder,
             image_embeds,
             &data,
             &items,
             PromptVariant::Original,
         )?;
+        let agreement = judgments.agreement();
+        judged.push(judgments);
         let recall = world::held_out_recall_at_10(&data, image_embeds);
         println!(
             "{name:<12} {:>14.3} {:>14.3} {recall:>12.3}",
@@ -428,6 +458,21 @@ pub fn eval_align(
             }),
         );
     }
+    let change = judged[1].change_from(&judged[0]);
+    let points = |c: world::Change| {
+        format!(
+            "{:+.1} +- {:.1}",
+            100.0 * c.change,
+            100.0 * c.standard_error
+        )
+    };
+    println!(
+        "{:<12} {:>14} {:>14}   (points, paired standard error over the same items)",
+        "change",
+        points(change.hpir_accuracy),
+        points(change.hpir_aesthetic)
+    );
+    report.insert("change".into(), serde_json::to_value(change)?);
     let agreement = world::scorer_agreement(&items, &data, teacher.as_ref())?;
     println!(
         "{:<12} {:>14.3} {:>14.3} {:>12}",
@@ -447,7 +492,8 @@ pub fn eval_align(
     );
     let mut ablation = serde_json::Map::new();
     for variant in PromptVariant::ALL {
-        let agreement = evaluate(&pretrained, &pretrained_images, &data, &items, variant)?;
+        let agreement =
+            evaluate(&pretrained, &pretrained_images, &data, &items, variant)?.agreement();
         println!(
             "{:<12} {:>14.3} {:>14.3}",
             variant.name(),

@@ -163,19 +163,42 @@ pub fn pretrain(world: &Path, out: &Path, args: &PretrainArgs) -> anyhow::Result
     Ok(())
 }
 
-/// The world of a seed and size under the state directory, built when missing.
+/// The world of a seed and size under the state directory, built when
+/// missing or when it was built with other settings than today's
+/// (`world.json`'s spec: an older world has fewer HPIR items, say).
 pub fn cached_world(state_dir: &Path, seed: u64, images: usize) -> anyhow::Result<PathBuf> {
     let world = state_dir
         .join("worlds")
         .join(format!("seed-{seed}-{images}"));
-    if !world.join("world.json").exists() {
+    let wanted = serde_json::to_value(crate::sim::spec(seed, images, 64))?;
+    let built = std::fs::read(world.join("world.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+    if built.as_ref().map(|b| &b["spec"]) != Some(&wanted) {
+        let again = if built.is_some() {
+            " again: it was built with other settings"
+        } else {
+            ""
+        };
         eprintln!(
-            "building world seed {seed} ({images} images) in {}",
+            "building world seed {seed} ({images} images) in {}{again}",
             world.display()
         );
         crate::sim::generate(seed, images, 64, &world)?;
     }
     Ok(world)
+}
+
+/// Whether the encoder in `dir` was made with these settings: each
+/// `(key, value)` is in its manifest's notes. False when there is no
+/// encoder there, so a cached model made with other options is made again
+/// instead of being reused under the wrong name.
+pub fn made_with(dir: &Path, settings: &[(&str, &serde_json::Value)]) -> bool {
+    Manifest::load(dir).is_ok_and(|manifest| {
+        settings
+            .iter()
+            .all(|(key, value)| manifest.notes.get(*key) == Some(*value))
+    })
 }
 
 /// The world and model `eval` and `bench` use for a seed, built when missing.
@@ -200,10 +223,16 @@ pub fn prepare(
                 "ref{}-seed-{seed}-{images}",
                 pooling_tag(args.pooling)
             ));
-            if retrain || !dir.join(kalon_encoder::MANIFEST_FILE).exists() {
-                eprintln!("pretraining the reference model for world seed {seed}");
-                let mut args = args.clone();
-                args.init_seed = args.init_seed.or(Some(seed));
+            let mut args = args.clone();
+            args.init_seed = args.init_seed.or(Some(seed));
+            let config = serde_json::to_value(args.config())?;
+            if retrain || !made_with(&dir, &[("config", &config)]) {
+                let again = if dir.join(kalon_encoder::MANIFEST_FILE).exists() && !retrain {
+                    " again: the cached model was pretrained with other settings"
+                } else {
+                    ""
+                };
+                eprintln!("pretraining the reference model for world seed {seed}{again}");
                 pretrain(&world, &dir, &args)?;
             }
             dir

@@ -47,6 +47,14 @@ pub fn run(sim: &Sim) -> anyhow::Result<()> {
 
 /// Generates a world into `out` with a progress bar; says what it wrote on
 /// stderr.
+/// The settings `generate` builds a world with.
+pub fn spec(seed: u64, images: usize, size: usize) -> WorldSpec {
+    WorldSpec {
+        image_size: size,
+        ..WorldSpec::new(seed, images)
+    }
+}
+
 pub fn generate(
     seed: u64,
     images: usize,
@@ -54,8 +62,7 @@ pub fn generate(
     out: &Path,
 ) -> anyhow::Result<kalon_world::Exported> {
     anyhow::ensure!(size >= 16, "--size must be at least 16 pixels");
-    let mut spec = WorldSpec::new(seed, images);
-    spec.image_size = size;
+    let spec = spec(seed, images, size);
     let bar = crate::progress_bar(images as u64, "images");
     let exported = kalon_world::export(&spec, out, |n| {
         if n % 100 == 0 {
