@@ -449,7 +449,7 @@ fn pretraining_from_the_command_line_beats_chance_on_held_out_captions() {
     // built with the world's LMM judge (in-process), the adapter trains,
     // both models are evaluated
     let json = state.path().join("align.json");
-    let pretrained_as_above = ["--epochs", "8", "--batch-size", "64"];
+    let pretrained_as_above = ["--pretrain-epochs", "8", "--pretrain-batch-size", "64"];
     let eval_align = |pretraining: &[&str], extra: &[&str]| {
         Command::new(kalonctl())
             .args(["eval", "align", "--images", "2000", "--queries", "200"])
@@ -529,7 +529,10 @@ fn pretraining_from_the_command_line_beats_chance_on_held_out_captions() {
     assert_eq!(log.lines().count(), 30, "the new run's log");
     // other pretraining settings (a tiny run): pretrained again, and the
     // aligned model, whose parent changed, is aligned again too
-    let out = eval_align(&["--epochs", "1", "--max-pairs", "128"], &["--steps", "30"]);
+    let out = eval_align(
+        &["--pretrain-epochs", "1", "--pretrain-batch-size", "64"],
+        &["--steps", "30"],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "seed {seed}: {stderr}");
     assert!(

@@ -115,6 +115,13 @@ pub enum Eval {
         /// `mean`); each pooling keeps its own models.
         #[arg(long, default_value_t = PretrainConfig::default().pooling)]
         pooling: Pooling,
+        /// Epochs of the reference model's pretraining (a cached model
+        /// pretrained otherwise is pretrained again).
+        #[arg(long, default_value_t = PretrainConfig::default().epochs)]
+        pretrain_epochs: usize,
+        /// Batch size of the reference model's pretraining.
+        #[arg(long, default_value_t = PretrainConfig::default().batch_size)]
+        pretrain_batch_size: usize,
         #[command(flatten)]
         args: crate::align::AlignArgs,
     },
@@ -323,10 +330,14 @@ pub fn run_eval(state_dir: &Path, eval: &Eval) -> anyhow::Result<()> {
             json,
             retrain,
             pooling,
+            pretrain_epochs,
+            pretrain_batch_size,
             args,
         } => {
             let pretrain = PretrainArgs {
                 pooling: *pooling,
+                epochs: *pretrain_epochs,
+                batch_size: *pretrain_batch_size,
                 ..PretrainArgs::defaults()
             };
             crate::align::eval_align(
