@@ -39,10 +39,9 @@ pub struct PretrainConfig {
     pub seed: u64,
     /// Passes over the training pairs: 30 by default. At 10 the model was
     /// far from converged (world seed 5: recall@10 0.286 at 10 epochs,
-    /// 0.438 at 30, HPIR accuracy +5 and aesthetic +8 points; the text
-    /// tower learns the captions' style words too), so alignment measured
-    /// against it was measured against a model that more pretraining alone
-    /// would improve (docs/ALGORITHM.md).
+    /// 0.438 at 30; HPIR accuracy about +5 points, aesthetic about -5), so
+    /// alignment measured against it was measured against a model that
+    /// more pretraining alone would improve (docs/ALGORITHM.md).
     pub epochs: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
