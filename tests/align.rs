@@ -89,12 +89,13 @@ fn the_adapter_exports_into_the_towers_own_onnx_graph() {
 /// enough to exercise the mechanics.
 fn small_world_and_model() -> (tempfile::TempDir, tempfile::TempDir, Encoder, Embedded) {
     let world_dir = tempfile::tempdir().unwrap();
-    kalon_world::export(
-        &kalon_world::WorldSpec::new(21, 400),
-        world_dir.path(),
-        |_| {},
-    )
-    .unwrap();
+    // 2 HPIR items per query (320), as before worlds carried 10: the LMM
+    // test asks the judge about each, and its margins need no more
+    let spec = kalon_world::WorldSpec {
+        items_per_query: 2,
+        ..kalon_world::WorldSpec::new(21, 400)
+    };
+    kalon_world::export(&spec, world_dir.path(), |_| {}).unwrap();
     let model_dir = tempfile::tempdir().unwrap();
     kalon_tests::search::random_reference_model(world_dir.path(), model_dir.path());
     let encoder = Encoder::load(model_dir.path(), &EncoderOptions::default()).unwrap();
