@@ -273,9 +273,7 @@ pub fn align(
         let _ = log.write_all(b"\n").and_then(|()| log.flush());
         last = Some(step);
     };
-    let mut config = config.clone();
-    config.checkpoint_dir = Some(out.join("checkpoints"));
-    let config = &config;
+    let config = &checkpointed(config, out);
     let device = kalon_model::train::training_device()?;
     let training = Instant::now();
     let trained = if tower {
@@ -290,7 +288,7 @@ pub fn align(
     log.flush()?;
     let seconds = started.elapsed().as_secs_f64();
     let notes = serde_json::json!({
-        "parent_config": parent_config(model)?,
+        "parent_config": parent_config(&encoder.manifest),
         "trainer": if tower { "kalonctl train align --tower (Ranked DPO, whole image tower)" } else { "kalonctl train align (Ranked DPO adapter)" },
         "parent": model.display().to_string(),
         "world": world.display().to_string(),
@@ -318,15 +316,23 @@ pub fn align(
     Ok(data)
 }
 
-/// How the encoder in `model` was trained (its manifest's `config` note;
-/// null for an encoder Kalon did not train).
-fn parent_config(model: &Path) -> anyhow::Result<serde_json::Value> {
-    let manifest = kalon_encoder::Manifest::load(model)?;
-    Ok(manifest
+/// `config` as `align` runs it into `out`: checkpoints in OUT/checkpoints
+/// (what the aligned model's notes record).
+fn checkpointed(config: &AlignConfig, out: &Path) -> AlignConfig {
+    AlignConfig {
+        checkpoint_dir: Some(out.join("checkpoints")),
+        ..config.clone()
+    }
+}
+
+/// How an encoder was trained (its manifest's `config` note; null for an
+/// encoder Kalon did not train).
+fn parent_config(manifest: &kalon_encoder::Manifest) -> serde_json::Value {
+    manifest
         .notes
         .get("config")
         .cloned()
-        .unwrap_or(serde_json::Value::Null))
+        .unwrap_or(serde_json::Value::Null)
 }
 
 /// Evaluation of one encoder on the world's held-out data.
@@ -387,10 +393,8 @@ pub fn eval_align(
     let config = args.config(seed);
     let teacher = teacher(args, &prepared.world, &prepared.model)?;
     // reused only when made with these settings from this very parent
-    let mut recorded = config.clone();
-    recorded.checkpoint_dir = Some(aligned_dir.join("checkpoints"));
-    let recorded = serde_json::to_value(&recorded)?;
-    let parent = parent_config(&prepared.model)?;
+    let recorded = serde_json::to_value(checkpointed(&config, &aligned_dir))?;
+    let parent = parent_config(&kalon_encoder::Manifest::load(&prepared.model)?);
     let made = crate::model::made_with(
         &aligned_dir,
         &[("config", &recorded), ("parent_config", &parent)],

@@ -45,8 +45,6 @@ pub fn run(sim: &Sim) -> anyhow::Result<()> {
     }
 }
 
-/// Generates a world into `out` with a progress bar; says what it wrote on
-/// stderr.
 /// The settings `generate` builds a world with.
 pub fn spec(seed: u64, images: usize, size: usize) -> WorldSpec {
     WorldSpec {
@@ -55,6 +53,8 @@ pub fn spec(seed: u64, images: usize, size: usize) -> WorldSpec {
     }
 }
 
+/// Generates a world into `out` with a progress bar; says what it wrote on
+/// stderr.
 pub fn generate(
     seed: u64,
     images: usize,
