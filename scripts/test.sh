@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-tools.sh
 cargo build --workspace --bins --locked
+# tansu and ONNX Runtime, installed the way the main job installs them
+cargo run -q --locked -p kalonctl -- tools install
 # the stack's Postgres is where tests make their databases
 eval "$(cargo run -q --locked -p kalonctl -- stack up)"
 export DATABASE_URL

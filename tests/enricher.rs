@@ -8,10 +8,11 @@ use kalon_enricher::judgments::{JudgedRow, JudgmentRecorder};
 use kalon_enricher::{EnrichReport, Enricher, EnricherConfig};
 use kalon_events::generate::Generator;
 use kalon_events::Event;
+use kalon_kafka::consumer::Membership;
 use kalon_llm::rephrase::WorldRephraser;
 use kalon_llm::sim::{Fault, FaultControl, SimConfig, SimServer};
 use kalon_llm::{Aspect, ImageRef, Judge, LlmClient, LlmConfig, PromptVariant, Rephraser, Verdict};
-use kalon_tests::{read_topic, TestEnv};
+use kalon_tests::{read_topic, wait_health, TestEnv};
 
 async fn start_sim(config: SimConfig, addr: &str) -> SimServer {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -40,9 +41,8 @@ fn enricher_config(env: &TestEnv, variants: &[PromptVariant]) -> EnricherConfig 
         &env.kafka.brokers,
         &env.kafka.topic_prefix,
     );
-    // tansu 0.6's group coordinator is slow to hand partitions to a
-    // restarted member; one replica reads every partition directly
-    config.assign_all = true;
+    // the default membership: on tansu (the test broker) one replica reads
+    // every partition itself
     config.variants = variants.to_vec();
     config.workers = 4;
     config.max_backoff_ms = 300;
@@ -95,6 +95,43 @@ async fn wait_for(env: &TestEnv, sql: &str, want: i64, timeout: Duration) {
         assert!(started.elapsed() < timeout, "{sql}: {n}, wanted {want}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_reader_holding_no_partitions_reports_the_impressions_waiting() {
+    // sqlite storage: tansu 0.6's memory:// engine answers ListOffsets(latest)
+    // with the last record batch's base offset + 1, not the high watermark
+    let env = TestEnv::with_private_broker(kalon_stack::Storage::Sqlite("tansu.db".into())).await;
+    let sim = start_sim(quiet_sim(), "127.0.0.1:0").await;
+    let queries: Vec<String> = (0..40).map(|i| format!("query {i}")).collect();
+    let refs: Vec<&str> = queries.iter().map(String::as_str).collect();
+    env.produce(&impressions(&refs)).await;
+    // a group member that has subscribed but never polled holds nothing
+    let mut config = enricher_config(&env, &[PromptVariant::Detail]);
+    config.membership = Membership::Group;
+    config.stall_after_s = 2;
+    let enricher = Enricher::build(config, llm_config(&sim.base_url()))
+        .await
+        .unwrap();
+    assert_eq!(enricher.membership(), Membership::Group);
+    let health = wait_health(enricher.health(), |h| h.stalled).await;
+    assert_eq!(enricher.assigned_partitions(), 0);
+    assert_eq!(health.lag.map(|l| l.messages), Some(40), "{health:?}");
+    assert!(!health.ready());
+    assert!(health.reason().contains("stalled"), "{}", health.reason());
+
+    // running, it reads them all: no lag, ready again
+    let watch = enricher.health();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(enricher.run(async move {
+        let _ = stopped.await;
+    }));
+    let health = wait_health(watch, |h| h.lag.map(|l| l.messages) == Some(0)).await;
+    assert!(health.ready(), "{}", health.reason());
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+    sim.stop().await;
+    env.cleanup().await;
 }
 
 const DONE: &str = "SELECT count(*) FROM enrich_queries WHERE status = 'done'";

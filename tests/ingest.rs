@@ -9,9 +9,10 @@ use std::time::Duration;
 use kalon_events::generate::Generator;
 use kalon_events::{Event, EventKind};
 use kalon_ingest::{dead_letter_headers as dlq, Ingest, IngestReport};
+use kalon_kafka::consumer::{GroupLag, Lag};
 use kalon_kafka::Outgoing;
 use kalon_stack::{PgCluster, Storage};
-use kalon_tests::TestEnv;
+use kalon_tests::{wait_health, TestEnv};
 use tokio::sync::oneshot;
 
 /// Ingest running in this process until the returned sender fires.
@@ -198,10 +199,14 @@ impl Drop for IngestProcess {
 }
 
 /// How a test's ingest process takes its partitions.
+#[derive(Clone, Copy)]
 enum Membership {
-    /// Joins the consumer group and leaves it on a clean exit.
-    Dynamic,
-    /// Takes every partition itself (`--assign-all`), as a single replica.
+    /// No flag: what a user runs (`auto`: every partition itself on tansu).
+    Default,
+    /// `--membership group`: joins the consumer group and leaves it on a
+    /// clean exit.
+    Group,
+    /// `--assign-all`: takes every partition itself, as a single replica.
     AssignAll,
 }
 
@@ -212,8 +217,14 @@ fn start_ingest_process(
 ) -> IngestProcess {
     let config = env.ingest_config();
     let mut command = Command::new(binary);
-    if let Membership::AssignAll = membership {
-        command.arg("--assign-all");
+    match membership {
+        Membership::Default => {}
+        Membership::Group => {
+            command.args(["--membership", "group"]);
+        }
+        Membership::AssignAll => {
+            command.arg("--assign-all");
+        }
     }
     let child = command
         .args([
@@ -229,16 +240,56 @@ fn start_ingest_process(
             &config.group_id,
         ])
         .args(["--batch-max", "500", "--max-backoff-ms", "500"])
+        // tests run side by side: each its own health port
+        .args(["--health-addr", "127.0.0.1:0"])
         .env("RUST_LOG", "warn")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("KALON_INGEST_MEMBERSHIP")
+        .env_remove("KALON_INGEST_ASSIGN_ALL")
         .stdin(Stdio::null())
         .spawn()
         .expect("start kalon-ingest");
     IngestProcess(child)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
+/// Status and JSON body of `GET http://127.0.0.1:port{path}` (no status
+/// while nothing listens yet).
+async fn get_json(port: u16, path: &str) -> (Option<u16>, serde_json::Value) {
+    kalon_telemetry::install_crypto_provider();
+    match reqwest::get(format!("http://127.0.0.1:{port}{path}")).await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap_or_default();
+            (
+                Some(status),
+                serde_json::from_str(&body).unwrap_or_default(),
+            )
+        }
+        Err(_) => (None, serde_json::Value::Null),
+    }
+}
+
+/// The group's lag over `topics`, measured against the broker.
+async fn lag_of(env: &TestEnv, group: &str, topics: Vec<String>) -> Lag {
+    let probe = GroupLag::new(&env.kafka, group, topics).expect("lag probe");
+    tokio::task::spawn_blocking(move || probe.measure())
+        .await
+        .unwrap()
+        .expect("measure the lag")
+}
+
+fn event_topics(env: &TestEnv) -> Vec<String> {
+    EventKind::ALL
+        .iter()
+        .map(|k| env.kafka.topic(k.topic()))
+        .collect()
+}
+
+/// A producer's stream with crashes: valid events, exact redeliveries of
+/// some of them and malformed payloads, with the ingest process killed
+/// (SIGKILL) and restarted after each quarter. Every valid event lands once,
+/// every malformed one is dead-lettered (once per source position).
+async fn crash_campaign(membership: Membership, seed: u64) {
     // sqlite storage: tansu 0.6's memory:// engine answers a fetch that
     // starts inside a record batch with the *next* batch, so a consumer
     // resuming at a committed offset mid-batch would skip the batch's rest
@@ -247,23 +298,156 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     let binary = tokio::task::spawn_blocking(kalon_tests::ingest_binary)
         .await
         .unwrap();
-    let events = mixed(3, 24_000);
-    // a single replica restarted after each crash; tansu 0.6's group
-    // coordinator cannot be trusted with crashed members (see
-    // IngestConfig::assign_all), so it takes every partition itself
-    let mut child = start_ingest_process(&env, &binary, Membership::AssignAll);
-    for (round, chunk) in events.chunks(6_000).enumerate() {
-        env.produce(chunk).await;
+    let events = mixed(seed, 20_000);
+    let mut generator = Generator::new(seed + 1_000);
+    let mut malformed = 0;
+    let mut child = start_ingest_process(&env, &binary, membership);
+    for (round, chunk) in events.chunks(5_000).enumerate() {
+        let mut messages: Vec<Outgoing> = chunk
+            .iter()
+            .chain(&chunk[..250]) // redelivered, as a producer's retry would
+            .map(|e| Outgoing::event(&env.kafka, e))
+            .collect();
+        for _ in 0..200 {
+            let (kind, payload, _) = generator.malformed();
+            messages.push(Outgoing {
+                topic: env.kafka.topic(kind.topic()),
+                key: None,
+                payload,
+                headers: None,
+            });
+            malformed += 1;
+        }
+        env.send(messages).await;
         // let it get into the stream, then kill it without warning
         tokio::time::sleep(Duration::from_millis(700 + 300 * round as u64)).await;
         child.kill_9();
-        child = start_ingest_process(&env, &binary, Membership::AssignAll);
+        child = start_ingest_process(&env, &binary, membership);
     }
     env.wait_for_rows(events.len() as i64, Duration::from_secs(120))
         .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // the last process drains the topics: the group's lag reaches zero
+    let group = env.ingest_config().group_id;
+    let started = std::time::Instant::now();
+    loop {
+        let lag = lag_of(&env, &group, event_topics(&env)).await;
+        if lag.messages == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the restarted ingest stalled: {lag:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     child.kill_9();
     assert_exactly(&env, &events).await;
+    // a kill between a dead letter's acknowledgement and the offset commit
+    // sends it again: count source positions
+    let dead_topic = env.kafka.topic(kalon_events::DEAD_LETTER_TOPIC);
+    let total = lag_of(&env, "nobody", vec![dead_topic]).await.messages;
+    let dead = env
+        .dead_letters(total as usize, Duration::from_secs(30))
+        .await;
+    let sources: std::collections::HashSet<(String, String, String)> = dead
+        .iter()
+        .map(|d| {
+            (
+                d.headers[dlq::SOURCE_TOPIC].clone(),
+                d.headers[dlq::SOURCE_PARTITION].clone(),
+                d.headers[dlq::SOURCE_OFFSET].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(sources.len(), malformed, "dead-lettered source positions");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_and_duplicates_nothing_in_the_default_configuration() {
+    crash_campaign(Membership::Default, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_and_duplicates_nothing_with_assign_all() {
+    crash_campaign(Membership::AssignAll, 13).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_holding_no_partitions_reports_the_true_lag_and_fails_readiness() {
+    // sqlite storage: tansu 0.6's memory:// engine answers ListOffsets(latest)
+    // with the last record batch's base offset + 1, not the high watermark
+    let env = TestEnv::with_private_broker(kalon_stack::Storage::Sqlite("tansu.db".into())).await;
+    let events = mixed(8, 3_000);
+    env.produce(&events).await;
+    // a group member that has subscribed but never polled holds nothing:
+    // librdkafka's own statistics would call that no lag at all
+    let mut config = env.ingest_config();
+    config.membership = kalon_kafka::consumer::Membership::Group;
+    config.stall_after_s = 2;
+    let ingest = Ingest::build(config).await.unwrap();
+    let health = wait_health(ingest.health(), |h| h.stalled).await;
+    assert_eq!(ingest.assigned_partitions(), 0);
+    assert_eq!(health.lag.map(|l| l.messages), Some(3_000), "{health:?}");
+    assert!(!health.ready());
+    assert!(health.reason().contains("stalled"), "{}", health.reason());
+
+    // running, it drains the topics: no lag, ready again
+    let watch = ingest.health();
+    let (stop, running) = spawn_ingest(ingest);
+    env.wait_for_rows(events.len() as i64, Duration::from_secs(60))
+        .await;
+    let health = wait_health(watch, |h| h.lag.map(|l| l.messages) == Some(0)).await;
+    assert!(health.ready(), "{}", health.reason());
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+    assert_exactly(&env, &events).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_readiness_with_the_groups_lag() {
+    let env = TestEnv::with_private_broker(Storage::Sqlite("tansu.db".into())).await;
+    let binary = tokio::task::spawn_blocking(kalon_tests::ingest_binary)
+        .await
+        .unwrap();
+    let events = mixed(9, 2_000);
+    env.produce(&events).await;
+    let port = kalon_tests::free_port();
+    let config = env.ingest_config();
+    let mut child = IngestProcess(
+        Command::new(&binary)
+            .args(["--database-url", &config.database_url])
+            .args(["--brokers", &config.brokers])
+            .args(["--topic-prefix", &config.topic_prefix])
+            .args(["--group", &config.group_id])
+            .args(["--health-addr", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "warn")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start kalon-ingest"),
+    );
+    env.wait_for_rows(events.len() as i64, Duration::from_secs(60))
+        .await;
+    // the lag is measured every few seconds: wait for the drained figure
+    let started = std::time::Instant::now();
+    let body = loop {
+        let (status, body) = get_json(port, "/readyz").await;
+        if status == Some(200) && body["lag"] == 0 {
+            break body;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "readiness never reported the drained topics: {status:?} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(body["membership"], "assign-all", "{body}");
+    assert_eq!(body["ready"], true);
+    let (status, _) = get_json(port, "/healthz").await;
+    assert_eq!(status, Some(200));
+    child.sigterm_and_wait();
     env.cleanup().await;
 }
 
@@ -351,7 +535,7 @@ async fn sigterm_finishes_the_batch_and_commits() {
     env.produce(&events).await;
     // a dynamic member: on SIGTERM it leaves the group, as a rolling
     // restart or a scale-down would
-    let mut child = start_ingest_process(&env, &binary, Membership::Dynamic);
+    let mut child = start_ingest_process(&env, &binary, Membership::Group);
     // stop it while it drains
     loop {
         assert!(!child.has_exited(), "ingest exited early");

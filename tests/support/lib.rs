@@ -265,6 +265,21 @@ pub fn committed_messages(kafka: &KafkaSettings, group: &str) -> i64 {
         .sum()
 }
 
+/// The first consumer-health figures that satisfy `done` (panics after 30 s).
+pub async fn wait_health(
+    mut health: tokio::sync::watch::Receiver<kalon_kafka::consumer::ConsumerHealth>,
+    done: impl Fn(&kalon_kafka::consumer::ConsumerHealth) -> bool,
+) -> kalon_kafka::consumer::ConsumerHealth {
+    let reached = tokio::time::timeout(Duration::from_secs(30), async {
+        health.wait_for(|h| done(h)).await.map(|h| h.clone())
+    })
+    .await;
+    match reached {
+        Ok(health) => health.expect("the lag watch stopped"),
+        Err(_) => panic!("health never got there: {:?}", *health.borrow()),
+    }
+}
+
 /// The `kalon-ingest` binary, built if needed (tests that kill the process).
 pub fn ingest_binary() -> PathBuf {
     workspace_binary("kalon-ingest")

@@ -30,7 +30,7 @@ pub use tokenizer::WordTokenizer;
 /// Everything that can go wrong between Kalon and an encoder.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EncoderError {
-    #[error("ONNX Runtime library not found at {path}: run `bash scripts/install-tools.sh` (it fetches libonnxruntime.so.{version} into the cache) or point ORT_DYLIB_PATH at your own libonnxruntime.so", version = runtime::ORT_VERSION)]
+    #[error("ONNX Runtime library not found at {path}: run `kalonctl tools install` (it fetches libonnxruntime.so.{version} into the cache) or point ORT_DYLIB_PATH at your own libonnxruntime.so", version = runtime::ORT_VERSION)]
     RuntimeMissing { path: PathBuf },
     #[error("cannot load the ONNX Runtime library {path}: {detail}")]
     RuntimeLoad { path: PathBuf, detail: String },

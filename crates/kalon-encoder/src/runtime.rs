@@ -4,8 +4,8 @@
 //! at build time, the shared library is opened once per process at first
 //! use. It is looked for at `ORT_DYLIB_PATH`, else in Kalon's cache
 //! (`$KALON_CACHE_DIR`, default `~/.cache/kalon`, where
-//! `scripts/install-tools.sh` puts the library out of PyPI's
-//! `onnxruntime==1.31.1` wheel).
+//! `kalonctl tools install`, and every kalonctl command that runs a model,
+//! puts the library out of PyPI's `onnxruntime==1.31.1` wheel).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -17,10 +17,17 @@ use crate::{EncoderError, Result};
 /// The ONNX Runtime release `ort` 2.0.0-rc.15 is written against.
 pub const ORT_VERSION: &str = "1.31.1";
 
+/// The library `ORT_DYLIB_PATH` names, when it is set and not empty.
+pub fn library_override() -> Option<PathBuf> {
+    std::env::var_os("ORT_DYLIB_PATH")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+}
+
 /// Where the library is expected: `ORT_DYLIB_PATH`, else the cache.
 pub fn library_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
-        return PathBuf::from(path);
+    if let Some(path) = library_override() {
+        return path;
     }
     let cache = std::env::var_os("KALON_CACHE_DIR")
         .map(PathBuf::from)

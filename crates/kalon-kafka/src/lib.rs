@@ -2,6 +2,8 @@
 //! topic creation from the one list in `kalon-events`, and W3C trace context
 //! carried in message headers.
 
+pub mod consumer;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -26,6 +28,10 @@ pub enum Error {
         topic: String,
         code: RDKafkaErrorCode,
     },
+    #[error("the brokers did not say what they are (no cluster id within 30 s): are they up? Or choose the membership yourself (group or assign-all)")]
+    NoClusterId,
+    #[error("topic {topic} has no partitions; create it with `kalonctl topics create`")]
+    NoPartitions { topic: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -14,7 +14,9 @@ pub enum Storage {
     ///
     /// Not for consumers that resume from committed offsets: tansu 0.6's
     /// memory engine answers a fetch that starts inside a record batch with
-    /// the next batch, so the rest of that batch is skipped.
+    /// the next batch, so the rest of that batch is skipped; and it answers
+    /// ListOffsets(latest) with the last batch's base offset + 1, so lag
+    /// measured against it is wrong.
     Memory,
     /// A SQLite file (relative to the broker's working directory); survives restarts.
     Sqlite(String),

@@ -1,8 +1,9 @@
 //! The local stack Kalon starts for itself, natively (no Docker engine on the
 //! build machines): PostgreSQL and the tansu Kafka-API broker.
 //!
-//! - [`tools`]: finds or installs the tansu binary in a cache folder outside
-//!   the repository (`$KALON_CACHE_DIR`, default `~/.cache/kalon`).
+//! - [`tools`]: finds or installs the tansu binary and ONNX Runtime's library
+//!   in a cache folder outside the repository (`$KALON_CACHE_DIR`, default
+//!   `~/.cache/kalon`).
 //! - [`broker`]: a tansu process on 127.0.0.1 with memory or sqlite storage.
 //! - [`postgres`]: a private PostgreSQL cluster (initdb/pg_ctl) when none answers.
 //! - [`stack`]: `up`, `down`, `status` over both, with state in `.kalon/`.

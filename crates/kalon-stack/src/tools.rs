@@ -38,8 +38,8 @@ pub fn find_tansu() -> anyhow::Result<PathBuf> {
         Ok(path)
     } else {
         bail!(
-            "the tansu broker is not installed at {}; run `kalonctl stack up` or `bash scripts/install-tools.sh` \
-             (builds it once, about 12 minutes), or set KALON_TANSU_BIN",
+            "the tansu broker is not installed at {}; run `kalonctl tools install` \
+             (builds it once, 12 to 45 minutes on 2 cores), or set KALON_TANSU_BIN",
             path.display()
         )
     }
@@ -57,7 +57,7 @@ pub fn install_tansu() -> anyhow::Result<PathBuf> {
         .and_then(|bin| bin.parent())
         .context("tansu path has no install root")?;
     eprintln!(
-        "installing tansu {TANSU_VERSION} into {} (one time, about 12 minutes on 2 cores)...",
+        "installing tansu {TANSU_VERSION} into {} (one time, 12 to 45 minutes on 2 cores; cargo shows its progress)...",
         root.display()
     );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -74,4 +74,88 @@ pub fn install_tansu() -> anyhow::Result<PathBuf> {
         bail!("cargo install tansu failed ({status})");
     }
     find_tansu()
+}
+
+/// Puts ONNX Runtime's shared library at `library` (a path ending in
+/// `libonnxruntime.so.VERSION`) unless it is there: downloads PyPI's CPU
+/// wheel `onnxruntime==version` with pip and takes the library files out of
+/// `onnxruntime/capi/` into `library`'s folder. About 17 MB; pip shows its
+/// progress. Needs `python3` with pip and access to PyPI.
+pub fn install_onnxruntime(library: &std::path::Path, version: &str) -> anyhow::Result<()> {
+    if library.is_file() {
+        return Ok(());
+    }
+    let dir = library
+        .parent()
+        .context("the ONNX Runtime library path has no folder")?;
+    let platform = match std::env::consts::ARCH {
+        "x86_64" => "manylinux_2_28_x86_64",
+        "aarch64" => "manylinux_2_28_aarch64",
+        other => bail!(
+            "no ONNX Runtime wheel for {other}: point ORT_DYLIB_PATH at your own libonnxruntime.so.{version}"
+        ),
+    };
+    eprintln!(
+        "fetching ONNX Runtime {version} (about 17 MB, PyPI's onnxruntime wheel) into {}...",
+        dir.display()
+    );
+    let wheels = tempdir_in(&cache_dir(), "ort-wheel")?;
+    let status = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
+        .args(["--python-version", "3.11", "--platform", platform])
+        .arg(format!("onnxruntime=={version}"))
+        .arg("-d")
+        .arg(&wheels)
+        .status()
+        .context("failed to run `python3 -m pip` (ONNX Runtime comes from PyPI's wheel; install Python 3 with pip, or point ORT_DYLIB_PATH at your own library)")?;
+    if !status.success() {
+        let _ = std::fs::remove_dir_all(&wheels);
+        bail!("pip could not download onnxruntime=={version} ({status}); is PyPI reachable?");
+    }
+    // unpack next to the destination, then rename: a half-written library
+    // is never taken for a whole one
+    let staging = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
+    let unpack = r#"
+import glob, sys, zipfile
+wheels, out = sys.argv[1:]
+(wheel,) = glob.glob(f"{wheels}/onnxruntime-*.whl")
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith("onnxruntime/capi/libonnxruntime"):
+            with z.open(name) as src, open(f"{out}/{name.rsplit('/', 1)[1]}", "wb") as dst:
+                dst.write(src.read())
+"#;
+    let status = Command::new("python3")
+        .args(["-c", unpack])
+        .arg(&wheels)
+        .arg(&staging)
+        .status()
+        .context("failed to run python3 to unpack the wheel")?;
+    let _ = std::fs::remove_dir_all(&wheels);
+    let name = library.file_name().context("no file name")?;
+    if !status.success() || !staging.join(name).is_file() {
+        let _ = std::fs::remove_dir_all(&staging);
+        bail!(
+            "the onnxruntime=={version} wheel holds no {}",
+            name.to_string_lossy()
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&staging, dir)
+        .with_context(|| format!("cannot move the library into {}", dir.display()))?;
+    eprintln!("ONNX Runtime {version} is at {}", library.display());
+    Ok(())
+}
+
+/// A new empty folder under `parent` (made if missing).
+fn tempdir_in(parent: &std::path::Path, prefix: &str) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let dir = parent.join(format!("{prefix}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
 }

@@ -8,6 +8,9 @@
 //!   read and written across Kafka hops.
 //!
 //! [`init`] returns a guard; dropping it flushes and shuts the exporters down.
+//! [`health`] serves `/healthz` and `/readyz` for services without an API.
+
+pub mod health;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{global, KeyValue};

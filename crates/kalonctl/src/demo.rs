@@ -11,7 +11,7 @@ use clap::Args;
 use kalon_ingest::{Ingest, IngestConfig};
 
 use crate::events::{self, count_landed};
-use crate::Cli;
+use crate::{tools, Cli};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -34,6 +34,11 @@ pub struct DemoArgs {
 }
 
 pub async fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
+    tools::announce_first_run(!args.no_align && !cli.state_dir.join("models").is_dir());
+    if !args.no_align {
+        // before anything long: the alignment part runs the models in it
+        tokio::task::spawn_blocking(tools::ensure_onnxruntime).await??;
+    }
     let endpoints = crate::stack_up(
         cli.database_url.as_deref(),
         cli.brokers.as_deref(),

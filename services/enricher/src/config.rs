@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use clap::Args;
+use kalon_kafka::consumer::Membership;
 use kalon_kafka::KafkaSettings;
 use kalon_llm::PromptVariant;
 
@@ -30,10 +31,24 @@ pub struct EnricherConfig {
         default_value = "kalon-enricher"
     )]
     pub group_id: String,
-    /// Read every partition of the impression topic without joining the
-    /// group (offsets still committed under --group); for one replica.
-    #[arg(long, env = "KALON_ENRICHER_ASSIGN_ALL")]
+    /// How the impression reader takes its partitions: `auto` (every
+    /// partition itself on tansu, the local stack's single-replica broker,
+    /// whose coordinator never hands a crashed member's partitions over;
+    /// the group everywhere else), `group` or `assign-all`.
+    #[arg(
+        long,
+        env = "KALON_ENRICHER_MEMBERSHIP",
+        value_enum,
+        default_value_t = Membership::Auto
+    )]
+    pub membership: Membership,
+    /// Shorthand for `--membership assign-all` (kept for existing setups).
+    #[arg(long, env = "KALON_ENRICHER_ASSIGN_ALL", conflicts_with = "membership")]
     pub assign_all: bool,
+    /// Readiness fails when impressions wait and the group's committed
+    /// offsets have not moved for this many seconds.
+    #[arg(long, env = "KALON_ENRICHER_STALL_AFTER_S", default_value_t = 60)]
+    pub stall_after_s: u64,
     /// Prompt variants to ask for, comma-separated.
     #[arg(
         long,
@@ -69,7 +84,9 @@ impl EnricherConfig {
             brokers: brokers.to_owned(),
             topic_prefix: topic_prefix.to_owned(),
             group_id: format!("{topic_prefix}kalon-enricher"),
+            membership: Membership::Auto,
             assign_all: false,
+            stall_after_s: 60,
             variants: PromptVariant::ALL[1..].to_vec(),
             ttl_s: 7 * 24 * 3600,
             workers: 8,
@@ -83,6 +100,11 @@ impl EnricherConfig {
         KafkaSettings::new(&self.brokers, &self.topic_prefix)
     }
 
+    /// The membership asked for (`--assign-all` included).
+    pub fn membership(&self) -> Membership {
+        self.membership.or_assign_all(self.assign_all)
+    }
+
     pub fn ttl(&self) -> Duration {
         Duration::from_secs(self.ttl_s)
     }
@@ -91,6 +113,7 @@ impl EnricherConfig {
         anyhow::ensure!(!self.variants.is_empty(), "no prompt variants to ask for");
         anyhow::ensure!(self.workers >= 1, "workers must be at least 1");
         anyhow::ensure!(self.lease_s >= 1, "the lease must be at least 1 s");
+        anyhow::ensure!(self.stall_after_s >= 1, "stall_after_s must be at least 1");
         anyhow::ensure!(!self.brokers.trim().is_empty(), "no Kafka brokers given");
         Ok(())
     }

@@ -31,6 +31,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::Utc;
 use kalon_events::{Event, EventKind};
+use kalon_kafka::consumer::{ConsumerHealth, GroupLag, LagWatch, Membership};
 use kalon_kafka::KafkaSettings;
 use kalon_llm::ask::AskError;
 use kalon_llm::rephrase::ask_rephrasing;
@@ -81,6 +82,8 @@ impl Counters {
 pub struct Enricher {
     shared: Arc<Shared>,
     consumer: StreamConsumer,
+    membership: Membership,
+    lag: LagWatch,
 }
 
 struct Shared {
@@ -140,26 +143,21 @@ impl Enricher {
             .set("fetch.wait.max.ms", "100")
             .create()?;
         let topic = kafka.topic(EventKind::Impression.topic());
-        if config.assign_all {
-            let metadata = consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .with_context(|| format!("failed to read the partitions of {topic}"))?;
-            let mut partitions = TopicPartitionList::new();
-            for found in metadata.topics() {
-                anyhow::ensure!(
-                    !found.partitions().is_empty(),
-                    "topic {topic} has no partitions; create it with `kalonctl topics create`"
-                );
-                for partition in found.partitions() {
-                    partitions.add_partition_offset(&topic, partition.id(), Offset::Stored)?;
-                }
-            }
-            consumer.assign(&partitions)?;
-        } else {
-            consumer.subscribe(&[&topic])?;
-        }
+        let membership = kalon_kafka::consumer::take_partitions(
+            &consumer,
+            std::slice::from_ref(&topic),
+            config.membership(),
+        )
+        .context("failed to take the impression partitions")?;
+        let probe = GroupLag::new(&kafka, &config.group_id, vec![topic.clone()])
+            .context("failed to create the lag probe")?;
+        let lag = kalon_kafka::consumer::watch_lag(
+            probe,
+            Duration::from_secs(5),
+            Duration::from_secs(config.stall_after_s),
+        );
         let producer = producer(&kafka, "kalon-enricher")?;
-        info!(topic, group = %config.group_id, variants = ?config.variants, "enricher ready");
+        info!(topic, group = %config.group_id, %membership, variants = ?config.variants, "enricher ready");
         Ok(Enricher {
             shared: Arc::new(Shared {
                 config,
@@ -170,7 +168,25 @@ impl Enricher {
                 counters: Counters::default(),
             }),
             consumer,
+            membership,
+            lag,
         })
+    }
+
+    /// Partitions this process holds now (from the group, or all of them
+    /// with `assign-all`).
+    pub fn assigned_partitions(&self) -> usize {
+        self.consumer.assignment().map_or(0, |a| a.count())
+    }
+
+    /// How the impression reader took its partitions (`auto` resolved).
+    pub fn membership(&self) -> Membership {
+        self.membership
+    }
+
+    /// The impression reader's group lag and whether it is stalled.
+    pub fn health(&self) -> watch::Receiver<ConsumerHealth> {
+        self.lag.health()
     }
 
     /// Runs until `shutdown` resolves: in-flight queries are released for

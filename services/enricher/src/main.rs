@@ -1,6 +1,8 @@
 //! `kalon-enricher`: the enricher's process. LLM settings come from
 //! `KALON_LLM_*` (at least `KALON_LLM_BASE_URL`).
 
+use std::net::SocketAddr;
+
 use clap::Parser;
 use kalon_enricher::{Enricher, EnricherConfig};
 use kalon_llm::LlmConfig;
@@ -13,6 +15,14 @@ use kalon_llm::LlmConfig;
 struct Cli {
     #[command(flatten)]
     config: EnricherConfig,
+    /// Where `/healthz` and `/readyz` are served (`/readyz` answers 503
+    /// while impressions wait and the group does not move); port 0 picks one.
+    #[arg(
+        long,
+        env = "KALON_ENRICHER_HEALTH_ADDR",
+        default_value = "127.0.0.1:9182"
+    )]
+    health_addr: SocketAddr,
 }
 
 #[tokio::main]
@@ -21,6 +31,8 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = kalon_telemetry::init("kalon-enricher")?;
     let llm = LlmConfig::from_env()?;
     let enricher = Enricher::build(cli.config, llm).await?;
+    let readiness = kalon_kafka::consumer::readiness(enricher.health(), enricher.membership());
+    kalon_telemetry::health::serve(cli.health_addr, std::sync::Arc::new(readiness)).await?;
     enricher.run(kalon_telemetry::shutdown_signal()).await?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
+use kalon_kafka::consumer::Membership;
 use kalon_kafka::KafkaSettings;
 
 /// How ingest connects and batches. Every flag also reads an environment
@@ -35,12 +36,26 @@ pub struct IngestConfig {
     /// name); two live processes must never share one.
     #[arg(long, env = "KALON_INGEST_INSTANCE_ID")]
     pub instance_id: Option<String>,
-    /// Consume every partition of the event topics without joining the
-    /// group (offsets are still committed under `--group`). For a single
-    /// replica, and for brokers whose group coordinator cannot be trusted
-    /// with crashed members (tansu 0.6). Never run two replicas this way.
-    #[arg(long, env = "KALON_INGEST_ASSIGN_ALL")]
+    /// How this process takes its partitions. `auto` (the default): every
+    /// partition itself when the broker is tansu (the local stack: one
+    /// replica, and tansu 0.6's coordinator never hands a crashed member's
+    /// partitions over), the consumer group everywhere else (real Kafka,
+    /// several replicas). `group` or `assign-all` to choose yourself; never
+    /// run two replicas with `assign-all`.
+    #[arg(
+        long,
+        env = "KALON_INGEST_MEMBERSHIP",
+        value_enum,
+        default_value_t = Membership::Auto
+    )]
+    pub membership: Membership,
+    /// Shorthand for `--membership assign-all` (kept for existing setups).
+    #[arg(long, env = "KALON_INGEST_ASSIGN_ALL", conflicts_with = "membership")]
     pub assign_all: bool,
+    /// Readiness fails when events wait and the group's committed offsets
+    /// have not moved for this many seconds.
+    #[arg(long, env = "KALON_INGEST_STALL_AFTER_S", default_value_t = 60)]
+    pub stall_after_s: u64,
     /// Most events written in one transaction.
     #[arg(long, env = "KALON_INGEST_BATCH_MAX", default_value_t = 2000)]
     pub batch_max: usize,
@@ -66,7 +81,9 @@ impl IngestConfig {
             topic_prefix: topic_prefix.to_owned(),
             group_id: format!("{topic_prefix}kalon-ingest"),
             instance_id: None,
+            membership: Membership::Auto,
             assign_all: false,
+            stall_after_s: 60,
             batch_max: 2000,
             linger_ms: 50,
             writers: 4,
@@ -78,6 +95,11 @@ impl IngestConfig {
         KafkaSettings::new(&self.brokers, &self.topic_prefix)
     }
 
+    /// The membership asked for (`--assign-all` included).
+    pub fn membership(&self) -> Membership {
+        self.membership.or_assign_all(self.assign_all)
+    }
+
     pub fn linger(&self) -> Duration {
         Duration::from_millis(self.linger_ms)
     }
@@ -85,6 +107,7 @@ impl IngestConfig {
     pub(crate) fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.batch_max >= 1, "batch_max must be at least 1");
         anyhow::ensure!(self.writers >= 1, "writers must be at least 1");
+        anyhow::ensure!(self.stall_after_s >= 1, "stall_after_s must be at least 1");
         anyhow::ensure!(!self.brokers.trim().is_empty(), "no Kafka brokers given");
         Ok(())
     }

@@ -1,5 +1,7 @@
 //! `kalon-ingest`: the ingest service's process. Parses flags, starts
-//! telemetry, runs until SIGTERM or Ctrl-C.
+//! telemetry and the health endpoints, runs until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
 
 use clap::Parser;
 use kalon_ingest::{Ingest, IngestConfig};
@@ -12,6 +14,14 @@ use kalon_ingest::{Ingest, IngestConfig};
 struct Cli {
     #[command(flatten)]
     config: IngestConfig,
+    /// Where `/healthz` and `/readyz` are served (`/readyz` answers 503
+    /// while events wait and the group does not move); port 0 picks one.
+    #[arg(
+        long,
+        env = "KALON_INGEST_HEALTH_ADDR",
+        default_value = "127.0.0.1:9181"
+    )]
+    health_addr: SocketAddr,
 }
 
 // Ingest allocates and frees many small strings per event; mimalloc handles
@@ -24,6 +34,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = kalon_telemetry::init("kalon-ingest")?;
     let ingest = Ingest::build(cli.config).await?;
+    let readiness = kalon_kafka::consumer::readiness(ingest.health(), ingest.membership());
+    kalon_telemetry::health::serve(cli.health_addr, std::sync::Arc::new(readiness)).await?;
     ingest.run(kalon_telemetry::shutdown_signal()).await?;
     Ok(())
 }

@@ -1,8 +1,6 @@
 //! Ingest's metrics, named once here.
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
-
+use kalon_kafka::consumer::ConsumerHealth;
 use opentelemetry::metrics::{Counter, Histogram};
 use opentelemetry::KeyValue;
 
@@ -18,22 +16,21 @@ pub struct Metrics {
     commit_seconds: Histogram<f64>,
     /// `kalon.ingest.dead_letters`: dead letters by reason.
     dead_letters: Counter<u64>,
-    /// Consumer lag summed over assigned partitions, from the client's statistics.
-    pub lag: Arc<AtomicI64>,
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// `kalon.ingest.consumer.lag` is observed from `health`: the group's
+    /// committed offsets against every partition's high watermark.
+    pub fn new(health: tokio::sync::watch::Receiver<ConsumerHealth>) -> Self {
         let meter = kalon_telemetry::meter();
-        let lag = Arc::new(AtomicI64::new(-1));
-        let observed = lag.clone();
         meter
             .i64_observable_gauge("kalon.ingest.consumer.lag")
-            .with_description("messages behind the end of the assigned partitions")
+            .with_description(
+                "events between the group's committed offsets and the end of every event partition",
+            )
             .with_callback(move |gauge| {
-                let lag = observed.load(Ordering::Relaxed);
-                if lag >= 0 {
-                    gauge.observe(lag, &[]);
+                if let Some(lag) = health.borrow().lag {
+                    gauge.observe(lag.messages, &[]);
                 }
             })
             .build();
@@ -55,7 +52,6 @@ impl Metrics {
                 .u64_counter("kalon.ingest.dead_letters")
                 .with_description("events sent to the dead-letter topic")
                 .build(),
-            lag,
         }
     }
 

@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::future::join_all;
 use kalon_events::{Event, EventKind, DEAD_LETTER_TOPIC};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use kalon_kafka::consumer::{ConsumerHealth, GroupLag, LagWatch, Membership};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::ClientContext;
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -24,6 +23,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::metrics::Metrics;
 use crate::store::{is_transient, Rows, Written};
 use crate::{DeadLetter, IngestConfig};
+
+/// How often the group's lag is measured.
+const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// Totals of one run.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -35,25 +37,6 @@ pub struct IngestReport {
     pub duplicates: u64,
     pub dead_letters: u64,
 }
-
-struct IngestContext {
-    metrics: Metrics,
-}
-
-impl ClientContext for IngestContext {
-    fn stats(&self, statistics: Statistics) {
-        let lag: i64 = statistics
-            .topics
-            .values()
-            .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
-            .map(|p| p.consumer_lag)
-            .sum();
-        self.metrics.lag.store(lag, Ordering::Relaxed);
-    }
-}
-
-impl ConsumerContext for IngestContext {}
 
 /// Where one accepted event came from and what it said, to write it alone
 /// (and dead-letter it) if the database refuses its batch.
@@ -130,7 +113,9 @@ struct Shared {
 /// A running ingest: build it, then `run` it until shutdown.
 pub struct Ingest {
     config: IngestConfig,
-    consumer: StreamConsumer<IngestContext>,
+    consumer: StreamConsumer,
+    membership: Membership,
+    lag: LagWatch,
     pool: PgPool,
     producer: FutureProducer,
     metrics: Metrics,
@@ -149,67 +134,69 @@ impl Ingest {
             info!(created, "created monthly event partitions");
         }
         let kafka = config.kafka();
-        let metrics = Metrics::new();
         let mut client = kafka.client_config("kalon-ingest");
         if let Some(instance) = &config.instance_id {
             client.set("group.instance.id", instance);
         }
-        let consumer: StreamConsumer<IngestContext> = client
+        let consumer: StreamConsumer = client
             .set("group.id", &config.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .set("statistics.interval.ms", "5000")
             .set("fetch.wait.max.ms", "100")
-            .create_with_context(IngestContext {
-                metrics: metrics.clone(),
-            })
+            .create()
             .context("failed to create the Kafka consumer")?;
         let topics: Vec<String> = EventKind::ALL
             .iter()
             .map(|k| kafka.topic(k.topic()))
             .collect();
-        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-        if config.assign_all {
-            let mut partitions = TopicPartitionList::new();
-            for topic in &topics {
-                let metadata = consumer
-                    .fetch_metadata(Some(topic), Duration::from_secs(10))
-                    .with_context(|| format!("failed to read the partitions of {topic}"))?;
-                for found in metadata.topics() {
-                    anyhow::ensure!(
-                        !found.partitions().is_empty(),
-                        "topic {topic} has no partitions; create it with `kalonctl topics create`"
-                    );
-                    for partition in found.partitions() {
-                        partitions.add_partition_offset(topic, partition.id(), Offset::Stored)?;
-                    }
-                }
-            }
-            consumer
-                .assign(&partitions)
-                .context("failed to assign the event partitions")?;
-        } else {
-            consumer
-                .subscribe(&refs)
-                .context("failed to subscribe to the event topics")?;
-        }
+        let membership =
+            kalon_kafka::consumer::take_partitions(&consumer, &topics, config.membership())
+                .context("failed to take the event partitions")?;
+        let probe = GroupLag::new(&kafka, &config.group_id, topics.clone())
+            .context("failed to create the lag probe")?;
+        let lag = kalon_kafka::consumer::watch_lag(
+            probe,
+            LAG_EVERY,
+            Duration::from_secs(config.stall_after_s),
+        );
+        let metrics = Metrics::new(lag.health());
         let producer: FutureProducer = kafka
             .client_config("kalon-ingest-dlq")
             .set("linger.ms", "5")
             .create()
             .context("failed to create the dead-letter producer")?;
-        info!(topics = ?topics, group = %config.group_id, "ingest subscribed");
+        info!(topics = ?topics, group = %config.group_id, %membership, "ingest consuming");
         Ok(Ingest {
             config,
             consumer,
+            membership,
+            lag,
             pool,
             producer,
             metrics,
             handled: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Partitions this process holds now (from the group, or all of them
+    /// with `assign-all`).
+    pub fn assigned_partitions(&self) -> usize {
+        self.consumer.assignment().map_or(0, |a| a.count())
+    }
+
+    /// How this process took its partitions (`auto` resolved).
+    pub fn membership(&self) -> Membership {
+        self.membership
+    }
+
+    /// The group's lag and whether it is stalled, measured every few
+    /// seconds against the broker (not only over the partitions this
+    /// process holds).
+    pub fn health(&self) -> watch::Receiver<ConsumerHealth> {
+        self.lag.health()
     }
 
     /// A live count of events made durable so far (written, duplicate or
@@ -265,7 +252,7 @@ impl Ingest {
             if batch.len() > 0 {
                 inflight.push_back(tokio::spawn(persist(shared.clone(), batch)));
             }
-            progress.tick(&report, &self.metrics);
+            progress.tick(&report, &self.lag.health().borrow(), &self.consumer);
         }
 
         info!(
@@ -563,7 +550,7 @@ impl Progress {
         }
     }
 
-    fn tick(&mut self, report: &IngestReport, metrics: &Metrics) {
+    fn tick(&mut self, report: &IngestReport, health: &ConsumerHealth, consumer: &StreamConsumer) {
         let elapsed = self.last.elapsed();
         if elapsed < Duration::from_secs(10) {
             return;
@@ -574,7 +561,9 @@ impl Progress {
             duplicates = report.duplicates,
             dead_letters = report.dead_letters,
             events_per_s = rate.round(),
-            consumer_lag = metrics.lag.load(Ordering::Relaxed),
+            consumer_lag = health.lag.map_or(-1, |l| l.messages),
+            assigned_partitions = consumer.assignment().map_or(0, |a| a.count()),
+            ready = health.ready(),
             "ingest progress"
         );
         self.last = Instant::now();
