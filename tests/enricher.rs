@@ -113,15 +113,15 @@ async fn a_reader_holding_no_partitions_reports_the_impressions_waiting() {
     let enricher = Enricher::build(config, llm_config(&sim.base_url()))
         .await
         .unwrap();
-    assert_eq!(enricher.membership(), Membership::Group);
-    let health = wait_health(enricher.health(), |h| h.stalled).await;
+    assert_eq!(enricher.consuming().membership(), Membership::Group);
+    let health = wait_health(enricher.consuming().health(), |h| h.stalled).await;
     assert_eq!(enricher.assigned_partitions(), 0);
     assert_eq!(health.lag.map(|l| l.messages), Some(40), "{health:?}");
     assert!(!health.ready());
     assert!(health.reason().contains("stalled"), "{}", health.reason());
 
     // running, it reads them all: no lag, ready again
-    let watch = enricher.health();
+    let watch = enricher.consuming().health();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(enricher.run(async move {
         let _ = stopped.await;

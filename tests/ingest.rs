@@ -386,14 +386,14 @@ async fn a_consumer_holding_no_partitions_reports_the_true_lag_and_fails_readine
     config.membership = kalon_kafka::consumer::Membership::Group;
     config.stall_after_s = 2;
     let ingest = Ingest::build(config).await.unwrap();
-    let health = wait_health(ingest.health(), |h| h.stalled).await;
+    let health = wait_health(ingest.consuming().health(), |h| h.stalled).await;
     assert_eq!(ingest.assigned_partitions(), 0);
     assert_eq!(health.lag.map(|l| l.messages), Some(3_000), "{health:?}");
     assert!(!health.ready());
     assert!(health.reason().contains("stalled"), "{}", health.reason());
 
     // running, it drains the topics: no lag, ready again
-    let watch = ingest.health();
+    let watch = ingest.consuming().health();
     let (stop, running) = spawn_ingest(ingest);
     env.wait_for_rows(events.len() as i64, Duration::from_secs(60))
         .await;

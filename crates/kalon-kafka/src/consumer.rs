@@ -133,6 +133,60 @@ fn partitions_of<C: ConsumerContext>(consumer: &impl Consumer<C>, topic: &str) -
     Ok(partitions)
 }
 
+/// How often a [`Consuming`] measures its group's lag.
+pub const LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// A consumer's partitions taken and its group's lag watched: what every
+/// consuming service (ingest, enricher) sets up alike.
+pub struct Consuming {
+    membership: Membership,
+    lag: LagWatch,
+}
+
+impl Consuming {
+    /// Takes `consumer`'s partitions of `topics` as `membership` says (see
+    /// [`take_partitions`]) and starts measuring `group`'s lag over them;
+    /// stalled after `stall_after` without movement while messages wait.
+    pub fn start<C: ConsumerContext>(
+        consumer: &impl Consumer<C>,
+        settings: &KafkaSettings,
+        group: &str,
+        topics: Vec<String>,
+        membership: Membership,
+        stall_after: Duration,
+    ) -> Result<Consuming> {
+        let membership = take_partitions(consumer, &topics, membership)?;
+        let probe = GroupLag::new(settings, group, topics)?;
+        Ok(Consuming {
+            membership,
+            lag: watch_lag(probe, LAG_EVERY, stall_after),
+        })
+    }
+
+    /// How the partitions were taken (`auto` resolved).
+    pub fn membership(&self) -> Membership {
+        self.membership
+    }
+
+    /// The group's lag and whether it is stalled, measured every
+    /// [`LAG_EVERY`] against the broker (not only over the partitions this
+    /// process holds).
+    pub fn health(&self) -> watch::Receiver<ConsumerHealth> {
+        self.lag.health()
+    }
+
+    /// Ready or not, and the JSON a service answers on `/readyz`.
+    pub fn readiness(&self) -> impl Fn() -> (bool, serde_json::Value) + Send + Sync + 'static {
+        readiness_of(self.health(), self.membership)
+    }
+}
+
+/// Partitions `consumer` holds now (from the group, or all of them with
+/// `assign-all`).
+pub fn assigned<C: ConsumerContext>(consumer: &impl Consumer<C>) -> usize {
+    consumer.assignment().map_or(0, |a| a.count())
+}
+
 /// One measurement of a group's lag over a set of topics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Lag {
@@ -303,7 +357,7 @@ pub fn watch_lag(probe: GroupLag, every: Duration, stall_after: Duration) -> Lag
 
 /// A consumer service's readiness: ready or not, and the JSON it answers
 /// on `/readyz` (membership, lag, how long stalled, why).
-pub fn readiness(
+fn readiness_of(
     health: watch::Receiver<ConsumerHealth>,
     membership: Membership,
 ) -> impl Fn() -> (bool, serde_json::Value) + Send + Sync + 'static {

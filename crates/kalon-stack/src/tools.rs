@@ -96,7 +96,7 @@ pub fn install_onnxruntime(library: &std::path::Path, version: &str) -> anyhow::
         ),
     };
     eprintln!(
-        "fetching ONNX Runtime {version} (about 17 MB, PyPI's onnxruntime wheel) into {}...",
+        "fetching ONNX Runtime {version} (about 24 MB, PyPI's onnxruntime wheel) into {}...",
         dir.display()
     );
     let wheels = tempdir_in(&cache_dir(), "ort-wheel")?;

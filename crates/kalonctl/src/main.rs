@@ -123,7 +123,7 @@ enum StackAction {
 #[derive(Subcommand)]
 enum ToolsAction {
     /// Install what is missing (tansu: built once, 12 to 45 min on 2 cores;
-    /// ONNX Runtime: about 17 MB from PyPI).
+    /// ONNX Runtime: about 24 MB from PyPI).
     Install,
 }
 

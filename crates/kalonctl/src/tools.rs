@@ -44,7 +44,7 @@ pub fn announce_first_run(will_pretrain: bool) {
         steps.push("build the tansu broker from crates.io (12 to 45 min on 2 cores; skipped when a broker already answers)");
     }
     if !library_path().is_file() {
-        steps.push("download ONNX Runtime from PyPI (about 17 MB, under a minute)");
+        steps.push("download ONNX Runtime from PyPI (about 24 MB, under a minute)");
     }
     if will_pretrain {
         steps.push("build a small world and pretrain the reference model (about 3 to 5 min)");

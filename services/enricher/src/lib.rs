@@ -31,7 +31,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::Utc;
 use kalon_events::{Event, EventKind};
-use kalon_kafka::consumer::{ConsumerHealth, GroupLag, LagWatch, Membership};
+use kalon_kafka::consumer::Consuming;
 use kalon_kafka::KafkaSettings;
 use kalon_llm::ask::AskError;
 use kalon_llm::rephrase::ask_rephrasing;
@@ -82,8 +82,7 @@ impl Counters {
 pub struct Enricher {
     shared: Arc<Shared>,
     consumer: StreamConsumer,
-    membership: Membership,
-    lag: LagWatch,
+    consuming: Consuming,
 }
 
 struct Shared {
@@ -143,21 +142,17 @@ impl Enricher {
             .set("fetch.wait.max.ms", "100")
             .create()?;
         let topic = kafka.topic(EventKind::Impression.topic());
-        let membership = kalon_kafka::consumer::take_partitions(
+        let consuming = Consuming::start(
             &consumer,
-            std::slice::from_ref(&topic),
+            &kafka,
+            &config.group_id,
+            vec![topic.clone()],
             config.membership(),
+            Duration::from_secs(config.stall_after_s),
         )
         .context("failed to take the impression partitions")?;
-        let probe = GroupLag::new(&kafka, &config.group_id, vec![topic.clone()])
-            .context("failed to create the lag probe")?;
-        let lag = kalon_kafka::consumer::watch_lag(
-            probe,
-            Duration::from_secs(5),
-            Duration::from_secs(config.stall_after_s),
-        );
         let producer = producer(&kafka, "kalon-enricher")?;
-        info!(topic, group = %config.group_id, %membership, variants = ?config.variants, "enricher ready");
+        info!(topic, group = %config.group_id, membership = %consuming.membership(), variants = ?config.variants, "enricher ready");
         Ok(Enricher {
             shared: Arc::new(Shared {
                 config,
@@ -168,25 +163,19 @@ impl Enricher {
                 counters: Counters::default(),
             }),
             consumer,
-            membership,
-            lag,
+            consuming,
         })
     }
 
-    /// Partitions this process holds now (from the group, or all of them
-    /// with `assign-all`).
+    /// Partitions the impression reader holds now.
     pub fn assigned_partitions(&self) -> usize {
-        self.consumer.assignment().map_or(0, |a| a.count())
+        kalon_kafka::consumer::assigned(&self.consumer)
     }
 
-    /// How the impression reader took its partitions (`auto` resolved).
-    pub fn membership(&self) -> Membership {
-        self.membership
-    }
-
-    /// The impression reader's group lag and whether it is stalled.
-    pub fn health(&self) -> watch::Receiver<ConsumerHealth> {
-        self.lag.health()
+    /// How the impression reader took its partitions, its group's lag,
+    /// readiness.
+    pub fn consuming(&self) -> &Consuming {
+        &self.consuming
     }
 
     /// Runs until `shutdown` resolves: in-flight queries are released for

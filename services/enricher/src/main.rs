@@ -31,8 +31,8 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = kalon_telemetry::init("kalon-enricher")?;
     let llm = LlmConfig::from_env()?;
     let enricher = Enricher::build(cli.config, llm).await?;
-    let readiness = kalon_kafka::consumer::readiness(enricher.health(), enricher.membership());
-    kalon_telemetry::health::serve(cli.health_addr, std::sync::Arc::new(readiness)).await?;
+    let readiness = std::sync::Arc::new(enricher.consuming().readiness());
+    kalon_telemetry::health::serve(cli.health_addr, readiness).await?;
     enricher.run(kalon_telemetry::shutdown_signal()).await?;
     Ok(())
 }

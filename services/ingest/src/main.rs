@@ -34,8 +34,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = kalon_telemetry::init("kalon-ingest")?;
     let ingest = Ingest::build(cli.config).await?;
-    let readiness = kalon_kafka::consumer::readiness(ingest.health(), ingest.membership());
-    kalon_telemetry::health::serve(cli.health_addr, std::sync::Arc::new(readiness)).await?;
+    let readiness = std::sync::Arc::new(ingest.consuming().readiness());
+    kalon_telemetry::health::serve(cli.health_addr, readiness).await?;
     ingest.run(kalon_telemetry::shutdown_signal()).await?;
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::future::join_all;
 use kalon_events::{Event, EventKind, DEAD_LETTER_TOPIC};
-use kalon_kafka::consumer::{ConsumerHealth, GroupLag, LagWatch, Membership};
+use kalon_kafka::consumer::{ConsumerHealth, Consuming};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -23,9 +23,6 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::metrics::Metrics;
 use crate::store::{is_transient, Rows, Written};
 use crate::{DeadLetter, IngestConfig};
-
-/// How often the group's lag is measured.
-const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// Totals of one run.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -114,8 +111,7 @@ struct Shared {
 pub struct Ingest {
     config: IngestConfig,
     consumer: StreamConsumer,
-    membership: Membership,
-    lag: LagWatch,
+    consuming: Consuming,
     pool: PgPool,
     producer: FutureProducer,
     metrics: Metrics,
@@ -152,28 +148,26 @@ impl Ingest {
             .iter()
             .map(|k| kafka.topic(k.topic()))
             .collect();
-        let membership =
-            kalon_kafka::consumer::take_partitions(&consumer, &topics, config.membership())
-                .context("failed to take the event partitions")?;
-        let probe = GroupLag::new(&kafka, &config.group_id, topics.clone())
-            .context("failed to create the lag probe")?;
-        let lag = kalon_kafka::consumer::watch_lag(
-            probe,
-            LAG_EVERY,
+        let consuming = Consuming::start(
+            &consumer,
+            &kafka,
+            &config.group_id,
+            topics.clone(),
+            config.membership(),
             Duration::from_secs(config.stall_after_s),
-        );
-        let metrics = Metrics::new(lag.health());
+        )
+        .context("failed to take the event partitions")?;
+        let metrics = Metrics::new(consuming.health());
         let producer: FutureProducer = kafka
             .client_config("kalon-ingest-dlq")
             .set("linger.ms", "5")
             .create()
             .context("failed to create the dead-letter producer")?;
-        info!(topics = ?topics, group = %config.group_id, %membership, "ingest consuming");
+        info!(topics = ?topics, group = %config.group_id, membership = %consuming.membership(), "ingest consuming");
         Ok(Ingest {
             config,
             consumer,
-            membership,
-            lag,
+            consuming,
             pool,
             producer,
             metrics,
@@ -181,22 +175,14 @@ impl Ingest {
         })
     }
 
-    /// Partitions this process holds now (from the group, or all of them
-    /// with `assign-all`).
+    /// Partitions this process holds now.
     pub fn assigned_partitions(&self) -> usize {
-        self.consumer.assignment().map_or(0, |a| a.count())
+        kalon_kafka::consumer::assigned(&self.consumer)
     }
 
-    /// How this process took its partitions (`auto` resolved).
-    pub fn membership(&self) -> Membership {
-        self.membership
-    }
-
-    /// The group's lag and whether it is stalled, measured every few
-    /// seconds against the broker (not only over the partitions this
-    /// process holds).
-    pub fn health(&self) -> watch::Receiver<ConsumerHealth> {
-        self.lag.health()
+    /// How the partitions were taken, the group's lag, readiness.
+    pub fn consuming(&self) -> &Consuming {
+        &self.consuming
     }
 
     /// A live count of events made durable so far (written, duplicate or
@@ -252,7 +238,7 @@ impl Ingest {
             if batch.len() > 0 {
                 inflight.push_back(tokio::spawn(persist(shared.clone(), batch)));
             }
-            progress.tick(&report, &self.lag.health().borrow(), &self.consumer);
+            progress.tick(&report, &self.consuming.health().borrow(), &self.consumer);
         }
 
         info!(
@@ -562,7 +548,7 @@ impl Progress {
             dead_letters = report.dead_letters,
             events_per_s = rate.round(),
             consumer_lag = health.lag.map_or(-1, |l| l.messages),
-            assigned_partitions = consumer.assignment().map_or(0, |a| a.count()),
+            assigned_partitions = kalon_kafka::consumer::assigned(consumer),
             ready = health.ready(),
             "ingest progress"
         );
