@@ -7,6 +7,18 @@
 set -euo pipefail
 cache="${KALON_CACHE_DIR:-$HOME/.cache/kalon}"
 
+# Debian packages first: the venvs below need pip and venv
+missing=()
+command -v cc >/dev/null || missing+=(build-essential)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+command -v psql >/dev/null || missing+=(postgresql-client)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing+=(postgresql)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} from Debian's packages" >&2
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
 # Python with the `onnx` package: tests check Kalon's exported models with
 # onnx.checker, and tests/fixtures/make_fixtures.py builds foreign models
 py_env="$cache/py-onnx"
@@ -24,13 +36,4 @@ if [ ! -x "$st_env/bin/schemathesis" ] || ! "$st_env/bin/schemathesis" --version
   echo "installing schemathesis $st_version into $st_env" >&2
   python3 -m venv "$st_env"
   "$st_env/bin/pip" install -q "schemathesis==$st_version"
-fi
-
-missing=()
-command -v cc >/dev/null || missing+=(build-essential)
-command -v psql >/dev/null || missing+=(postgresql-client)
-ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing+=(postgresql)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing ${missing[*]} from Debian's packages" >&2
-  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi

@@ -515,7 +515,10 @@ async fn kill_9_mid_call_loses_nothing_a_successor_takes_the_query_over() {
                 "KALON_ENRICHER_GROUP",
                 format!("{}enricher", env.kafka.topic_prefix),
             )
-            .env("KALON_ENRICHER_ASSIGN_ALL", "true")
+            // the default membership (auto); a health port of its own
+            .env_remove("KALON_ENRICHER_ASSIGN_ALL")
+            .env_remove("KALON_ENRICHER_MEMBERSHIP")
+            .env("KALON_ENRICHER_HEALTH_ADDR", "127.0.0.1:0")
             .env("KALON_ENRICH_VARIANTS", "detail,reorg")
             .env("KALON_ENRICH_LEASE_S", "2")
             .env("KALON_ENRICH_POLL_MS", "50")

@@ -386,8 +386,19 @@ async fn a_consumer_holding_no_partitions_reports_the_true_lag_and_fails_readine
     config.membership = kalon_kafka::consumer::Membership::Group;
     config.stall_after_s = 2;
     let ingest = Ingest::build(config).await.unwrap();
+    // what the binary serves on /readyz, served here
+    let addr = kalon_telemetry::health::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        std::sync::Arc::new(ingest.consuming().readiness()),
+    )
+    .await
+    .unwrap();
     let health = wait_health(ingest.consuming().health(), |h| h.stalled).await;
     assert_eq!(ingest.assigned_partitions(), 0);
+    let (status, body) = get_json(addr.port(), "/readyz").await;
+    assert_eq!(status, Some(503), "{body}");
+    assert_eq!(body["lag"], 3_000, "{body}");
+    assert_eq!(body["membership"], "group", "{body}");
     assert_eq!(health.lag.map(|l| l.messages), Some(3_000), "{health:?}");
     assert!(!health.ready());
     assert!(health.reason().contains("stalled"), "{}", health.reason());
@@ -399,6 +410,8 @@ async fn a_consumer_holding_no_partitions_reports_the_true_lag_and_fails_readine
         .await;
     let health = wait_health(watch, |h| h.lag.map(|l| l.messages) == Some(0)).await;
     assert!(health.ready(), "{}", health.reason());
+    let (status, body) = get_json(addr.port(), "/readyz").await;
+    assert_eq!(status, Some(200), "{body}");
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
     assert_exactly(&env, &events).await;
@@ -423,6 +436,8 @@ async fn the_binary_serves_readiness_with_the_groups_lag() {
             .args(["--group", &config.group_id])
             .args(["--health-addr", &format!("127.0.0.1:{port}")])
             .env("RUST_LOG", "warn")
+            .env_remove("KALON_INGEST_MEMBERSHIP")
+            .env_remove("KALON_INGEST_ASSIGN_ALL")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())
             .spawn()

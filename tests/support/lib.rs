@@ -237,32 +237,15 @@ pub fn read_topic(
 /// Messages `group` has committed over all of Kalon's event topics: the
 /// sum of committed offsets (partitions start at offset 0).
 pub fn committed_messages(kafka: &KafkaSettings, group: &str) -> i64 {
-    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-    let consumer: BaseConsumer = kafka
-        .client_config("kalon-test-offsets")
-        .set("group.id", group)
-        .create()
-        .expect("offset reader");
-    let mut partitions = TopicPartitionList::new();
-    for spec in kalon_events::TOPICS
+    let topics = kalon_events::EventKind::ALL
         .iter()
-        .filter(|t| t.name != kalon_events::DEAD_LETTER_TOPIC)
-    {
-        for p in 0..spec.partitions {
-            partitions.add_partition(&spec.full_name(&kafka.topic_prefix), p);
-        }
-    }
-    let committed = consumer
-        .committed_offsets(partitions, Duration::from_secs(10))
-        .expect("OffsetFetch");
-    committed
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(n) => n,
-            _ => 0,
-        })
-        .sum()
+        .map(|k| kafka.topic(k.topic()))
+        .collect();
+    kalon_kafka::consumer::GroupLag::new(kafka, group, topics)
+        .expect("lag probe")
+        .measure()
+        .expect("OffsetFetch")
+        .position
 }
 
 /// The first consumer-health figures that satisfy `done` (panics after 30 s).

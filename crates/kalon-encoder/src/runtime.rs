@@ -32,7 +32,7 @@ pub fn library_path() -> PathBuf {
     let cache = std::env::var_os("KALON_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kalon")))
-        .unwrap_or_else(|| PathBuf::from("/tmp/kalon-cache"));
+        .unwrap_or_else(|| PathBuf::from("/tmp/.cache/kalon"));
     cache
         .join(format!("onnxruntime-{ORT_VERSION}"))
         .join(format!("libonnxruntime.so.{ORT_VERSION}"))

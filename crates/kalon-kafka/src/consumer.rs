@@ -16,6 +16,7 @@
 //! [`watch_lag`] measures it periodically and says when the group has made
 //! no progress for too long while data waits: a readiness failure.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -65,7 +66,13 @@ impl std::fmt::Display for Membership {
     }
 }
 
-/// `Auto` made concrete by asking the broker what it is.
+/// How long `Auto` waits for the brokers to say what they are before it
+/// gives up (a service may start before its broker).
+const RESOLVE_PATIENCE: Duration = Duration::from_secs(300);
+
+/// `Auto` made concrete by asking the broker what it is. Blocking: waits
+/// (with a warning every 10 s) while the brokers do not answer, up to five
+/// minutes.
 pub fn resolve<C: ConsumerContext>(
     consumer: &impl Consumer<C>,
     membership: Membership,
@@ -73,10 +80,16 @@ pub fn resolve<C: ConsumerContext>(
     if membership != Membership::Auto {
         return Ok(membership);
     }
-    let cluster = consumer
-        .client()
-        .fetch_cluster_id(Duration::from_secs(30))
-        .ok_or(Error::NoClusterId)?;
+    let started = Instant::now();
+    let cluster = loop {
+        if let Some(cluster) = consumer.client().fetch_cluster_id(Duration::from_secs(10)) {
+            break cluster;
+        }
+        if started.elapsed() >= RESOLVE_PATIENCE {
+            return Err(Error::NoClusterId);
+        }
+        warn!("the brokers do not answer yet; membership auto waits to learn what they are");
+    };
     Ok(if cluster == TANSU_CLUSTER_ID {
         Membership::AssignAll
     } else {
@@ -145,22 +158,34 @@ pub struct Consuming {
 
 impl Consuming {
     /// Takes `consumer`'s partitions of `topics` as `membership` says (see
-    /// [`take_partitions`]) and starts measuring `group`'s lag over them;
-    /// stalled after `stall_after` without movement while messages wait.
-    pub fn start<C: ConsumerContext>(
-        consumer: &impl Consumer<C>,
+    /// [`take_partitions`], on a blocking thread: it may wait for the
+    /// brokers) and starts measuring `group`'s lag over them; stalled after
+    /// `stall_after` without movement while messages wait. Hands the
+    /// consumer back.
+    pub async fn start<K, C>(
+        consumer: K,
         settings: &KafkaSettings,
         group: &str,
         topics: Vec<String>,
         membership: Membership,
         stall_after: Duration,
-    ) -> Result<Consuming> {
-        let membership = take_partitions(consumer, &topics, membership)?;
-        let probe = GroupLag::new(settings, group, topics)?;
-        Ok(Consuming {
-            membership,
-            lag: watch_lag(probe, LAG_EVERY, stall_after),
+    ) -> Result<(K, Consuming)>
+    where
+        K: Consumer<C> + Send + 'static,
+        C: ConsumerContext + 'static,
+    {
+        let probe = GroupLag::new(settings, group, topics.clone())?;
+        let (consumer, taken) = tokio::task::spawn_blocking(move || {
+            let taken = take_partitions(&consumer, &topics, membership);
+            (consumer, taken)
         })
+        .await
+        .map_err(|e| Error::Blocking(e.to_string()))?;
+        let consuming = Consuming {
+            membership: taken?,
+            lag: watch_lag(probe, LAG_EVERY, stall_after),
+        };
+        Ok((consumer, consuming))
     }
 
     /// How the partitions were taken (`auto` resolved).
@@ -194,9 +219,31 @@ pub struct Lag {
     /// summed over every partition of the topics.
     pub messages: i64,
     /// The group's positions summed (committed offset, or the low watermark
-    /// where nothing is committed): grows whenever the group moves.
+    /// where nothing is committed).
     pub position: i64,
     pub partitions: usize,
+}
+
+impl Lag {
+    fn of(partitions: &[PartitionLag]) -> Lag {
+        Lag {
+            messages: partitions.iter().map(|p| p.messages).sum(),
+            position: partitions.iter().map(|p| p.position).sum(),
+            partitions: partitions.len(),
+        }
+    }
+}
+
+/// One partition of a [`GroupLag`] measurement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    /// The group's committed offset, or the low watermark where nothing is
+    /// committed (the group starts at the beginning).
+    pub position: i64,
+    /// Messages between that position and the high watermark.
+    pub messages: i64,
 }
 
 /// Measures a group's lag with its own client, which never joins the group.
@@ -220,9 +267,17 @@ impl GroupLag {
         })
     }
 
+    /// The group's lag summed over every partition. Blocking.
+    pub fn measure(&self) -> Result<Lag> {
+        Ok(Lag::of(&self.measure_partitions()?))
+    }
+
     /// Asks the broker for the group's committed offsets and every
     /// partition's watermarks. Blocking.
-    pub fn measure(&self) -> Result<Lag> {
+    pub fn measure_partitions(&self) -> Result<Vec<PartitionLag>> {
+        // serve the client's queued events (errors, statistics): it is
+        // never polled otherwise
+        let _ = self.client.poll(Duration::ZERO);
         let mut list = TopicPartitionList::new();
         for topic in &self.topics {
             for partition in partitions_of(&self.client, topic)? {
@@ -230,22 +285,25 @@ impl GroupLag {
             }
         }
         let committed = self.client.committed_offsets(list, self.timeout)?;
-        let mut lag = Lag::default();
+        let mut out = Vec::with_capacity(committed.count());
         for element in committed.elements() {
             let (low, high) =
                 self.client
                     .fetch_watermarks(element.topic(), element.partition(), self.timeout)?;
-            // nothing committed: the group starts at the beginning
-            // (auto.offset.reset=earliest)
+            // nothing committed (or only what retention already deleted):
+            // the group starts at the beginning (auto.offset.reset=earliest)
             let position = match element.offset() {
-                Offset::Offset(n) => n.clamp(low, high),
+                Offset::Offset(n) => n.max(low),
                 _ => low,
             };
-            lag.messages += high - position;
-            lag.position += position;
-            lag.partitions += 1;
+            out.push(PartitionLag {
+                topic: element.topic().to_owned(),
+                partition: element.partition(),
+                position,
+                messages: (high - position).max(0),
+            });
         }
-        Ok(lag)
+        Ok(out)
     }
 }
 
@@ -254,7 +312,7 @@ impl GroupLag {
 pub struct ConsumerHealth {
     /// The last measurement, if one succeeded.
     pub lag: Option<Lag>,
-    /// How long the group has not moved while messages waited.
+    /// The longest time a partition with messages waiting has not moved.
     pub stalled_for: Duration,
     /// Why the last measurement failed, if it did.
     pub error: Option<String>,
@@ -275,7 +333,7 @@ impl ConsumerHealth {
         match self.lag {
             None => "lag not measured yet".into(),
             Some(lag) if self.stalled => format!(
-                "stalled: {} messages wait and the group has not moved for {}s",
+                "stalled: {} messages wait and a partition's committed offset has not moved for {}s",
                 lag.messages,
                 self.stalled_for.as_secs()
             ),
@@ -303,39 +361,64 @@ impl Drop for LagWatch {
     }
 }
 
+/// When each partition last moved, to tell a stalled group from a slow one.
+struct Movement {
+    started: Instant,
+    /// Per partition: its last position and when it last moved (or had
+    /// nothing waiting).
+    seen: HashMap<(String, i32), (i64, Instant)>,
+}
+
+impl Movement {
+    /// Records a measurement; returns how long the longest-waiting
+    /// partition that has messages waiting has not moved (zero when none
+    /// waits). A partition seen for the first time counts from the start,
+    /// so one that is never consumed becomes stalled too.
+    fn update(&mut self, partitions: &[PartitionLag]) -> Duration {
+        let now = Instant::now();
+        let mut stalled_for = Duration::ZERO;
+        for p in partitions {
+            let key = (p.topic.clone(), p.partition);
+            let entry = self.seen.entry(key).or_insert((p.position, self.started));
+            if p.messages == 0 || p.position > entry.0 {
+                entry.1 = now;
+            }
+            entry.0 = p.position;
+            if p.messages > 0 {
+                stalled_for = stalled_for.max(now - entry.1);
+            }
+        }
+        stalled_for
+    }
+}
+
 /// Measures `probe` every `every` until the returned [`LagWatch`] is
-/// dropped; the group is stalled when messages wait and its position has
-/// not moved for `stall_after` (counted from the start, so a consumer that
-/// is never assigned anything becomes stalled too).
+/// dropped; the group is stalled when a partition has messages waiting and
+/// its committed position has not moved for `stall_after` (whatever the
+/// other partitions do).
 pub fn watch_lag(probe: GroupLag, every: Duration, stall_after: Duration) -> LagWatch {
     let (tx, rx) = watch::channel(ConsumerHealth::default());
     let probe = std::sync::Arc::new(probe);
     let task = tokio::spawn(async move {
-        let mut last_move = Instant::now();
-        let mut last_position: Option<i64> = None;
+        let mut movement = Movement {
+            started: Instant::now(),
+            seen: HashMap::new(),
+        };
         loop {
             let measured = {
                 let probe = probe.clone();
-                tokio::task::spawn_blocking(move || probe.measure()).await
+                tokio::task::spawn_blocking(move || probe.measure_partitions()).await
             };
             let mut health = tx.borrow().clone();
             match measured {
-                Ok(Ok(lag)) => {
-                    if lag.messages == 0 || last_position.is_some_and(|p| lag.position > p) {
-                        last_move = Instant::now();
-                    }
-                    last_position = Some(lag.position);
-                    health.lag = Some(lag);
+                Ok(Ok(partitions)) => {
+                    health.stalled_for = movement.update(&partitions);
+                    health.lag = Some(Lag::of(&partitions));
                     health.error = None;
                 }
                 Ok(Err(error)) => health.error = Some(error.to_string()),
                 Err(error) => health.error = Some(error.to_string()),
             }
-            health.stalled_for = if health.lag.is_some_and(|l| l.messages > 0) {
-                last_move.elapsed()
-            } else {
-                Duration::ZERO
-            };
             let was_stalled = health.stalled;
             health.stalled = health.stalled_for >= stall_after;
             if health.stalled && !was_stalled {
@@ -372,5 +455,51 @@ fn readiness_of(
             "stalled_for_s": health.stalled_for.as_secs(),
         });
         (health.ready(), body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partition(partition: i32, position: i64, messages: i64) -> PartitionLag {
+        PartitionLag {
+            topic: "t".into(),
+            partition,
+            position,
+            messages,
+        }
+    }
+
+    #[test]
+    fn one_stuck_partition_is_a_stall_while_the_others_move() {
+        let started = Instant::now() - Duration::from_secs(100);
+        let mut movement = Movement {
+            started,
+            seen: HashMap::new(),
+        };
+        // partition 0 moves between measurements, partition 1 never does
+        movement.update(&[partition(0, 10, 5), partition(1, 3, 7)]);
+        let stalled = movement.update(&[partition(0, 15, 5), partition(1, 3, 7)]);
+        assert!(stalled >= Duration::from_secs(100), "{stalled:?}");
+        // the stuck one catches up: nothing waits, no stall
+        let stalled = movement.update(&[partition(0, 20, 0), partition(1, 10, 0)]);
+        assert_eq!(stalled, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_moving_or_drained_group_is_not_stalled() {
+        let mut movement = Movement {
+            started: Instant::now() - Duration::from_secs(100),
+            seen: HashMap::new(),
+        };
+        movement.update(&[partition(0, 10, 5)]);
+        // moved since the last measurement: counts from now
+        let stalled = movement.update(&[partition(0, 12, 3)]);
+        assert!(stalled < Duration::from_secs(1), "{stalled:?}");
+        // later messages wait again but the partition has not moved since
+        // it last moved a moment ago: not yet stalled
+        let stalled = movement.update(&[partition(0, 12, 9)]);
+        assert!(stalled < Duration::from_secs(1), "{stalled:?}");
     }
 }

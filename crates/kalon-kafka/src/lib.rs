@@ -28,8 +28,10 @@ pub enum Error {
         topic: String,
         code: RDKafkaErrorCode,
     },
-    #[error("the brokers did not say what they are (no cluster id within 30 s): are they up? Or choose the membership yourself (group or assign-all)")]
+    #[error("the brokers did not say what they are (no cluster id within 5 minutes): are they up? Or choose the membership yourself (group or assign-all)")]
     NoClusterId,
+    #[error("a blocking Kafka call failed to finish: {0}")]
+    Blocking(String),
     #[error("topic {topic} has no partitions; create it with `kalonctl topics create`")]
     NoPartitions { topic: String },
 }

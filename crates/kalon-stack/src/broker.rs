@@ -74,6 +74,8 @@ impl Broker {
             // tansu reads these; ours must not leak into it
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("STORAGE_ENGINE")
+            // consumers recognise tansu by its default cluster id
+            .env_remove("CLUSTER_ID")
             .env_remove("LISTENER_URL")
             .env_remove("ADVERTISED_LISTENER_URL")
             .stdin(Stdio::null())

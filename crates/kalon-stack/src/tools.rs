@@ -73,13 +73,15 @@ pub fn install_tansu() -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("cargo install tansu failed ({status})");
     }
+    // the build folder holds gigabytes nobody needs once tansu is installed
+    let _ = std::fs::remove_dir_all(cache_dir().join("tansu-build"));
     find_tansu()
 }
 
 /// Puts ONNX Runtime's shared library at `library` (a path ending in
 /// `libonnxruntime.so.VERSION`) unless it is there: downloads PyPI's CPU
 /// wheel `onnxruntime==version` with pip and takes the library files out of
-/// `onnxruntime/capi/` into `library`'s folder. About 17 MB; pip shows its
+/// `onnxruntime/capi/` into `library`'s folder. About 24 MB; pip shows its
 /// progress. Needs `python3` with pip and access to PyPI.
 pub fn install_onnxruntime(library: &std::path::Path, version: &str) -> anyhow::Result<()> {
     if library.is_file() {
@@ -112,12 +114,16 @@ pub fn install_onnxruntime(library: &std::path::Path, version: &str) -> anyhow::
         let _ = std::fs::remove_dir_all(&wheels);
         bail!("pip could not download onnxruntime=={version} ({status}); is PyPI reachable?");
     }
-    // unpack next to the destination, then rename: a half-written library
-    // is never taken for a whole one
-    let staging = dir.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging)
-        .with_context(|| format!("cannot create {}", staging.display()))?;
+    // unpack into a folder of this process's own, then move each file into
+    // place with a rename: a half-written library is never taken for a
+    // whole one, and two first runs at once do not disturb each other
+    let staging = tempdir_in(
+        dir.parent().unwrap_or(dir),
+        &format!(
+            "{}.partial",
+            dir.file_name().unwrap_or_default().to_string_lossy()
+        ),
+    )?;
     let unpack = r#"
 import glob, sys, zipfile
 wheels, out = sys.argv[1:]
@@ -128,24 +134,36 @@ with zipfile.ZipFile(wheel) as z:
             with z.open(name) as src, open(f"{out}/{name.rsplit('/', 1)[1]}", "wb") as dst:
                 dst.write(src.read())
 "#;
-    let status = Command::new("python3")
+    let unpacked = Command::new("python3")
         .args(["-c", unpack])
         .arg(&wheels)
         .arg(&staging)
         .status()
-        .context("failed to run python3 to unpack the wheel")?;
+        .context("failed to run python3 to unpack the wheel");
     let _ = std::fs::remove_dir_all(&wheels);
-    let name = library.file_name().context("no file name")?;
-    if !status.success() || !staging.join(name).is_file() {
-        let _ = std::fs::remove_dir_all(&staging);
-        bail!(
-            "the onnxruntime=={version} wheel holds no {}",
-            name.to_string_lossy()
-        );
-    }
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&staging, dir)
-        .with_context(|| format!("cannot move the library into {}", dir.display()))?;
+    let moved = unpacked.and_then(|status| {
+        let name = library.file_name().context("no file name")?;
+        if !status.success() || !staging.join(name).is_file() {
+            bail!(
+                "the onnxruntime=={version} wheel holds no {}",
+                name.to_string_lossy()
+            );
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        // the library itself last: once it is there, the rest is too
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&staging)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        files.sort_by_key(|f| f.file_name() == Some(name));
+        for file in files {
+            let to = dir.join(file.file_name().context("no file name")?);
+            std::fs::rename(&file, &to)
+                .with_context(|| format!("cannot move {} into place", to.display()))?;
+        }
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    moved?;
     eprintln!("ONNX Runtime {version} is at {}", library.display());
     Ok(())
 }

@@ -238,6 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             | Command::Eval { .. }
             | Command::Index(_)
             | Command::SearchBootstrap(_)
+            | Command::Bench { .. }
     ) {
         // these run models in ONNX Runtime: fetch it now if this machine lacks it
         tokio::task::spawn_blocking(tools::ensure_onnxruntime).await??;

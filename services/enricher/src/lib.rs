@@ -47,6 +47,9 @@ use tracing::{debug, info, warn};
 
 pub use config::EnricherConfig;
 
+/// How often an idle reader commits its position again.
+const RECOMMIT_EVERY: Duration = Duration::from_secs(30);
+
 /// What a run did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct EnrichReport {
@@ -142,14 +145,15 @@ impl Enricher {
             .set("fetch.wait.max.ms", "100")
             .create()?;
         let topic = kafka.topic(EventKind::Impression.topic());
-        let consuming = Consuming::start(
-            &consumer,
+        let (consumer, consuming) = Consuming::start(
+            consumer,
             &kafka,
             &config.group_id,
             vec![topic.clone()],
             config.membership(),
             Duration::from_secs(config.stall_after_s),
         )
+        .await
         .context("failed to take the impression partitions")?;
         let producer = producer(&kafka, "kalon-enricher")?;
         info!(topic, group = %config.group_id, membership = %consuming.membership(), variants = ?config.variants, "enricher ready");
@@ -220,10 +224,22 @@ impl Shared {
         mut stopped: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let mut backoff = Duration::from_millis(100);
+        let mut recommit = tokio::time::interval(RECOMMIT_EVERY);
+        recommit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
                 message = consumer.recv() => message,
                 _ = until_stopped(&mut stopped) => break,
+                _ = recommit.tick() => {
+                    // Idle: everything read is queued, so the position is
+                    // safe to commit again. A lost asynchronous commit would
+                    // otherwise leave the group behind with no new traffic to
+                    // move it, which the lag watch would call a stall.
+                    if let Ok(list) = consumer.position() {
+                        let _ = consumer.commit(&list, CommitMode::Async);
+                    }
+                    continue;
+                }
             };
             let mut offsets: HashMap<(String, i32), i64> = HashMap::new();
             let mut queries = BTreeSet::new();

@@ -24,6 +24,9 @@ use crate::metrics::Metrics;
 use crate::store::{is_transient, Rows, Written};
 use crate::{DeadLetter, IngestConfig};
 
+/// How often the durable offsets are committed again (see `recommit`).
+const RECOMMIT_EVERY: Duration = Duration::from_secs(30);
+
 /// Totals of one run.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct IngestReport {
@@ -148,14 +151,15 @@ impl Ingest {
             .iter()
             .map(|k| kafka.topic(k.topic()))
             .collect();
-        let consuming = Consuming::start(
-            &consumer,
+        let (consumer, consuming) = Consuming::start(
+            consumer,
             &kafka,
             &config.group_id,
             topics.clone(),
             config.membership(),
             Duration::from_secs(config.stall_after_s),
         )
+        .await
         .context("failed to take the event partitions")?;
         let metrics = Metrics::new(consuming.health());
         let producer: FutureProducer = kafka
@@ -215,6 +219,7 @@ impl Ingest {
         let mut report = IngestReport::default();
         let mut progress = Progress::new();
         let mut committed = TopicPartitionList::new();
+        let mut recommitted = Instant::now();
 
         loop {
             // Commit what finished, in order; wait for the oldest when full.
@@ -239,6 +244,10 @@ impl Ingest {
                 inflight.push_back(tokio::spawn(persist(shared.clone(), batch)));
             }
             progress.tick(&report, &self.consuming.health().borrow(), &self.consumer);
+            if recommitted.elapsed() >= RECOMMIT_EVERY {
+                self.recommit(&committed);
+                recommitted = Instant::now();
+            }
         }
 
         info!(
@@ -304,6 +313,35 @@ impl Ingest {
             }
         }
         batch
+    }
+
+    /// Commits again the durable offsets of the partitions this process
+    /// still holds. A lost asynchronous commit would otherwise leave the
+    /// group behind what is written, with no new traffic to move it, which
+    /// the lag watch would call a stall. Partitions a rebalance took away
+    /// are left to their new owner.
+    fn recommit(&self, committed: &TopicPartitionList) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let mut held = TopicPartitionList::new();
+        for element in committed.elements() {
+            if assignment
+                .find_partition(element.topic(), element.partition())
+                .is_some()
+            {
+                let _ = held.add_partition_offset(
+                    element.topic(),
+                    element.partition(),
+                    element.offset(),
+                );
+            }
+        }
+        if held.count() > 0 {
+            if let Err(error) = self.consumer.commit(&held, CommitMode::Async) {
+                debug!(%error, "offset re-commit failed; tried again later");
+            }
+        }
     }
 
     fn commit(
