@@ -87,3 +87,32 @@ pub fn check_library(path: &Path) -> Result<()> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_says_where_it_was_looked_for_and_how_to_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("libonnxruntime.so.1.31.1");
+        let error = check_library(&missing).unwrap_err();
+        assert!(
+            matches!(error, EncoderError::RuntimeMissing { .. }),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains(&missing.display().to_string()),
+            "{message}"
+        );
+        assert!(message.contains("kalonctl tools install"), "{message}");
+        assert!(message.contains("ORT_DYLIB_PATH"), "{message}");
+        // a folder is not a library either
+        let error = check_library(dir.path()).unwrap_err();
+        assert!(
+            matches!(error, EncoderError::RuntimeLoad { .. }),
+            "{error:?}"
+        );
+    }
+}
