@@ -278,13 +278,6 @@ async fn lag_of(env: &TestEnv, group: &str, topics: Vec<String>) -> Lag {
         .expect("measure the lag")
 }
 
-fn event_topics(env: &TestEnv) -> Vec<String> {
-    EventKind::ALL
-        .iter()
-        .map(|k| env.kafka.topic(k.topic()))
-        .collect()
-}
-
 /// A producer's stream with crashes: valid events, exact redeliveries of
 /// some of them and malformed payloads, with the ingest process killed
 /// (SIGKILL) and restarted after each quarter. Every valid event lands once,
@@ -330,7 +323,7 @@ async fn crash_campaign(membership: Membership, seed: u64) {
     let group = env.ingest_config().group_id;
     let started = std::time::Instant::now();
     loop {
-        let lag = lag_of(&env, &group, event_topics(&env)).await;
+        let lag = lag_of(&env, &group, env.kafka.event_topics()).await;
         if lag.messages == 0 {
             break;
         }

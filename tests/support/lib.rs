@@ -237,11 +237,7 @@ pub fn read_topic(
 /// Messages `group` has committed over all of Kalon's event topics: the
 /// sum of committed offsets (partitions start at offset 0).
 pub fn committed_messages(kafka: &KafkaSettings, group: &str) -> i64 {
-    let topics = kalon_events::EventKind::ALL
-        .iter()
-        .map(|k| kafka.topic(k.topic()))
-        .collect();
-    kalon_kafka::consumer::GroupLag::new(kafka, group, topics)
+    kalon_kafka::consumer::GroupLag::new(kafka, group, kafka.event_topics())
         .expect("lag probe")
         .measure()
         .expect("OffsetFetch")

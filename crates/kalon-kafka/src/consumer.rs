@@ -13,8 +13,8 @@
 //! partition's high watermark, whatever this process holds, so a consumer
 //! holding no partitions while data waits reports that data as lag
 //! (librdkafka's statistics only cover the partitions it holds).
-//! [`watch_lag`] measures it periodically and says when the group has made
-//! no progress for too long while data waits: a readiness failure.
+//! [`watch_lag`] measures it periodically and says when a partition with
+//! data waiting has not moved for too long: a readiness failure.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

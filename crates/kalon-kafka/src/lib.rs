@@ -85,6 +85,15 @@ impl KafkaSettings {
     pub fn topic(&self, name: &str) -> String {
         format!("{}{name}", self.topic_prefix)
     }
+
+    /// The topics of the search events (impressions, clicks, ratings), with
+    /// the prefix: what ingest consumes.
+    pub fn event_topics(&self) -> Vec<String> {
+        kalon_events::EventKind::ALL
+            .iter()
+            .map(|k| self.topic(k.topic()))
+            .collect()
+    }
 }
 
 /// Creates every topic of [`TOPICS`] (with the prefix) that does not exist.

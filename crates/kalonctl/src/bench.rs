@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use kalon_events::EventKind;
 use kalon_ingest::{Ingest, IngestConfig};
 use kalon_kafka::KafkaSettings;
 use kalon_stack::{tools, Broker, Storage};
@@ -204,10 +203,7 @@ async fn ingest(
         sqlx::query("CREATE TABLE baseline_events (payload jsonb NOT NULL)")
             .execute(&pool)
             .await?;
-        let topics: Vec<String> = EventKind::ALL
-            .iter()
-            .map(|k| kafka.topic(k.topic()))
-            .collect();
+        let topics = kafka.event_topics();
         let script = repo_file("scripts/bench/baseline_consumer.py");
         let pipeline = format!(
             "set -o pipefail; '{}' '{}' '{}' 'baseline-{tag}' {count} {} | psql -X -q -v ON_ERROR_STOP=1 '{}' -c '\\copy baseline_events(payload) FROM STDIN'",

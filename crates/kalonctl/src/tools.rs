@@ -7,14 +7,12 @@ use std::path::PathBuf;
 
 use kalon_encoder::runtime::{library_override, library_path, ORT_VERSION};
 
-/// ONNX Runtime's library, fetched into the cache when missing. With
+/// ONNX Runtime's library, fetched into the cache when missing (nothing
+/// is done when it is there). With
 /// `ORT_DYLIB_PATH` set, that file must exist: nothing is fetched over it.
 pub fn ensure_onnxruntime() -> anyhow::Result<PathBuf> {
     let path = library_path();
-    if path.is_file() {
-        return Ok(path);
-    }
-    if library_override().is_some() {
+    if library_override().is_some() && !path.is_file() {
         anyhow::bail!(
             "ORT_DYLIB_PATH points at {}, which does not exist; unset it to use Kalon's own copy",
             path.display()

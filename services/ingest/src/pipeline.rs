@@ -147,10 +147,7 @@ impl Ingest {
             .set("fetch.wait.max.ms", "100")
             .create()
             .context("failed to create the Kafka consumer")?;
-        let topics: Vec<String> = EventKind::ALL
-            .iter()
-            .map(|k| kafka.topic(k.topic()))
-            .collect();
+        let topics = kafka.event_topics();
         let (consumer, consuming) = Consuming::start(
             consumer,
             &kafka,
