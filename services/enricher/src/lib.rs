@@ -224,7 +224,9 @@ impl Shared {
         mut stopped: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let mut backoff = Duration::from_millis(100);
-        let mut recommit = tokio::time::interval(RECOMMIT_EVERY);
+        // the first re-commit after a full period: at the start nothing is read
+        let mut recommit =
+            tokio::time::interval_at(tokio::time::Instant::now() + RECOMMIT_EVERY, RECOMMIT_EVERY);
         recommit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
@@ -235,8 +237,16 @@ impl Shared {
                     // safe to commit again. A lost asynchronous commit would
                     // otherwise leave the group behind with no new traffic to
                     // move it, which the lag watch would call a stall.
-                    if let Ok(list) = consumer.position() {
-                        let _ = consumer.commit(&list, CommitMode::Async);
+                    if let Ok(position) = consumer.position() {
+                        let mut read = TopicPartitionList::new();
+                        for p in position.elements() {
+                            if let Offset::Offset(n) = p.offset() {
+                                read.add_partition_offset(p.topic(), p.partition(), Offset::Offset(n))?;
+                            }
+                        }
+                        if read.count() > 0 {
+                            let _ = consumer.commit(&read, CommitMode::Async);
+                        }
                     }
                     continue;
                 }
