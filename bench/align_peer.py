@@ -1,4 +1,4 @@
-"""The peer of `kalonctl bench align`: Kalon's adapter, loss and optimiser
+"""The peer of `kalon-bench align`: Kalon's adapter, loss and optimiser
 in JAX (on its default backend: the CPU, or a GPU where JAX has one), on
 data of the same sizes.
 

@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-# the world's oracle (crates/kalon-world/src/oracle.rs), reimplemented
+# the world's oracle (sim/world/src/oracle.rs), reimplemented
 TASTE = {"plain": 0.45, "minimal": 0.7, "vintage": 0.6, "neon": 0.35, "pastel": 0.6, "moody": 0.5}
 STYLES = list(TASTE)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The trainer's figures on an NVIDIA GPU, in one run: `kalonctl bench align`
+# The trainer's figures on an NVIDIA GPU, in one run: `kalon-bench align`
 # on the machine's CPU and on its GPU, each beside the JAX peer on the same
 # device; then, per world seed, `kalonctl eval align` end to end with the
 # whole image tower and a beauty head trained on the GPU (a fresh world,
@@ -8,7 +8,8 @@
 #
 #   bench/gpu_check.sh KALONCTL OUT_DIR
 #
-# KALONCTL is a `cuda` build (scripts/build-cuda.sh). Needs ORT_DYLIB_PATH
+# KALONCTL is a `cuda` build (scripts/build-cuda.sh); the benchmark binary is
+# BENCH (default: kalon-bench-cuda beside KALONCTL). Needs ORT_DYLIB_PATH
 # (ONNX Runtime's CPU library: the evaluation encodes on the CPU), a CUDA 13
 # driver, and the CUDA 13 libraries: CUDA_LIBS, else PyTorch's cu130 wheels
 # found through python3. A Python with JAX runs the peer (PEER_PYTHON,
@@ -18,6 +19,7 @@
 # goes to stdout.
 set -uo pipefail
 bin="$1"
+bench="${BENCH:-$(dirname "$bin")/kalon-bench-cuda}"
 out="$2"
 mkdir -p "$out"
 if [ -z "${CUDA_LIBS:-}" ]; then
@@ -38,11 +40,11 @@ if ldd "$bin" | grep "not found"; then
 fi
 
 echo "== bench align on this machine's CPU (Kalon and the JAX peer)"
-KALON_TRAIN_DEVICE=cpu JAX_PLATFORMS=cpu timeout 120 "$bin" bench align --steps 200 \
+KALON_TRAIN_DEVICE=cpu JAX_PLATFORMS=cpu timeout 120 "$bench" align --steps 200 \
   --peer-python "${PEER_PYTHON:-python3}" 2>&1
 export KALON_TRAIN_DEVICE=cuda
 echo "== bench align on the GPU (Kalon on CUDA, the JAX peer on its default backend)"
-timeout 120 "$bin" bench align --steps 1000 --peer-python "${PEER_PYTHON:-python3}" 2>&1
+timeout 120 "$bench" align --steps 1000 --peer-python "${PEER_PYTHON:-python3}" 2>&1
 
 state="${STATE:-$(mktemp -d)}"
 for seed in ${SEEDS:-5}; do

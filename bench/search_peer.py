@@ -1,4 +1,4 @@
-"""The peer of `kalonctl bench search`: faiss-cpu HNSW on the same embeddings.
+"""The peer of `kalon-bench search`: faiss-cpu HNSW on the same embeddings.
 
 Reads the catalog's unit embeddings and the query embeddings Kalon wrote
 (little-endian f32, row-major), takes the exact top-k from IndexFlatIP as

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Builds kalonctl with the `cuda` feature (candle's CUDA kernels) on a machine
+# Builds kalonctl and kalon-bench with the `cuda` feature (candle's CUDA kernels) on a machine
 # that has no CUDA toolkit and no GPU: CUDA's compiler, headers and libraries
 # come from PyPI's NVIDIA wheels into a cache folder, once; the binary links
 # against a stub libcuda.so.1 (the real one comes with the GPU driver where
-# the binary runs) and is copied to $KALON_CACHE_DIR/kalonctl-cuda.
+# the binary runs) and both are copied to $KALON_CACHE_DIR/kalonctl-cuda and
+# $KALON_CACHE_DIR/kalon-bench-cuda.
 #
 #   CUDA_COMPUTE_CAP  the GPU's compute capability for the PTX (default 90:
 #                     H100 / H200; 80: A100; 89: L4 / RTX 40xx)
@@ -46,6 +47,7 @@ fi
 
 export CUDA_HOME="$home" PATH="$home/bin:$PATH" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 target="${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target}"
-cargo build --release --locked -p kalonctl --features cuda
+cargo build --release --locked -p kalonctl -p kalon-bench --features kalonctl/cuda,kalon-bench/cuda
 cp "$target/release/kalonctl" "$cache/kalonctl-cuda"
-echo "built $cache/kalonctl-cuda (PTX for compute capability $CUDA_COMPUTE_CAP)" >&2
+cp "$target/release/kalon-bench" "$cache/kalon-bench-cuda"
+echo "built $cache/kalonctl-cuda and $cache/kalon-bench-cuda (PTX for compute capability $CUDA_COMPUTE_CAP)" >&2

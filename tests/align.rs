@@ -7,16 +7,19 @@ use candle_core::Device;
 use candle_nn::{VarBuilder, VarMap};
 use kalon_align::adapter::AdapterKind;
 use kalon_align::algorithm::{product_order_count, DpoSpec};
-use kalon_align::rephrase::{PromptVariant, WorldRephraser};
-use kalon_align::world::{self, AlignConfig, Embedded};
+use kalon_align::dataset::{self, Embedded};
+use kalon_align::rephrase::PromptVariant;
+use kalon_align::train::{self, AlignConfig};
+use kalon_align::{dpo, eval};
 use kalon_align::{
     AestheticScorer, Candidate, ImageSource, LmmScorer, LowLevelScorer, ModelScorer,
 };
 use kalon_encoder::{Encoder, EncoderOptions, WordTokenizer};
 use kalon_llm::blocking::Blocking;
-use kalon_llm::sim::{SimConfig, SimServer};
 use kalon_llm::{Judge, LlmClient, LlmConfig};
 use kalon_model::{ModelConfig, TwoTower};
+use kalon_sim_llm::WorldRephraser;
+use kalon_sim_llm::{SimConfig, SimServer};
 use rand::{Rng, SeedableRng};
 
 /// The exported aligned tower computes `adapter(tower(x))` in ONNX Runtime
@@ -122,10 +125,10 @@ fn the_lmm_teacher_sees_what_people_see_and_orders_dpo_rows() {
         ImageSource::Files(world_dir.path().to_owned()),
         blocking,
     );
-    let items = world::read_hpir(world_dir.path()).unwrap();
+    let items = dataset::read_hpir(world_dir.path()).unwrap();
     assert!(items.len() >= 100, "{} items", items.len());
-    let lmm_agreement = world::scorer_agreement(&items, &data, &lmm).unwrap();
-    let low_level = world::scorer_agreement(&items, &data, &LowLevelScorer::default()).unwrap();
+    let lmm_agreement = eval::scorer_agreement(&items, &data, &lmm).unwrap();
+    let low_level = eval::scorer_agreement(&items, &data, &LowLevelScorer::default()).unwrap();
     // the simulated judge perceives the people's own aesthetic with a
     // little noise; the low-level statistics see only part of it (about
     // chance on full worlds): a wide margin on a small world's items
@@ -135,14 +138,14 @@ fn the_lmm_teacher_sees_what_people_see_and_orders_dpo_rows() {
     );
     assert!(lmm_agreement.hpir_aesthetic > 0.75, "{lmm_agreement:?}");
 
-    let queries: Vec<String> = world::train_queries(world_dir.path()).unwrap()[..5].to_vec();
+    let queries: Vec<String> = dataset::train_queries(world_dir.path()).unwrap()[..5].to_vec();
     let spec = DpoSpec {
         k: 24,
         u: 3,
         v: 4,
         stride: 2,
     };
-    let (pairs, _) = world::build_dpo(
+    let (pairs, _) = dpo::build_dpo(
         &data,
         &encoder,
         &queries,
@@ -163,14 +166,14 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     let (world_dir, model_dir, encoder, data) = small_world_and_model();
     assert_eq!(data.train, 360, "every tenth pair held out");
 
-    let queries: Vec<String> = world::train_queries(world_dir.path()).unwrap()[..20].to_vec();
+    let queries: Vec<String> = dataset::train_queries(world_dir.path()).unwrap()[..20].to_vec();
     let spec = DpoSpec {
         k: 24,
         u: 3,
         v: 4,
         stride: 2,
     };
-    let (pairs, query_embeds) = world::build_dpo(
+    let (pairs, query_embeds) = dpo::build_dpo(
         &data,
         &encoder,
         &queries,
@@ -206,7 +209,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     unknown.loser = "img-not-here".into();
     feedback.push(unknown);
     let (mut with_feedback, mut feedback_queries) = (pairs.clone(), query_embeds.clone());
-    let skipped = world::add_pairs(
+    let skipped = dpo::add_pairs(
         &data,
         &encoder,
         &feedback,
@@ -222,7 +225,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     assert_eq!((added.winner, added.loser), (2, 3), "rank 3 over rank 4");
     let mut bad = feedback[0].clone();
     bad.weight = f64::NAN;
-    let error = world::add_pairs(
+    let error = dpo::add_pairs(
         &data,
         &encoder,
         &[bad],
@@ -250,7 +253,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     };
     let mut steps = Vec::new();
     let set = data.training_set(&query_embeds, &pairs);
-    let adapter = world::train_adapter(&Device::Cpu, &set, &config, |s| steps.push(s)).unwrap();
+    let adapter = train::train_adapter(&Device::Cpu, &set, &config, |s| steps.push(s)).unwrap();
     assert_eq!(steps.len(), 60);
     let mut saved: Vec<String> = std::fs::read_dir(checkpoints.path())
         .unwrap()
@@ -266,7 +269,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     );
     // resuming from the step-50 checkpoint runs the last 10 steps
     let mut resumed = Vec::new();
-    world::train_adapter(
+    train::train_adapter(
         &Device::Cpu,
         &set,
         &AlignConfig {
@@ -291,7 +294,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
         .unwrap();
     let foreign = checkpoints.path().join("checkpoint-000010.safetensors");
     other.save(&foreign).unwrap();
-    let error = world::train_adapter(
+    let error = train::train_adapter(
         &Device::Cpu,
         &set,
         &AlignConfig {
@@ -308,7 +311,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
         "{error}"
     );
     // a NaN learning rate poisons the first step: a clear error, no model
-    let error = world::train_adapter(
+    let error = train::train_adapter(
         &Device::Cpu,
         &set,
         &AlignConfig {
@@ -327,7 +330,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
     );
     // same seed, same run: training is deterministic
     let mut again = Vec::new();
-    let twin = world::train_adapter(
+    let twin = train::train_adapter(
         &Device::Cpu,
         &set,
         &AlignConfig {
@@ -367,7 +370,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
         ..config
     };
     let mut tower_steps = Vec::new();
-    let tower = world::train_tower(
+    let tower = train::train_tower(
         &Device::Cpu,
         &data,
         &set,
@@ -413,7 +416,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
         ..tower_config.clone()
     };
     let mut beauty_steps = Vec::new();
-    let head = world::train_adapter(
+    let head = train::train_adapter(
         &Device::Cpu,
         &set,
         &AlignConfig {
@@ -437,7 +440,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
         "the beauty head's DPO objective falls: ln 2 -> {tail}"
     );
     let tower =
-        world::train_tower(&Device::Cpu, &data, &set, model_dir.path(), &beauty, |_| {}).unwrap();
+        train::train_tower(&Device::Cpu, &data, &set, model_dir.path(), &beauty, |_| {}).unwrap();
     let trained_head = tower.head.as_ref().expect("a head on the tower");
     assert!(
         trained_head
@@ -522,15 +525,15 @@ fn a_users_aesthetic_model_scores_through_onnx_runtime() {
     );
 }
 
-/// `kalonctl bench align` names the device it trained on, refuses a CUDA
+/// `kalon-bench align` names the device it trained on, refuses a CUDA
 /// device in a build without CUDA, and says when its peer cannot run.
 #[test]
 fn bench_align_reports_its_device_and_says_what_it_cannot_run() {
     use std::process::Command;
-    let kalonctl = kalon_tests::workspace_binary("kalonctl");
+    let kalon_bench = kalon_tests::workspace_binary("kalon-bench");
     let bench = |device: &str, extra: &[&str]| {
-        let out = Command::new(&kalonctl)
-            .args(["bench", "align", "--steps", "5"])
+        let out = Command::new(&kalon_bench)
+            .args(["align", "--steps", "5"])
             .args(extra)
             .env("KALON_TRAIN_DEVICE", device)
             .output()

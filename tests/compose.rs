@@ -17,7 +17,7 @@ fn workspace_binaries() -> BTreeSet<String> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let mut bins = BTreeSet::new();
     for manifest in [
-        "crates/kalonctl/Cargo.toml",
+        "tools/kalonctl/Cargo.toml",
         "services/ingest/Cargo.toml",
         "services/enricher/Cargo.toml",
         "services/search/Cargo.toml",

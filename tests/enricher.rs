@@ -9,9 +9,9 @@ use kalon_enricher::{EnrichReport, Enricher, EnricherConfig};
 use kalon_events::generate::Generator;
 use kalon_events::Event;
 use kalon_kafka::consumer::Membership;
-use kalon_llm::rephrase::WorldRephraser;
-use kalon_llm::sim::{Fault, FaultControl, SimConfig, SimServer};
 use kalon_llm::{Aspect, ImageRef, Judge, LlmClient, LlmConfig, PromptVariant, Rephraser, Verdict};
+use kalon_sim_llm::WorldRephraser;
+use kalon_sim_llm::{Fault, FaultControl, SimConfig, SimServer};
 use kalon_tests::{read_topic, wait_health, TestEnv};
 
 async fn start_sim(config: SimConfig, addr: &str) -> SimServer {
@@ -297,7 +297,7 @@ async fn a_dead_endpoint_loses_nothing_and_a_restart_asks_nothing_twice() {
     let sim = start_sim(quiet_sim(), &addr).await;
     sim.control(FaultControl {
         script: vec![],
-        rates: Some(kalon_llm::sim::FaultRates {
+        rates: Some(kalon_sim_llm::FaultRates {
             server_error: 1.0,
             ..Default::default()
         }),

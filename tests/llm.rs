@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 use kalon_llm::ask::AskError;
 use kalon_llm::judge::Row;
 use kalon_llm::protocol::Message;
-use kalon_llm::rephrase::{ask_rephrasing, HttpRephraser, WorldRephraser};
-use kalon_llm::sim::{Fault, FaultControl, SimConfig, SimServer};
+use kalon_llm::rephrase::{ask_rephrasing, HttpRephraser};
 use kalon_llm::{
     Aspect, ImageRef, Judge, LlmClient, LlmConfig, LlmError, PromptVariant, Rephraser, Verdict,
 };
+use kalon_sim_llm::WorldRephraser;
+use kalon_sim_llm::{Fault, FaultControl, SimConfig, SimServer};
 use kalon_world::{Catalog, Oracle, QuerySet};
 
 async fn start(config: SimConfig) -> SimServer {

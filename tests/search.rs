@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use kalon_search::store;
+use kalon_registry::store;
 use kalon_search::{router, Search, SearchResponse};
 use kalon_tests::search::{self as fixture, SearchWorld};
 use kalon_tests::TestEnv;
@@ -94,7 +94,7 @@ async fn an_adapter_version_reuses_the_parents_embeddings_and_matches_its_own_to
     assert_eq!(version.images_indexed, 300);
 
     // bad input: a bad version name, a missing encoder, an unindexed deploy
-    let job = |version, dir| kalon_search::indexer::IndexJob {
+    let job = |version, dir| kalon_registry::indexer::IndexJob {
         version,
         encoder_dir: dir,
         images: std::path::Path::new("/nonexistent"),
@@ -103,7 +103,7 @@ async fn an_adapter_version_reuses_the_parents_embeddings_and_matches_its_own_to
         batch: 8,
         options: Box::leak(Box::default()),
     };
-    let error = kalon_search::indexer::index_version(
+    let error = kalon_registry::indexer::index_version(
         &env.pool,
         job("no spaces allowed", world.parent.path()),
         |_, _| {},
@@ -114,7 +114,7 @@ async fn an_adapter_version_reuses_the_parents_embeddings_and_matches_its_own_to
         error.to_string().contains("must be 1-64 characters"),
         "{error}"
     );
-    let error = kalon_search::indexer::index_version(
+    let error = kalon_registry::indexer::index_version(
         &env.pool,
         job("v2", std::path::Path::new("/nonexistent/encoder")),
         |_, _| {},
@@ -524,7 +524,7 @@ async fn a_deployment_event_hot_swaps_the_version_under_load_without_a_failed_re
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
     // the swap: "main" moves to ref-b, announced on model.deployment.v1
-    kalon_search::deploy(&env.pool, &env.kafka, "ref-b", "main", 1.0)
+    kalon_registry::deploy::deploy(&env.pool, &env.kafka, "ref-b", "main", 1.0)
         .await
         .unwrap();
     let start = Instant::now();

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use kalon_ingest::Ingest;
-use kalon_search::store;
+use kalon_registry::store;
 use kalon_tests::otlp::{collector, hex};
 use kalon_tests::search as fixture;
 use kalon_tests::TestEnv;

@@ -322,7 +322,7 @@ pub mod search {
     use candle_nn::{VarBuilder, VarMap};
     use kalon_encoder::{EncoderOptions, WordTokenizer};
     use kalon_model::{ModelConfig, TwoTower};
-    use kalon_search::indexer::{self, IndexJob, Indexed};
+    use kalon_registry::indexer::{self, IndexJob, Indexed};
     use kalon_search::{Search, SearchConfig};
     use rand::{Rng, SeedableRng};
 

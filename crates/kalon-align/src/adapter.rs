@@ -12,7 +12,6 @@
 //!   `t . v' ~ t . v + (t . m) b(x)`: one beauty term, shared by every
 //!   query whose embedding leans on `m`, instead of a per-query change.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::Context;
@@ -231,8 +230,12 @@ impl Adapter {
         for file in [&manifest.text.file, &manifest.text.vocab] {
             std::fs::copy(parent.join(file), out.join(file))?;
         }
-        let matrix = HashMap::from([(MATRIX_VAR.to_owned(), self.weight()?)]);
-        candle_core::safetensors::save(&matrix, out.join("adapter.safetensors"))?;
+        let a: Vec<f32> = self.weight()?.flatten_all()?.to_vec1()?;
+        kalon_encoder::adapter::write(
+            &out.join(kalon_encoder::adapter::ADAPTER_FILE),
+            self.dim,
+            &a,
+        )?;
         manifest.name = format!("{}-aligned", manifest.name);
         manifest.notes = notes;
         manifest.save(out)?;

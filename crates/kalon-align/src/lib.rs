@@ -9,11 +9,15 @@
 
 pub mod adapter;
 pub mod algorithm;
+pub mod dataset;
+pub mod dpo;
+pub mod eval;
 pub mod feedback;
 pub mod lmm;
 pub mod pairs;
+pub mod pipeline;
 pub mod scorer;
-pub mod world;
+pub mod train;
 
 /// Query rephrasing lives with the LLM client; re-exported where D_po uses it.
 pub use kalon_llm::rephrase;

@@ -10,9 +10,11 @@
 //! - [`preprocess`]: PNG/JPEG decoding, resize and crop, normalisation.
 //! - [`tokenizer`]: the reference model's word tokenizer.
 //! - [`encoder`]: batched inference, sync and off the async runtime.
+//! - [`adapter`]: the alignment adapter's file format.
 
 pub use image;
 
+pub mod adapter;
 pub mod contract;
 pub mod encoder;
 pub mod head;

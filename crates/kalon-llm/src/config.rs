@@ -70,7 +70,7 @@ impl LlmConfig {
         let base_url = get("KALON_LLM_BASE_URL").ok_or_else(|| {
             anyhow::anyhow!(
                 "KALON_LLM_BASE_URL is not set: give the OpenAI-compatible endpoint up to /v1 \
-                 (e.g. https://api.openai.com/v1, or http://127.0.0.1:8090/v1 for `kalonctl sim serve-llm`)"
+                 (e.g. https://api.openai.com/v1, or http://127.0.0.1:8090/v1 for `kalon-sim-llm`)"
             )
         })?;
         let model = get("KALON_LLM_MODEL").unwrap_or_else(|| "gpt-4o-mini".to_owned());

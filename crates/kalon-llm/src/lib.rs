@@ -1,6 +1,6 @@
 //! Kalon's large-model side, over any OpenAI-compatible chat-completions
 //! endpoint (OpenAI, Azure, vLLM, Ollama, llama.cpp server, or the simulated
-//! world's own `kalonctl sim serve-llm`).
+//! world's own `kalon-sim-llm`, under `sim/`).
 //!
 //! - [`client`]: the HTTP client with concurrency limit, token-bucket rate
 //!   limit, retries with backoff and jitter, circuit breaker, token budget.
@@ -9,8 +9,6 @@
 //! - [`rephrase`]: query rephrasing behind one trait, with the paper's
 //!   prompt variants (world and HTTP implementations).
 //! - [`judge`]: the LMM judge, order-consistent comparisons and scores.
-//! - [`sim`]: the simulated world's endpoint, with noise, position bias,
-//!   latency and fault injection.
 
 pub mod ask;
 pub mod blocking;
@@ -21,7 +19,6 @@ pub mod limits;
 pub mod prompts;
 pub mod protocol;
 pub mod rephrase;
-pub mod sim;
 
 pub use client::{Completion, LlmClient, LlmError};
 pub use config::LlmConfig;

@@ -25,7 +25,7 @@ struct Cli {
 }
 
 // Ingest allocates and frees many small strings per event; mimalloc handles
-// that pattern markedly faster than glibc malloc (see `kalonctl bench ingest`).
+// that pattern markedly faster than glibc malloc (see `kalon-bench ingest`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

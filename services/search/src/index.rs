@@ -4,7 +4,7 @@
 //! corpora are searched exactly (a scan of n x d floats is faster than a
 //! graph walk below a few thousand rows and is always right); larger ones go
 //! through HNSW (`usearch`, chosen against `hnsw_rs`, `instant-distance` and
-//! faiss in `kalonctl bench search`). The graph keeps its copy of the rows
+//! faiss in `kalon-bench search`). The graph keeps its copy of the rows
 //! in int8 (a quarter of the memory traffic per distance); a search asks it
 //! for `OVERFETCH` times the rows wanted and re-scores them exactly from the
 //! float rows, so the order and the scores are the same whichever path found

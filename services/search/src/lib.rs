@@ -3,16 +3,18 @@
 //! an in-memory index built from Postgres, splits traffic between versions
 //! by a stable hash of the session (canary), swaps versions on deployment
 //! events without a restart, and logs every answer as an impression.
+//!
+//! Search only reads the registry (`kalon-registry`: versions, embeddings,
+//! deployments); writing it (indexing, deploying) is the registry's and its
+//! callers' (kalonctl, the coming canary controller).
 
 pub mod api;
 pub mod config;
-pub mod deploy;
 pub mod events;
 pub mod index;
-pub mod indexer;
 pub mod openapi;
+pub mod reload;
 pub mod routing;
-pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +24,7 @@ use kalon_kafka::KafkaSettings;
 
 pub use api::{router, AppState, Limits, SearchRequest, SearchResponse};
 pub use config::SearchConfig;
-pub use deploy::{deploy, DeploymentChanged, Reloader};
+pub use reload::Reloader;
 pub use routing::{Live, Routing};
 
 /// A built search service: state loaded, deployment watcher positioned.

@@ -13,7 +13,7 @@ use kalon_encoder::{EncoderOptions, Manifest, TextEncoder};
 use sqlx::PgPool;
 
 use crate::index::{IndexParams, VectorIndex};
-use crate::store::{self, Deployment};
+use kalon_registry::store::{self, Deployment};
 
 /// One model version loaded for serving: its text tower and the index of
 /// the catalog's image embeddings under that version.

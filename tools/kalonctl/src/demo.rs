@@ -11,7 +11,7 @@ use clap::Args;
 use kalon_ingest::{Ingest, IngestConfig};
 
 use crate::events::{self, count_landed};
-use crate::{tools, Cli};
+use crate::{tools, Globals};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -33,7 +33,7 @@ pub struct DemoArgs {
     pub align: crate::align::AlignArgs,
 }
 
-pub async fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
+pub async fn run(cli: &Globals, args: &DemoArgs) -> anyhow::Result<()> {
     tools::announce_first_run(!args.no_align && !cli.state_dir.join("models").is_dir());
     if !args.no_align {
         // before anything long: the alignment part runs the models in it

@@ -1,5 +1,5 @@
-//! The simulated world's OpenAI-compatible endpoint (`kalonctl sim
-//! serve-llm`).
+//! The simulated world's OpenAI-compatible endpoint (the `kalon-sim-llm`
+//! program, also `kalonctl sim serve-llm`).
 //!
 //! It plays the LLM and the LMM from what the world knows: rephrasings come
 //! from [`WorldRephraser`] with noise; comparisons and scores come from the
@@ -34,8 +34,13 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{ChatRequest, Content, ErrorBody, ErrorDetail, Part, Role};
-use crate::rephrase::{PromptVariant, Rephraser, WorldRephraser};
+use kalon_llm::protocol::{ChatRequest, Content, ErrorBody, ErrorDetail, Part, Role};
+use kalon_llm::rephrase::{PromptVariant, Rephraser};
+
+pub mod cli;
+mod rephraser;
+
+pub use rephraser::WorldRephraser;
 
 /// Faults injected at random, each with its probability per request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

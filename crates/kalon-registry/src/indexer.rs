@@ -3,7 +3,7 @@
 //!
 //! An aligned version that differs from its parent only by an alignment
 //! adapter (an encoder directory with `adapter.safetensors`, made by
-//! `kalonctl train align`) does not run the image tower again: its tower is
+//! `kalonctl train align`; `kalon_encoder::adapter`) does not run the image tower again: its tower is
 //! the parent's with `v' = normalise(v + v A^T)` appended, and that is
 //! scale-invariant in `v`, so the parent's stored (unit) embeddings are the
 //! backbone features and the adapter is one d x d product per image.
@@ -18,9 +18,6 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::store;
-
-/// File name of the adapter weights next to an aligned encoder's manifest.
-pub const ADAPTER_FILE: &str = "adapter.safetensors";
 
 /// What indexing did.
 #[derive(Debug, Clone, Serialize)]
@@ -53,55 +50,6 @@ pub fn catalog_files(folder: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
         bail!("no <image id>.png files in {}", folder.display());
     }
     Ok(files)
-}
-
-/// The adapter matrix `A` (`d x d`, row-major) of an aligned encoder.
-pub fn read_adapter(path: &Path) -> anyhow::Result<(usize, Vec<f32>)> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot read adapter {}", path.display()))?;
-    let bad = |why: &str| anyhow::anyhow!("{} is not an adapter file: {why}", path.display());
-    let header_len = bytes
-        .get(..8)
-        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-        .ok_or_else(|| bad("shorter than a safetensors header"))?;
-    let header: serde_json::Value = bytes
-        .get(8..8 + header_len)
-        .and_then(|h| serde_json::from_slice(h).ok())
-        .ok_or_else(|| bad("unreadable safetensors header"))?;
-    let tensor = &header["adapter.weight"];
-    if tensor["dtype"] != "F32" {
-        return Err(bad("adapter.weight is missing or not F32"));
-    }
-    let shape: Vec<usize> = serde_json::from_value(tensor["shape"].clone())
-        .map_err(|_| bad("adapter.weight has no shape"))?;
-    let offsets: [usize; 2] = serde_json::from_value(tensor["data_offsets"].clone())
-        .map_err(|_| bad("adapter.weight has no data offsets"))?;
-    let [d, d2] = shape[..] else {
-        return Err(bad("adapter.weight is not a matrix"));
-    };
-    let data = bytes
-        .get(8 + header_len + offsets[0]..8 + header_len + offsets[1])
-        .filter(|data| d == d2 && data.len() == d * d * 4)
-        .ok_or_else(|| bad("adapter.weight is not square or its data is cut short"))?;
-    let values = data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok((d, values))
-}
-
-/// `normalise(v + v A^T)` for each unit row of `rows`.
-pub fn apply_adapter(rows: &[f32], a: &[f32], dim: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows.len()];
-    for (v, y) in rows.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        for (i, yi) in y.iter_mut().enumerate() {
-            let a_row = &a[i * dim..(i + 1) * dim];
-            *yi = v[i] + a_row.iter().zip(v).map(|(x, w)| x * w).sum::<f32>();
-        }
-        let norm = y.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        y.iter_mut().for_each(|x| *x /= norm);
-    }
-    out
 }
 
 /// Where an aligned encoder's parent is: the directory its manifest notes.
@@ -148,7 +96,7 @@ pub async fn index_version(
     let files = catalog_files(job.images)?;
 
     // the parent whose embeddings an adapter-only version can reuse
-    let adapter_path = dir.join(ADAPTER_FILE);
+    let adapter_path = dir.join(kalon_encoder::adapter::ADAPTER_FILE);
     let parent = match job.parent {
         Some(name) => Some(
             store::version(pool, name)
@@ -181,7 +129,7 @@ pub async fn index_version(
     .await?;
 
     let method = if let Some(parent) = &reuse {
-        let (adim, a) = read_adapter(&adapter_path)?;
+        let (adim, a) = kalon_encoder::adapter::read(&adapter_path)?;
         if adim != dim {
             bail!(
                 "the adapter in {} is {adim}-d, the encoder {dim}-d",
@@ -197,7 +145,7 @@ pub async fn index_version(
             .zip(stored.data.chunks(chunk * dim))
             .enumerate()
         {
-            let adapted = apply_adapter(rows, &a, dim);
+            let adapted = kalon_encoder::adapter::apply(rows, &a, dim);
             store::store_embeddings(pool, job.version, ids, &adapted, dim).await?;
             progress((start * chunk + ids.len()).min(total), total);
         }
@@ -235,21 +183,4 @@ pub async fn index_version(
     };
     store::finish_index(pool, job.version, &serde_json::to_value(&outcome)?).await?;
     Ok(outcome)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_adapter_is_v_plus_v_a_transposed_normalised() {
-        // A = [[0, 1], [0, 0]]: v A^T = (v1, 0); v = (0.6, 0.8) -> (1.4, 0.8)
-        let a = [0.0, 1.0, 0.0, 0.0];
-        let out = apply_adapter(&[0.6, 0.8], &a, 2);
-        let norm = (1.4f32 * 1.4 + 0.8 * 0.8).sqrt();
-        assert!((out[0] - 1.4 / norm).abs() < 1e-6);
-        assert!((out[1] - 0.8 / norm).abs() < 1e-6);
-        // A = 0 is the identity
-        assert_eq!(apply_adapter(&[0.6, 0.8], &[0.0; 4], 2), vec![0.6, 0.8]);
-    }
 }

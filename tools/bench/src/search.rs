@@ -1,4 +1,4 @@
-//! `kalonctl bench search`: the search service under HTTP load over a large
+//! `kalon-bench search`: the search service under HTTP load over a large
 //! corpus of the simulated world, and its vector index against faiss.
 //!
 //! 1. A world of `--images` images (built once, cached under the state dir)
@@ -27,11 +27,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use kalon_encoder::{EncoderOptions, Manifest, TextEncoder};
+use kalon_registry::indexer::{self, IndexJob};
+use kalon_registry::store;
 use kalon_search::index::{recall, IndexParams, VectorIndex, OVERFETCH};
-use kalon_search::indexer::{self, IndexJob};
-use kalon_search::{store, Search, SearchConfig};
+use kalon_search::{Search, SearchConfig};
 
-use crate::Cli;
+use kalonctl::Globals;
 
 const OHA_VERSION: &str = "1.16.0";
 
@@ -289,12 +290,12 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * scale).round() / scale
 }
 
-pub async fn run(cli: &Cli, args: &SearchBenchArgs) -> anyhow::Result<()> {
+pub async fn run(cli: &Globals, args: &SearchBenchArgs) -> anyhow::Result<()> {
     if args.images == 0 || args.rps == 0 || args.seconds == 0 {
         bail!("--images, --rps and --seconds must be positive");
     }
     let oha = oha().await?;
-    let endpoints = crate::stack_up(
+    let endpoints = kalonctl::stack_up(
         cli.database_url.as_deref(),
         cli.brokers.as_deref(),
         &cli.state_dir,
@@ -311,15 +312,15 @@ pub async fn run(cli: &Cli, args: &SearchBenchArgs) -> anyhow::Result<()> {
     // the model (pretrained on a small world of the seed) and the corpus
     let (state_dir, seed, images) = (cli.state_dir.clone(), args.seed, args.images);
     let (model, world) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let prepared = crate::model::prepare(
+        let prepared = kalonctl::model::prepare(
             &state_dir,
             seed,
             3_000,
             None,
             false,
-            &crate::model::PretrainArgs::defaults(),
+            &kalonctl::model::PretrainArgs::defaults(),
         )?;
-        let world = crate::model::cached_world(&state_dir, seed, images)?;
+        let world = kalonctl::model::cached_world(&state_dir, seed, images)?;
         Ok((prepared.model, world))
     })
     .await??;
@@ -330,7 +331,7 @@ pub async fn run(cli: &Cli, args: &SearchBenchArgs) -> anyhow::Result<()> {
         v.images_indexed as usize == images && v.encoder_dir == model.display().to_string()
     });
     if !fresh {
-        let bar = crate::progress_bar(images as u64, "indexing");
+        let bar = kalonctl::progress_bar(images as u64, "indexing");
         let outcome = indexer::index_version(
             &pool,
             IndexJob {
@@ -463,12 +464,11 @@ pub async fn run(cli: &Cli, args: &SearchBenchArgs) -> anyhow::Result<()> {
     let mut faiss_qps = f64::NAN;
     if !args.no_baseline {
         let python =
-            crate::bench::bench_python("bench-faiss", "faiss", &["faiss-cpu==1.15.1", "numpy<3"])
-                .await?;
+            crate::bench_python("bench-faiss", "faiss", &["faiss-cpu==1.15.1", "numpy<3"]).await?;
         let dir = tempfile::tempdir()?;
         write_f32(&dir.path().join("base.f32"), &stored.data)?;
         write_f32(&dir.path().join("queries.f32"), &queries)?;
-        let script = crate::bench::repo_file("bench/search_peer.py");
+        let script = crate::repo_file("bench/search_peer.py");
         let out = tokio::process::Command::new(python)
             .arg(&script)
             .arg("--base")

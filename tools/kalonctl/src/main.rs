@@ -1,54 +1,17 @@
 //! `kalonctl`: everything an operator does by hand.
 
-mod align;
-mod bench;
-mod demo;
-mod events;
-mod llm;
-mod model;
-mod search;
-mod search_bench;
-mod sim;
-mod tools;
-
-use std::path::PathBuf;
-
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kalon_kafka::KafkaSettings;
-use kalon_stack::{StackState, DEFAULT_BROKERS, DEFAULT_DATABASE_URL};
+use kalon_stack::StackState;
+use kalonctl::{demo, events, model, search, sim, stack_up, tools, Globals};
 
 #[derive(Parser)]
 #[command(version, about = "Kalon's operator command line")]
 struct Cli {
-    /// Postgres URL [default: the stack's, else postgres://postgres@127.0.0.1:5432/kalon]
-    #[arg(long, global = true, env = "DATABASE_URL")]
-    database_url: Option<String>,
-    /// Kafka bootstrap servers [default: the stack's, else 127.0.0.1:9092]
-    #[arg(long, global = true, env = "KALON_KAFKA_BROKERS")]
-    brokers: Option<String>,
-    /// Prefix of every topic name.
-    #[arg(long, global = true, env = "KALON_TOPIC_PREFIX", default_value = "")]
-    topic_prefix: String,
-    /// Where the local stack keeps its state, data and logs.
-    #[arg(long, global = true, env = "KALON_STATE_DIR", default_value = ".kalon")]
-    state_dir: PathBuf,
+    #[command(flatten)]
+    globals: Globals,
     #[command(subcommand)]
     command: Command,
-}
-
-/// A progress bar on stderr in Kalon's one style.
-pub(crate) fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>10} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_message(what.to_owned());
-    bar
 }
 
 #[derive(Subcommand)]
@@ -101,11 +64,6 @@ enum Command {
     SearchBootstrap(search::BootstrapArgs),
     /// Route a share of search traffic to an indexed model version (or take it out).
     Deploy(search::DeployArgs),
-    /// Benchmarks that print figures.
-    Bench {
-        #[command(subcommand)]
-        which: bench::Bench,
-    },
 }
 
 #[derive(Subcommand)]
@@ -135,90 +93,13 @@ enum TopicsAction {
     List,
 }
 
-/// Addresses resolved from flags/environment, then the stack's state, then defaults.
-pub struct Endpoints {
-    pub database_url: String,
-    pub kafka: KafkaSettings,
-}
-
-impl Cli {
-    fn endpoints(&self) -> Endpoints {
-        let state = StackState::load(&self.state_dir);
-        let database_url = self
-            .database_url
-            .clone()
-            .or_else(|| state.as_ref().map(|s| s.database_url.clone()))
-            .unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
-        let brokers = self
-            .brokers
-            .clone()
-            .or_else(|| state.as_ref().map(|s| s.brokers.clone()))
-            .unwrap_or_else(|| DEFAULT_BROKERS.into());
-        Endpoints {
-            database_url,
-            kafka: KafkaSettings::new(brokers, &self.topic_prefix),
-        }
-    }
-}
-
-/// `stack up` and the preparation every job needs: migrations and topics.
-pub async fn stack_up(
-    cli_db: Option<&str>,
-    cli_brokers: Option<&str>,
-    state_dir: &std::path::Path,
-    prefix: &str,
-) -> anyhow::Result<Endpoints> {
-    let state = kalon_stack::stack::up(state_dir, cli_db, cli_brokers).await?;
-    let endpoints = Endpoints {
-        database_url: state.database_url.clone(),
-        kafka: KafkaSettings::new(&state.brokers, prefix),
-    };
-    migrate(&endpoints.database_url).await?;
-    let created = kalon_kafka::create_topics(&endpoints.kafka).await?;
-    if !created.is_empty() {
-        eprintln!("kafka: created topics {}", created.join(", "));
-    }
-    Ok(endpoints)
-}
-
-async fn migrate(url: &str) -> anyhow::Result<()> {
-    kalon_db::create_database(url).await?;
-    let pool = kalon_db::connect(url, 2).await?;
-    kalon_db::migrate(&pool)
-        .await
-        .context("failed to migrate")?;
-    pool.close().await;
-    Ok(())
-}
-
 // Ingest allocates and frees many small strings per event; mimalloc handles
-// that pattern markedly faster than glibc malloc (see `kalonctl bench ingest`).
+// that pattern markedly faster than glibc malloc (see `kalon-bench ingest`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `kalonctl ... | head` closes stdout early, and `println!` then panics
-/// ("failed printing to stdout: Broken pipe"). Exit quietly with the status
-/// of a program stopped by SIGPIPE (141) instead; every other panic is
-/// reported as before. (Restoring SIGPIPE itself would also stop the
-/// services, and the processes the stack starts, on a closed socket.)
-fn quiet_when_stdout_closes() {
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let message = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or_default();
-        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
-            std::process::exit(141);
-        }
-        report(info);
-    }));
-}
-
 fn main() -> anyhow::Result<()> {
-    quiet_when_stdout_closes();
+    kalonctl::quiet_when_stdout_closes();
     let cli = Cli::parse();
     // before the runtime starts any thread
     kalon_model::train::pin_cpu_threads();
@@ -230,20 +111,20 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (command, cli) = (cli.command, cli.globals);
     let _telemetry = kalon_telemetry::init("kalonctl")?;
     if matches!(
-        cli.command,
+        command,
         Command::Train { .. }
             | Command::Encoder { .. }
             | Command::Eval { .. }
             | Command::Index(_)
             | Command::SearchBootstrap(_)
-            | Command::Bench { .. }
     ) {
         // these run models in ONNX Runtime: fetch it now if this machine lacks it
         tokio::task::spawn_blocking(tools::ensure_onnxruntime).await??;
     }
-    match &cli.command {
+    match &command {
         Command::Stack { action } => match action {
             StackAction::Up => {
                 let endpoints = stack_up(
@@ -279,7 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => tokio::task::spawn_blocking(tools::install).await??,
         Command::Migrate => {
             let e = cli.endpoints();
-            migrate(&e.database_url).await?;
+            kalonctl::migrate(&e.database_url).await?;
             eprintln!(
                 "migrations applied to {}",
                 kalon_db::redact(&e.database_url)
@@ -305,7 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(&cli, args).await?,
         Command::Sim {
             action: sim::Sim::ServeLlm(args),
-        } => llm::serve(args).await?,
+        } => kalon_sim_llm::cli::serve(args).await?,
         Command::Sim { action } => {
             // image generation is CPU work: off the async runtime
             let action = action.clone();
@@ -328,7 +209,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Deploy(args) => search::deploy(&cli.endpoints(), args).await?,
         Command::SearchBootstrap(args) => search::bootstrap(&cli.endpoints(), args).await?,
-        Command::Bench { which } => bench::run(&cli, which).await?,
     }
     Ok(())
 }

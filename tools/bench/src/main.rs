@@ -1,4 +1,7 @@
-//! `kalonctl bench ...`: commands that print figures.
+//! `kalon-bench`: Kalon's benchmarks, commands that print figures (last
+//! line JSON), each measured beside its peer in the same run. Kept out of
+//! kalonctl and the production image: they pip-install JAX and faiss and link
+//! two extra HNSW libraries.
 //!
 //! `bench ingest` pre-produces events into a private in-memory tansu broker
 //! (so it measures Kalon, not the broker's storage), drains them into a fresh
@@ -16,13 +19,29 @@ use kalon_ingest::{Ingest, IngestConfig};
 use kalon_kafka::KafkaSettings;
 use kalon_stack::{tools, Broker, Storage};
 
-use crate::events;
-use crate::Cli;
+use clap::Parser;
+use kalonctl::{events, Globals};
+
+mod encoder;
+mod judge;
+mod search;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Kalon's benchmarks: figures beside their peers, last line JSON"
+)]
+struct Cli {
+    #[command(flatten)]
+    globals: Globals,
+    #[command(subcommand)]
+    which: Bench,
+}
 
 #[derive(Subcommand)]
 pub enum Bench {
     /// LMM judge calls/s and client overhead against the simulated endpoint, and the judge's agreement with people (single call vs order-consistent).
-    Judge(crate::llm::JudgeBenchArgs),
+    Judge(crate::judge::JudgeBenchArgs),
     /// Kafka -> Postgres drain rate of ingest against a plain consumer piped into psql.
     Ingest {
         /// Events to pre-produce and drain.
@@ -50,7 +69,7 @@ pub enum Bench {
         peer_python: Option<std::path::PathBuf>,
     },
     /// The search service under HTTP load (oha) over a large corpus, and its HNSW index against faiss-cpu (and instant-distance) at the same recall.
-    Search(crate::search_bench::SearchBenchArgs),
+    Search(crate::search::SearchBenchArgs),
     /// Encoder throughput on ONNX Runtime (images/s, texts/s) at batch 1 and 32, on a world's held-out pairs.
     Encoder {
         /// World (and pretrained model) seed, built when missing.
@@ -67,9 +86,9 @@ pub enum Bench {
     },
 }
 
-pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
+async fn run(cli: &Globals, bench: &Bench) -> anyhow::Result<()> {
     match bench {
-        Bench::Judge(args) => crate::llm::bench_judge(args).await,
+        Bench::Judge(args) => crate::judge::bench_judge(args).await,
         Bench::Ingest {
             events,
             no_baseline,
@@ -88,7 +107,7 @@ pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
             };
             align(*steps, peer).await
         }
-        Bench::Search(args) => crate::search_bench::run(cli, args).await,
+        Bench::Search(args) => crate::search::run(cli, args).await,
         Bench::Encoder {
             seed,
             images,
@@ -98,7 +117,7 @@ pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
             let (state_dir, model, seed, images, count) =
                 (cli.state_dir.clone(), model.clone(), *seed, *images, *count);
             tokio::task::spawn_blocking(move || {
-                crate::model::bench_encoder(&state_dir, seed, images, model.as_deref(), count)
+                crate::encoder::bench_encoder(&state_dir, seed, images, model.as_deref(), count)
             })
             .await?
         }
@@ -106,14 +125,14 @@ pub async fn run(cli: &Cli, bench: &Bench) -> anyhow::Result<()> {
 }
 
 async fn ingest(
-    cli: &Cli,
+    cli: &Globals,
     count: u64,
     baseline: bool,
     writers: usize,
     batch_max: usize,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(count > 0, "--events must be positive");
-    let endpoints = crate::stack_up(
+    let endpoints = kalonctl::stack_up(
         cli.database_url.as_deref(),
         cli.brokers.as_deref(),
         &cli.state_dir,
@@ -139,7 +158,7 @@ async fn ingest(
     kalon_kafka::create_topics(&kafka).await?;
     let database_url =
         kalon_db::with_database(&endpoints.database_url, &format!("kalon_bench_{tag}"));
-    crate::migrate(&database_url).await?;
+    kalonctl::migrate(&database_url).await?;
     let pool = kalon_db::connect(&database_url, 2).await?;
 
     eprintln!(
@@ -334,7 +353,8 @@ enum AlignPeer<'a> {
 /// 600 queries, 28,800 pairs); Kalon's trainer (after 3 untimed steps),
 /// then the JAX peer on data of the same sizes, same batch sizes and steps.
 async fn align(steps: usize, peer: AlignPeer<'_>) -> anyhow::Result<()> {
-    use kalon_align::world::{train_adapter, AlignConfig, IndexedPair, TrainingSet};
+    use kalon_align::dpo::IndexedPair;
+    use kalon_align::train::{train_adapter, AlignConfig, TrainingSet};
     use kalon_encoder::Embeddings;
     use rand::{Rng, SeedableRng};
     const IMAGES: usize = 10_000;
@@ -431,4 +451,27 @@ async fn align(steps: usize, peer: AlignPeer<'_>) -> anyhow::Result<()> {
     }
     println!("{figures}");
     Ok(())
+}
+
+// as kalonctl: ingest's many small allocations run markedly faster on mimalloc
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
+    kalonctl::quiet_when_stdout_closes();
+    let cli = Cli::parse();
+    // before the runtime starts any thread
+    kalon_model::train::pin_cpu_threads();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(async {
+            let _telemetry = kalon_telemetry::init("kalon-bench")?;
+            if !matches!(cli.which, Bench::Ingest { .. } | Bench::Judge(_)) {
+                // these run models in ONNX Runtime: fetch it now if this machine lacks it
+                tokio::task::spawn_blocking(kalonctl::tools::ensure_onnxruntime).await??;
+            }
+            run(&cli.globals, &cli.which).await
+        })
 }

@@ -21,7 +21,7 @@ pub enum Sim {
         out: PathBuf,
     },
     /// Serve the world's OpenAI-compatible LLM/LMM endpoint (rephrasing, judging) with noise, position bias, latency and faults.
-    ServeLlm(crate::llm::ServeArgs),
+    ServeLlm(kalon_sim_llm::cli::ServeArgs),
 }
 
 pub fn run(sim: &Sim) -> anyhow::Result<()> {

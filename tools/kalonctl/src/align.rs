@@ -1,21 +1,22 @@
 //! `kalonctl train align` and `kalonctl eval align`: Ranked DPO alignment.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
 use kalon_align::adapter::AdapterKind;
-use kalon_align::rephrase::{PromptVariant, WorldRephraser};
-use kalon_align::world::{self, AlignConfig, Embedded};
+use kalon_align::dataset::{self, Embedded};
+use kalon_align::eval;
+use kalon_align::pipeline::{self, checkpointed, parent_config, Progress};
+use kalon_align::rephrase::PromptVariant;
+use kalon_align::train::AlignConfig;
 use kalon_align::{AestheticScorer, ImageSource, LmmScorer, LowLevelScorer, ModelScorer};
 use kalon_encoder::{Embeddings, Encoder, EncoderOptions};
 use kalon_llm::blocking::Blocking;
-use kalon_llm::sim::{SimConfig, SimServer};
 use kalon_llm::{Judge, LlmClient, LlmConfig};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use kalon_sim_llm::WorldRephraser;
+use kalon_sim_llm::{SimConfig, SimServer};
 
 use crate::model::{pooling_tag, prepare, PretrainArgs};
 
@@ -79,7 +80,7 @@ pub struct AlignArgs {
     pub teacher: TeacherKind,
     /// The LMM teacher's OpenAI-compatible endpoint (the other KALON_LLM_*
     /// settings apply). Without it the world's simulated endpoint
-    /// (`kalonctl sim serve-llm`) runs in-process.
+    /// (`kalon-sim-llm`) runs in-process.
     #[arg(long, env = "KALON_LLM_BASE_URL")]
     pub llm_base_url: Option<String>,
     /// Where the LMM can fetch the world's images (BASE/<id>.png); without
@@ -192,13 +193,9 @@ impl AlignArgs {
     }
 }
 
-/// Builds D_po on `world` with the encoder in `model`, trains the adapter
-/// and writes the aligned encoder to `out`; returns the embedded world.
-enum Trained {
-    Adapter(kalon_align::adapter::Adapter),
-    Tower(Box<world::TrainedTower>),
-}
-
+/// Builds D_po on `world` with the encoder in `model` (the world's
+/// rephraser), trains and writes the aligned encoder to `out`, with a
+/// progress bar; returns the embedded world.
 pub fn align(
     world: &Path,
     model: &Path,
@@ -207,132 +204,35 @@ pub fn align(
     tower: bool,
     teacher: &dyn AestheticScorer,
 ) -> anyhow::Result<Embedded> {
-    let started = Instant::now();
-    let encoder = Encoder::load(model, &EncoderOptions::from_env()?)?;
-    let data = Embedded::load(world, &encoder)?;
-    let mut queries = world::train_queries(world)?;
-    queries.shuffle(&mut rand::rngs::StdRng::seed_from_u64(config.seed));
-    queries.truncate(config.queries);
-    let (mut pairs, mut query_embeds) = world::build_dpo(
-        &data,
-        &encoder,
-        &queries,
-        &WorldRephraser { seed: config.seed },
-        config.variant,
+    let job = pipeline::AlignJob {
+        dataset: world,
+        parent: model,
+        out,
+        config,
+        tower,
         teacher,
-        &config.spec,
-    )?;
-    eprintln!(
-        "D_po: {} pairs from {} training queries ({:?} rephrasing, rows ordered by the {} teacher)",
-        pairs.len(),
-        queries.len(),
-        config.variant,
-        teacher.name()
-    );
-    if let Some(path) = &config.pairs_file {
-        let extra = world::read_pairs(path)?;
-        let skipped = world::add_pairs(&data, &encoder, &extra, &mut pairs, &mut query_embeds)?;
-        eprintln!(
-            "feedback: {} pairs from {} added ({skipped} skipped: an image is not a training image of this world)",
-            extra.len() - skipped,
-            path.display()
-        );
-    }
-    if config.adapter == AdapterKind::Beauty {
-        // the beauty term reaches query q with weight t(q) . m
-        if let Some(m) = kalon_align::adapter::mean_direction(&query_embeds.data, query_embeds.dim)
-        {
-            let reach: Vec<f32> = query_embeds
-                .data
-                .chunks_exact(query_embeds.dim)
-                .map(|t| t.iter().zip(&m).map(|(a, b)| a * b).sum())
-                .collect();
-            let min = reach.iter().copied().fold(f32::INFINITY, f32::min);
-            let mean = reach.iter().sum::<f32>() / reach.len() as f32;
-            eprintln!(
-                "beauty head: t(q) . m over the training queries: mean {mean:.3}, min {min:.3} ({} of {} positive)",
-                reach.iter().filter(|r| **r > 0.0).count(),
-                reach.len()
-            );
-        }
-    }
-    std::fs::create_dir_all(out)?;
-    let log_path = out.join("align-log.jsonl");
-    let mut log = std::io::BufWriter::new(
-        std::fs::File::create(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?,
-    );
-    let bar = crate::progress_bar(config.steps as u64, "align");
-    let mut last = None;
-    let set = data.training_set(&query_embeds, &pairs);
-    let on_step = |step: world::AlignStep| {
-        bar.set_position(step.step as u64);
-        bar.set_message(format!("loss {:.3}", step.loss));
-        // one line per step, flushed, so `tail -f` follows the run
-        let _ = serde_json::to_writer(&mut log, &step);
-        let _ = log.write_all(b"\n").and_then(|()| log.flush());
-        last = Some(step);
+        rephraser: &WorldRephraser { seed: config.seed },
     };
-    let config = &checkpointed(config, out);
-    let device = kalon_model::train::training_device()?;
-    let training = Instant::now();
-    let trained = if tower {
-        Trained::Tower(Box::new(world::train_tower(
-            &device, &data, &set, model, config, on_step,
-        )?))
-    } else {
-        Trained::Adapter(world::train_adapter(&device, &set, config, on_step)?)
-    };
-    let train_seconds = training.elapsed().as_secs_f64();
-    bar.finish();
-    log.flush()?;
-    let seconds = started.elapsed().as_secs_f64();
-    let notes = serde_json::json!({
-        "parent_config": parent_config(&encoder.manifest),
-        "trainer": if tower { "kalonctl train align --tower (Ranked DPO, whole image tower)" } else { "kalonctl train align (Ranked DPO adapter)" },
-        "parent": model.display().to_string(),
-        "world": world.display().to_string(),
-        "pairs": pairs.len(),
-        "config": config,
-        "last_step": last,
-        "seconds": (seconds * 10.0).round() / 10.0,
-        "pairs_per_s": ((config.steps * config.pair_batch) as f64 / train_seconds).round(),
-    });
-    let serde_json::Value::Object(notes) = notes else {
-        unreachable!("an object literal")
-    };
-    match trained {
-        Trained::Adapter(adapter) => {
-            adapter.export(model, out, notes)?;
+    let mut bar = None;
+    let aligned = pipeline::align(&job, &mut |progress| match progress {
+        Progress::Note(line) => eprintln!("{line}"),
+        Progress::Training { steps } => bar = Some(crate::progress_bar(steps as u64, "align")),
+        Progress::Step(step) => {
+            if let Some(bar) = &bar {
+                bar.set_position(step.step as u64);
+                bar.set_message(format!("loss {:.3}", step.loss));
+            }
         }
-        Trained::Tower(trained) => {
-            trained.export(out, notes)?;
-        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish();
     }
     eprintln!(
-        "aligned in {seconds:.1} s; encoder written to {}",
+        "aligned in {:.1} s; encoder written to {}",
+        aligned.seconds,
         out.display()
     );
-    Ok(data)
-}
-
-/// `config` as `align` runs it into `out`: checkpoints in OUT/checkpoints
-/// (what the aligned model's notes record).
-fn checkpointed(config: &AlignConfig, out: &Path) -> AlignConfig {
-    AlignConfig {
-        checkpoint_dir: Some(out.join("checkpoints")),
-        ..config.clone()
-    }
-}
-
-/// How an encoder was trained (its manifest's `config` note; null for an
-/// encoder Kalon did not train).
-fn parent_config(manifest: &kalon_encoder::Manifest) -> serde_json::Value {
-    manifest
-        .notes
-        .get("config")
-        .cloned()
-        .unwrap_or(serde_json::Value::Null)
+    Ok(aligned.data)
 }
 
 /// Evaluation of one encoder on the world's held-out data.
@@ -351,16 +251,16 @@ fn evaluate(
     encoder: &Encoder,
     images: &Embeddings,
     data: &Embedded,
-    items: &[world::HpirLine],
+    items: &[dataset::HpirLine],
     variant: PromptVariant,
-) -> anyhow::Result<world::Judgments> {
+) -> anyhow::Result<eval::Judgments> {
     let rephraser = WorldRephraser::default();
     let texts = items
         .iter()
         .map(|i| kalon_align::rephrase::Rephraser::rephrase(&rephraser, &i.query, variant))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let queries = encoder.text.embed_texts(&texts)?;
-    world::judgments(items, &queries, data, images)
+    eval::judgments(items, &queries, data, images)
 }
 
 /// `pretrain`: how the reference model is pretrained when the world has
@@ -418,7 +318,7 @@ pub fn eval_align(
         let encoder = Encoder::load(&prepared.model, &EncoderOptions::from_env()?)?;
         Embedded::load(&prepared.world, &encoder)?
     };
-    let items = world::read_hpir(&prepared.world)?;
+    let items = dataset::read_hpir(&prepared.world)?;
     let options = EncoderOptions::from_env()?;
     let pretrained = Encoder::load(&prepared.model, &options)?;
     let aligned = Encoder::load(&aligned_dir, &options)?;
@@ -448,7 +348,7 @@ pub fn eval_align(
         )?;
         let agreement = judgments.agreement();
         judged.push(judgments);
-        let recall = world::held_out_recall_at_10(&data, image_embeds);
+        let recall = eval::held_out_recall_at_10(&data, image_embeds);
         println!(
             "{name:<12} {:>14.3} {:>14.3} {recall:>12.3}",
             agreement.hpir_accuracy, agreement.hpir_aesthetic
@@ -463,7 +363,7 @@ pub fn eval_align(
         );
     }
     let change = judged[1].change_from(&judged[0]);
-    let points = |c: world::Change| {
+    let points = |c: eval::Change| {
         format!(
             "{:+.1} +- {:.1}",
             100.0 * c.change,
@@ -477,7 +377,7 @@ pub fn eval_align(
         points(change.hpir_aesthetic)
     );
     report.insert("change".into(), serde_json::to_value(change)?);
-    let agreement = world::scorer_agreement(&items, &data, teacher.as_ref())?;
+    let agreement = eval::scorer_agreement(&items, &data, teacher.as_ref())?;
     println!(
         "{:<12} {:>14.3} {:>14.3} {:>12}",
         "teacher", agreement.hpir_accuracy, agreement.hpir_aesthetic, "-"

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use kalon_encoder::EncoderOptions;
-use kalon_search::indexer::{self, IndexJob};
+use kalon_registry::indexer::{self, IndexJob};
 
 use crate::Endpoints;
 
@@ -104,11 +104,11 @@ pub async fn deploy(endpoints: &Endpoints, args: &DeployArgs) -> anyhow::Result<
     let pool = kalon_db::connect(&endpoints.database_url, 2).await?;
     kalon_db::check_schema(&pool).await?;
     if args.remove {
-        if !kalon_search::deploy::withdraw(&pool, &endpoints.kafka, &args.model_version).await? {
+        if !kalon_registry::deploy::withdraw(&pool, &endpoints.kafka, &args.model_version).await? {
             anyhow::bail!("{} is not deployed", args.model_version);
         }
     } else {
-        kalon_search::deploy(
+        kalon_registry::deploy::deploy(
             &pool,
             &endpoints.kafka,
             &args.model_version,
@@ -117,7 +117,7 @@ pub async fn deploy(endpoints: &Endpoints, args: &DeployArgs) -> anyhow::Result<
         )
         .await?;
     }
-    for d in kalon_search::store::deployments(&pool).await? {
+    for d in kalon_registry::store::deployments(&pool).await? {
         eprintln!(
             "{:<12} {:<24} weight {}",
             d.variant, d.model_version, d.weight
@@ -165,7 +165,7 @@ pub async fn bootstrap(endpoints: &Endpoints, args: &BootstrapArgs) -> anyhow::R
     .await??;
     let pool = kalon_db::connect(&endpoints.database_url, 2).await?;
     kalon_db::check_schema(&pool).await?;
-    let indexed = kalon_search::store::version(&pool, &args.model_version).await?;
+    let indexed = kalon_registry::store::version(&pool, &args.model_version).await?;
     if indexed.is_none_or(|v| v.images_indexed == 0) {
         index(
             endpoints,
@@ -180,9 +180,16 @@ pub async fn bootstrap(endpoints: &Endpoints, args: &BootstrapArgs) -> anyhow::R
         )
         .await?;
     }
-    let deployed = kalon_search::store::deployments(&pool).await?;
+    let deployed = kalon_registry::store::deployments(&pool).await?;
     if deployed.is_empty() {
-        kalon_search::deploy(&pool, &endpoints.kafka, &args.model_version, "control", 1.0).await?;
+        kalon_registry::deploy::deploy(
+            &pool,
+            &endpoints.kafka,
+            &args.model_version,
+            "control",
+            1.0,
+        )
+        .await?;
         eprintln!("deployed {} as control", args.model_version);
     } else {
         eprintln!("deployments already present; left as they are");

@@ -72,29 +72,7 @@ impl Oracle {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Choice {
-    A,
-    B,
-}
-
-/// A human choice with its confidence in (0.5, 1].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Label {
-    pub choice: Choice,
-    pub confidence: f64,
-}
-
-/// One HPIR-style item: a query, two rows of five images, and the people's
-/// choice on accuracy and on aesthetics.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HpirItem {
-    pub query: String,
-    pub row_a: Vec<String>,
-    pub row_b: Vec<String>,
-    pub accuracy: Label,
-    pub aesthetic: Label,
-}
+pub use kalon_dataset::{Choice, HpirItem, Label};
 
 fn mean(values: impl Iterator<Item = f64>) -> f64 {
     let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));

@@ -1,0 +1,16 @@
+//! Kalon's model registry, the one writer of what search serves.
+//!
+//! - [`store`]: model versions (`model_versions`), their image embeddings
+//!   (`image_embeddings`) and the deployments that route traffic
+//!   (`deployments`), as migrations/20261128000001_search.sql defines them.
+//! - [`indexer`]: a version's catalog embeddings into Postgres (an aligned
+//!   version reuses its parent's through the adapter).
+//! - [`deploy`]: a deployment written and announced on `model.deployment.v1`.
+//!
+//! Search only reads these tables; kalonctl (and the coming trainer and
+//! canary controller) write them through this crate, so deploying a model
+//! never needs the search service linked in.
+
+pub mod deploy;
+pub mod indexer;
+pub mod store;
