@@ -3,6 +3,9 @@
 //! carried in message headers.
 
 pub mod consumer;
+pub mod publish;
+
+pub use publish::Publisher;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -21,6 +24,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub enum Error {
     #[error("kafka client: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("publishing to {topic}: {source}")]
+    Publish { topic: String, source: KafkaError },
     #[error("{failed} message(s) not acknowledged by the broker, first: {first}")]
     Delivery { failed: u64, first: String },
     #[error("creating topic {topic}: {code}")]
