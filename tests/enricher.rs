@@ -108,8 +108,8 @@ async fn a_reader_holding_no_partitions_reports_the_impressions_waiting() {
     env.produce(&impressions(&refs)).await;
     // a group member that has subscribed but never polled holds nothing
     let mut config = enricher_config(&env, &[PromptVariant::Detail]);
-    config.membership = Membership::Group;
-    config.stall_after_s = 2;
+    config.consumer.membership = Membership::Group;
+    config.consumer.stall_after_s = 2;
     let enricher = Enricher::build(config, llm_config(&sim.base_url()))
         .await
         .unwrap();

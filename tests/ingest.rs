@@ -229,15 +229,15 @@ fn start_ingest_process(
     let child = command
         .args([
             "--database-url",
-            &config.database_url,
+            config.database.url.expose(),
             "--brokers",
-            &config.brokers,
+            &config.kafka.brokers,
         ])
         .args([
             "--topic-prefix",
-            &config.topic_prefix,
+            &config.kafka.topic_prefix,
             "--group",
-            &config.group_id,
+            &config.consumer.group_id,
         ])
         .args(["--batch-max", "500", "--max-backoff-ms", "500"])
         // tests run side by side: each its own health port
@@ -320,7 +320,7 @@ async fn crash_campaign(membership: Membership, seed: u64) {
     env.wait_for_rows(events.len() as i64, Duration::from_secs(120))
         .await;
     // the last process drains the topics: the group's lag reaches zero
-    let group = env.ingest_config().group_id;
+    let group = env.ingest_config().consumer.group_id;
     let started = std::time::Instant::now();
     loop {
         let lag = lag_of(&env, &group, env.kafka.event_topics()).await;
@@ -376,8 +376,8 @@ async fn a_consumer_holding_no_partitions_reports_the_true_lag_and_fails_readine
     // a group member that has subscribed but never polled holds nothing:
     // librdkafka's own statistics would call that no lag at all
     let mut config = env.ingest_config();
-    config.membership = kalon_kafka::consumer::Membership::Group;
-    config.stall_after_s = 2;
+    config.consumer.membership = kalon_kafka::consumer::Membership::Group;
+    config.consumer.stall_after_s = 2;
     let ingest = Ingest::build(config).await.unwrap();
     // what the binary serves on /readyz, served here
     let addr = kalon_telemetry::health::serve(
@@ -423,10 +423,10 @@ async fn the_binary_serves_readiness_with_the_groups_lag() {
     let config = env.ingest_config();
     let mut child = IngestProcess(
         Command::new(&binary)
-            .args(["--database-url", &config.database_url])
-            .args(["--brokers", &config.brokers])
-            .args(["--topic-prefix", &config.topic_prefix])
-            .args(["--group", &config.group_id])
+            .args(["--database-url", config.database.url.expose()])
+            .args(["--brokers", &config.kafka.brokers])
+            .args(["--topic-prefix", &config.kafka.topic_prefix])
+            .args(["--group", &config.consumer.group_id])
             .args(["--health-addr", &format!("127.0.0.1:{port}")])
             .env("RUST_LOG", "warn")
             .env_remove("KALON_INGEST_MEMBERSHIP")
@@ -567,7 +567,7 @@ async fn sigterm_finishes_the_batch_and_commits() {
     // tansu 0.6's rebalancing, which sometimes leaves partitions unassigned.)
     let committed = {
         let kafka = env.kafka.clone();
-        let group = env.ingest_config().group_id;
+        let group = env.ingest_config().consumer.group_id;
         tokio::task::spawn_blocking(move || kalon_tests::committed_messages(&kafka, &group))
             .await
             .unwrap()
@@ -580,7 +580,7 @@ async fn sigterm_finishes_the_batch_and_commits() {
     // A consumer that starts over (a new group) lands the rest; what the
     // first one wrote comes back only as duplicates.
     let mut config = env.ingest_config();
-    config.group_id = format!("{}successor", env.kafka.topic_prefix);
+    config.consumer.group_id = format!("{}successor", env.kafka.topic_prefix);
     let (stop, running) = spawn_ingest(Ingest::build(config).await.unwrap());
     env.wait_for_rows(events.len() as i64, Duration::from_secs(60))
         .await;

@@ -767,7 +767,7 @@ async fn without_a_broker_at_start_search_serves_from_postgres_and_counts_what_i
     let (env, world) = setup(200).await;
     let mut config = fixture::config(&env, &world);
     // nothing listens here
-    config.brokers = format!("127.0.0.1:{}", kalon_tests::free_port());
+    config.kafka.brokers = format!("127.0.0.1:{}", kalon_tests::free_port());
     config.kafka_timeout_ms = 1000;
     let running = fixture::serve(config).await;
     assert!(

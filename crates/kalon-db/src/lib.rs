@@ -153,15 +153,30 @@ pub async fn drop_database(url: &str) -> Result<()> {
     Ok(())
 }
 
-/// The URL with any password replaced, for messages and logs.
+/// The URL with any password replaced by `***`, for messages and logs: the
+/// one in the user part and a `password=` query parameter. A string that is
+/// not a URL with a host part (`scheme://...`) prints as `[unparsable URL]`:
+/// a password could be anywhere in it.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_owned(),
+    let mut parsed = match url::Url::parse(url) {
+        Ok(parsed) if !parsed.cannot_be_a_base() => parsed,
+        _ => return "[unparsable URL]".to_owned(),
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
     }
+    let secret = |key: &str| key.eq_ignore_ascii_case("password");
+    if parsed.query_pairs().any(|(key, _)| secret(&key)) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if secret(&key) { "***".into() } else { value };
+                (key.into_owned(), value.into_owned())
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 /// The same URL pointing at another database.
@@ -186,6 +201,13 @@ mod tests {
             "postgres://u:***@h:5432/db"
         );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact("postgres://u@h/db?sslmode=require&password=secret"),
+            "postgres://u@h/db?sslmode=require&password=***"
+        );
+        assert_eq!(redact("u:secret@h/db"), "[unparsable URL]");
+        assert_eq!(redact("not a url: secret"), "[unparsable URL]");
+        assert_eq!(redact("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
         assert_eq!(
             with_database("postgres://u@h:1/a?sslmode=disable", "b"),
             "postgres://u@h:1/b?sslmode=disable"

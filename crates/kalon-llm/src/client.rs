@@ -296,7 +296,7 @@ impl LlmClient {
             .header("content-type", "application/json")
             .body(body.to_vec());
         if let Some(key) = &inner.config.api_key {
-            request = request.bearer_auth(key);
+            request = request.bearer_auth(key.expose());
         }
         let started = Instant::now();
         let response = match request.send().await {

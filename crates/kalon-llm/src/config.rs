@@ -2,16 +2,18 @@
 
 use std::time::Duration;
 
+use kalon_service::Secret;
+
 /// Settings of an [`crate::LlmClient`]. [`LlmConfig::from_env`] reads them
 /// from `KALON_LLM_*` variables; every field has a default that suits a
-/// hosted endpoint.
+/// hosted endpoint. `Debug` prints the API key as `[redacted]`.
 #[derive(Debug, Clone)]
 pub struct LlmConfig {
     /// Base URL up to and including `/v1`, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
     pub model: String,
     /// Sent as `Authorization: Bearer ...` when set.
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret<String>>,
     /// Limit on one HTTP attempt, connection to last byte.
     pub timeout: Duration,
     /// Requests in flight at once.
@@ -75,7 +77,9 @@ impl LlmConfig {
         })?;
         let model = get("KALON_LLM_MODEL").unwrap_or_else(|| "gpt-4o-mini".to_owned());
         let mut config = LlmConfig::new(base_url, model);
-        config.api_key = get("KALON_LLM_API_KEY").or_else(|| get("OPENAI_API_KEY"));
+        config.api_key = get("KALON_LLM_API_KEY")
+            .or_else(|| get("OPENAI_API_KEY"))
+            .map(Secret::new);
         let number = |name: &str| -> anyhow::Result<Option<f64>> {
             get(name)
                 .map(|v| {
@@ -172,7 +176,10 @@ mod tests {
             config.completions_url(),
             "http://127.0.0.1:1/v1/chat/completions"
         );
-        assert_eq!(config.api_key.as_deref(), Some("sk-test"));
+        assert_eq!(config.api_key.as_ref().unwrap().expose(), "sk-test");
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("sk-test"), "{printed}");
+        assert!(printed.contains("api_key: Some([redacted])"), "{printed}");
         assert_eq!(config.rate_per_s, 2.5);
         assert_eq!(config.timeout, Duration::from_millis(1500));
         assert_eq!(config.concurrency, 16);

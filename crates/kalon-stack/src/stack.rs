@@ -8,8 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{tools, Broker, PgCluster, Storage};
 
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/kalon";
-pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
+pub use kalon_service::{DEFAULT_BROKERS, DEFAULT_DATABASE_URL};
 /// Port of the private cluster started when no Postgres answers.
 pub const PRIVATE_PG_PORT: u16 = 54329;
 

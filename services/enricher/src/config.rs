@@ -4,51 +4,29 @@
 use std::time::Duration;
 
 use clap::Args;
-use kalon_kafka::consumer::Membership;
-use kalon_kafka::KafkaSettings;
 use kalon_llm::PromptVariant;
+use kalon_service::{DatabaseArgs, KafkaArgs};
 
+kalon_service::consumer_args! {
+    /// How the impression reader takes its partitions (its own group: the
+    /// enricher never holds back ingest's) and reports readiness
+    /// (`--group`, ...; `KALON_ENRICHER_GROUP`, `KALON_ENRICHER_MEMBERSHIP`, ...).
+    pub struct EnricherConsumer {
+        env_prefix: "KALON_ENRICHER_",
+        group: "kalon-enricher",
+        health_addr: "127.0.0.1:9182",
+    }
+}
+
+/// `Debug` hides the database password.
 #[derive(Debug, Clone, Args)]
 pub struct EnricherConfig {
-    /// Postgres URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/kalon"
-    )]
-    pub database_url: String,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KALON_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub brokers: String,
-    /// Prefix of every topic name (empty in production).
-    #[arg(long, env = "KALON_TOPIC_PREFIX", default_value = "")]
-    pub topic_prefix: String,
-    /// Consumer group of the impression reader (its own: the enricher never
-    /// holds back ingest's group).
-    #[arg(
-        long = "group",
-        env = "KALON_ENRICHER_GROUP",
-        default_value = "kalon-enricher"
-    )]
-    pub group_id: String,
-    /// How the impression reader takes its partitions: `auto` (every
-    /// partition itself on tansu, the local stack's single-replica broker,
-    /// whose coordinator never hands a crashed member's partitions over;
-    /// the group everywhere else), `group` or `assign-all`.
-    #[arg(
-        long,
-        env = "KALON_ENRICHER_MEMBERSHIP",
-        value_enum,
-        default_value_t = Membership::Auto
-    )]
-    pub membership: Membership,
-    /// Shorthand for `--membership assign-all` (kept for existing setups).
-    #[arg(long, env = "KALON_ENRICHER_ASSIGN_ALL", conflicts_with = "membership")]
-    pub assign_all: bool,
-    /// Readiness fails when impressions wait and the group's committed
-    /// offsets have not moved for this many seconds.
-    #[arg(long, env = "KALON_ENRICHER_STALL_AFTER_S", default_value_t = 60)]
-    pub stall_after_s: u64,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub consumer: EnricherConsumer,
     /// Prompt variants to ask for, comma-separated.
     #[arg(
         long,
@@ -77,32 +55,10 @@ pub struct EnricherConfig {
 }
 
 impl EnricherConfig {
-    /// Defaults for a database, broker and topic prefix (tests, kalonctl).
+    /// Defaults for a database, broker and topic prefix, with the group
+    /// `<prefix>kalon-enricher` (tests, kalonctl; the environment is not read).
     pub fn new(database_url: &str, brokers: &str, topic_prefix: &str) -> Self {
-        EnricherConfig {
-            database_url: database_url.to_owned(),
-            brokers: brokers.to_owned(),
-            topic_prefix: topic_prefix.to_owned(),
-            group_id: format!("{topic_prefix}kalon-enricher"),
-            membership: Membership::Auto,
-            assign_all: false,
-            stall_after_s: 60,
-            variants: PromptVariant::ALL[1..].to_vec(),
-            ttl_s: 7 * 24 * 3600,
-            workers: 8,
-            lease_s: 300,
-            max_backoff_ms: 60_000,
-            poll_ms: 200,
-        }
-    }
-
-    pub fn kafka(&self) -> KafkaSettings {
-        KafkaSettings::new(&self.brokers, &self.topic_prefix)
-    }
-
-    /// The membership asked for (`--assign-all` included).
-    pub fn membership(&self) -> Membership {
-        self.membership.or_assign_all(self.assign_all)
+        kalon_service::defaults_at(database_url, brokers, topic_prefix)
     }
 
     pub fn ttl(&self) -> Duration {
@@ -113,8 +69,98 @@ impl EnricherConfig {
         anyhow::ensure!(!self.variants.is_empty(), "no prompt variants to ask for");
         anyhow::ensure!(self.workers >= 1, "workers must be at least 1");
         anyhow::ensure!(self.lease_s >= 1, "the lease must be at least 1 s");
-        anyhow::ensure!(self.stall_after_s >= 1, "stall_after_s must be at least 1");
-        anyhow::ensure!(!self.brokers.trim().is_empty(), "no Kafka brokers given");
-        Ok(())
+        self.consumer.validate()?;
+        self.kafka.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn flags_and_environment_names_are_todays() {
+        let flags = kalon_service::flags_and_env::<EnricherConfig>();
+        // after --database-url, --brokers and --topic-prefix (kalon_service's
+        // groups, tested there; `new` passes them)
+        assert_eq!(
+            flags[3..],
+            [
+                "--group KALON_ENRICHER_GROUP",
+                "--membership KALON_ENRICHER_MEMBERSHIP",
+                "--assign-all KALON_ENRICHER_ASSIGN_ALL",
+                "--stall-after-s KALON_ENRICHER_STALL_AFTER_S",
+                "--health-addr KALON_ENRICHER_HEALTH_ADDR",
+                "--variants KALON_ENRICH_VARIANTS",
+                "--ttl-s KALON_ENRICH_TTL_S",
+                "--workers KALON_ENRICH_WORKERS",
+                "--lease-s KALON_ENRICH_LEASE_S",
+                "--max-backoff-ms KALON_ENRICH_MAX_BACKOFF_MS",
+                "--poll-ms KALON_ENRICH_POLL_MS",
+            ]
+        );
+    }
+
+    #[test]
+    fn new_keeps_the_defaults_and_debug_hides_the_password() {
+        let config = EnricherConfig::new("postgres://kalon:hunter2@db/kalon", "k:9092", "t.");
+        assert_eq!(config.consumer.group_id, "t.kalon-enricher");
+        assert_eq!(config.consumer.health_addr.port(), 9182);
+        assert_eq!(config.variants, PromptVariant::ALL[1..]);
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(
+            printed.contains("postgres://kalon:***@db/kalon"),
+            "{printed}"
+        );
+        config.validate().unwrap();
+    }
+
+    /// What the process writes to its log.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_settings_main_logs_show_neither_the_password_nor_the_api_key() {
+        let config = EnricherConfig::new("postgres://kalon:hunter2@db/kalon", "k:9092", "");
+        let llm = kalon_llm::LlmConfig::from_lookup(|name| match name {
+            "KALON_LLM_BASE_URL" => Some("http://127.0.0.1:1/v1".into()),
+            "KALON_LLM_API_KEY" => Some("sk-never-logged".into()),
+            _ => None,
+        })
+        .unwrap();
+        // both of the formats kalon_telemetry writes (human, and json)
+        for json in [false, true] {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            let builder = tracing_subscriber::fmt().with_writer(move || writer.clone());
+            let log = || {
+                // as main.rs logs them
+                kalon_service::log_settings(&config);
+                kalon_service::log_settings(&llm);
+            };
+            if json {
+                tracing::subscriber::with_default(builder.json().finish(), log);
+            } else {
+                tracing::subscriber::with_default(builder.finish(), log);
+            }
+            let output = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+            assert!(output.contains("kalon:***@db"), "{output}");
+            assert!(output.contains("[redacted]"), "{output}");
+            assert!(!output.contains("hunter2"), "{output}");
+            assert!(!output.contains("sk-never-logged"), "{output}");
+        }
     }
 }

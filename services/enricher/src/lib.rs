@@ -130,14 +130,14 @@ impl Enricher {
     pub async fn build(config: EnricherConfig, llm: LlmConfig) -> anyhow::Result<Enricher> {
         config.validate()?;
         let llm = LlmClient::new(llm)?;
-        let pool = kalon_db::connect(&config.database_url, config.workers as u32 + 2).await?;
+        let pool = config.database.connect(config.workers as u32 + 2).await?;
         kalon_db::migrate(&pool)
             .await
             .context("failed to migrate")?;
-        let kafka = config.kafka();
+        let kafka = config.kafka.settings();
         let consumer: StreamConsumer = kafka
             .client_config("kalon-enricher")
-            .set("group.id", &config.group_id)
+            .set("group.id", &config.consumer.group_id)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
@@ -148,15 +148,15 @@ impl Enricher {
         let (consumer, consuming) = Consuming::start(
             consumer,
             &kafka,
-            &config.group_id,
+            &config.consumer.group_id,
             vec![topic.clone()],
-            config.membership(),
-            Duration::from_secs(config.stall_after_s),
+            config.consumer.membership(),
+            config.consumer.stall_after(),
         )
         .await
         .context("failed to take the impression partitions")?;
         let producer = producer(&kafka, "kalon-enricher")?;
-        info!(topic, group = %config.group_id, membership = %consuming.membership(), variants = ?config.variants, "enricher ready");
+        info!(topic, group = %config.consumer.group_id, membership = %consuming.membership(), variants = ?config.variants, "enricher ready");
         Ok(Enricher {
             shared: Arc::new(Shared {
                 config,

@@ -1,8 +1,6 @@
 //! `kalon-enricher`: the enricher's process. LLM settings come from
 //! `KALON_LLM_*` (at least `KALON_LLM_BASE_URL`).
 
-use std::net::SocketAddr;
-
 use clap::Parser;
 use kalon_enricher::{Enricher, EnricherConfig};
 use kalon_llm::LlmConfig;
@@ -15,14 +13,6 @@ use kalon_llm::LlmConfig;
 struct Cli {
     #[command(flatten)]
     config: EnricherConfig,
-    /// Where `/healthz` and `/readyz` are served (`/readyz` answers 503
-    /// while impressions wait and the group does not move); port 0 picks one.
-    #[arg(
-        long,
-        env = "KALON_ENRICHER_HEALTH_ADDR",
-        default_value = "127.0.0.1:9182"
-    )]
-    health_addr: SocketAddr,
 }
 
 #[tokio::main]
@@ -30,9 +20,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = kalon_telemetry::init("kalon-enricher")?;
     let llm = LlmConfig::from_env()?;
+    kalon_service::log_settings(&cli.config);
+    kalon_service::log_settings(&llm);
+    let health_addr = cli.config.consumer.health_addr;
     let enricher = Enricher::build(cli.config, llm).await?;
     let readiness = std::sync::Arc::new(enricher.consuming().readiness());
-    kalon_telemetry::health::serve(cli.health_addr, readiness).await?;
+    kalon_telemetry::health::serve(health_addr, readiness).await?;
     enricher.run(kalon_telemetry::shutdown_signal()).await?;
     Ok(())
 }

@@ -20,7 +20,7 @@ mod metrics;
 mod pipeline;
 mod store;
 
-pub use config::IngestConfig;
+pub use config::{IngestConfig, IngestConsumer};
 pub use dead_letter::{headers as dead_letter_headers, DeadLetter};
 pub use pipeline::{Ingest, IngestReport};
 pub use store::{is_transient, Rows, Written};

@@ -1,8 +1,6 @@
 //! `kalon-ingest`: the ingest service's process. Parses flags, starts
 //! telemetry and the health endpoints, runs until SIGTERM or Ctrl-C.
 
-use std::net::SocketAddr;
-
 use clap::Parser;
 use kalon_ingest::{Ingest, IngestConfig};
 
@@ -14,14 +12,6 @@ use kalon_ingest::{Ingest, IngestConfig};
 struct Cli {
     #[command(flatten)]
     config: IngestConfig,
-    /// Where `/healthz` and `/readyz` are served (`/readyz` answers 503
-    /// while events wait and the group does not move); port 0 picks one.
-    #[arg(
-        long,
-        env = "KALON_INGEST_HEALTH_ADDR",
-        default_value = "127.0.0.1:9181"
-    )]
-    health_addr: SocketAddr,
 }
 
 // Ingest allocates and frees many small strings per event; mimalloc handles
@@ -33,9 +23,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = kalon_telemetry::init("kalon-ingest")?;
+    kalon_service::log_settings(&cli.config);
+    let health_addr = cli.config.consumer.health_addr;
     let ingest = Ingest::build(cli.config).await?;
     let readiness = std::sync::Arc::new(ingest.consuming().readiness());
-    kalon_telemetry::health::serve(cli.health_addr, readiness).await?;
+    kalon_telemetry::health::serve(health_addr, readiness).await?;
     ingest.run(kalon_telemetry::shutdown_signal()).await?;
     Ok(())
 }

@@ -126,19 +126,19 @@ impl Ingest {
     /// partitions exist) and joins the consumer group.
     pub async fn build(config: IngestConfig) -> anyhow::Result<Self> {
         config.validate()?;
-        let pool = kalon_db::connect(&config.database_url, config.writers as u32 + 1).await?;
+        let pool = config.database.connect(config.writers as u32 + 1).await?;
         kalon_db::check_schema(&pool).await?;
         let created = kalon_db::ensure_partitions(&pool, 2).await?;
         if created > 0 {
             info!(created, "created monthly event partitions");
         }
-        let kafka = config.kafka();
+        let kafka = config.kafka.settings();
         let mut client = kafka.client_config("kalon-ingest");
         if let Some(instance) = &config.instance_id {
             client.set("group.instance.id", instance);
         }
         let consumer: StreamConsumer = client
-            .set("group.id", &config.group_id)
+            .set("group.id", &config.consumer.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
@@ -151,10 +151,10 @@ impl Ingest {
         let (consumer, consuming) = Consuming::start(
             consumer,
             &kafka,
-            &config.group_id,
+            &config.consumer.group_id,
             topics.clone(),
-            config.membership(),
-            Duration::from_secs(config.stall_after_s),
+            config.consumer.membership(),
+            config.consumer.stall_after(),
         )
         .await
         .context("failed to take the event partitions")?;
@@ -164,7 +164,7 @@ impl Ingest {
             .set("linger.ms", "5")
             .create()
             .context("failed to create the dead-letter producer")?;
-        info!(topics = ?topics, group = %config.group_id, membership = %consuming.membership(), "ingest consuming");
+        info!(topics = ?topics, group = %config.consumer.group_id, membership = %consuming.membership(), "ingest consuming");
         Ok(Ingest {
             config,
             consumer,
@@ -206,7 +206,7 @@ impl Ingest {
         let shared = Arc::new(Shared {
             pool: self.pool.clone(),
             producer: self.producer.clone(),
-            dead_letter_topic: self.config.kafka().topic(DEAD_LETTER_TOPIC),
+            dead_letter_topic: self.config.kafka.settings().topic(DEAD_LETTER_TOPIC),
             metrics: self.metrics.clone(),
             max_backoff: Duration::from_millis(self.config.max_backoff_ms),
             stop: stop_rx.clone(),
@@ -286,7 +286,7 @@ impl Ingest {
     async fn gather(&self, stop: &mut watch::Receiver<bool>) -> Batch {
         let mut batch = Batch::new();
         let mut deadline: Option<tokio::time::Instant> = None;
-        let prefix = &self.config.topic_prefix;
+        let prefix = &self.config.kafka.topic_prefix;
         while batch.len() < self.config.batch_max {
             let wait = async {
                 match deadline {

@@ -4,25 +4,18 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
+use kalon_service::{DatabaseArgs, KafkaArgs};
 
 use crate::api::Limits;
 use crate::index::IndexParams;
 
+/// `Debug` hides the database password.
 #[derive(Debug, Clone, Args)]
 pub struct SearchConfig {
-    /// Postgres URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/kalon"
-    )]
-    pub database_url: String,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KALON_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub brokers: String,
-    /// Prefix of every topic name (empty in production).
-    #[arg(long, env = "KALON_TOPIC_PREFIX", default_value = "")]
-    pub topic_prefix: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// Address to listen on.
     #[arg(long, env = "KALON_SEARCH_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -72,19 +65,10 @@ pub struct SearchConfig {
 }
 
 impl SearchConfig {
-    /// Defaults for a database, broker and topic prefix (tests, kalonctl).
+    /// Defaults for a database, broker and topic prefix (tests, kalonctl;
+    /// the environment is not read).
     pub fn new(database_url: &str, brokers: &str, topic_prefix: &str) -> Self {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            config: SearchConfig,
-        }
-        let mut config = Wrapper::parse_from(["kalon-search"]).config;
-        config.database_url = database_url.to_owned();
-        config.brokers = brokers.to_owned();
-        config.topic_prefix = topic_prefix.to_owned();
-        config
+        kalon_service::defaults_at(database_url, brokers, topic_prefix)
     }
 
     pub fn limits(&self) -> Limits {
@@ -103,5 +87,49 @@ impl SearchConfig {
             max_connections: self.hnsw_m,
             ef_construction: self.ef_construction,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_and_environment_names_are_todays() {
+        let flags = kalon_service::flags_and_env::<SearchConfig>();
+        // after --database-url, --brokers and --topic-prefix (kalon_service's
+        // groups, tested there; `new` passes them)
+        assert_eq!(
+            flags[3..],
+            [
+                "--listen KALON_SEARCH_LISTEN",
+                "--images KALON_SEARCH_IMAGES",
+                "--public-url KALON_SEARCH_PUBLIC_URL",
+                "--max-query-chars KALON_SEARCH_MAX_QUERY_CHARS",
+                "--max-k KALON_SEARCH_MAX_K",
+                "--max-body-bytes KALON_SEARCH_MAX_BODY_BYTES",
+                "--impression-buffer KALON_SEARCH_IMPRESSION_BUFFER",
+                "--kafka-timeout-ms KALON_SEARCH_KAFKA_TIMEOUT_MS",
+                "--reload-every-s KALON_SEARCH_RELOAD_S",
+                "--exact-below KALON_SEARCH_EXACT_BELOW",
+                "--ef-search KALON_SEARCH_EF",
+                "--hnsw-m KALON_SEARCH_HNSW_M",
+                "--ef-construction KALON_SEARCH_EF_CONSTRUCTION",
+            ]
+        );
+    }
+
+    #[test]
+    fn new_keeps_the_defaults_and_debug_hides_the_password() {
+        let config = SearchConfig::new("postgres://kalon:hunter2@db/kalon", "k:9092", "t.");
+        assert_eq!(config.kafka.settings().topic("x"), "t.x");
+        assert_eq!(config.listen.port(), 8080);
+        assert_eq!(config.index_params().ef_search, 256);
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(
+            printed.contains("postgres://kalon:***@db/kalon"),
+            "{printed}"
+        );
     }
 }

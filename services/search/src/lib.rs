@@ -42,9 +42,9 @@ impl Search {
     /// deployed version (so no change after this read is missed).
     pub async fn build(config: SearchConfig) -> anyhow::Result<Search> {
         kalon_telemetry::install_propagator();
-        let pool = kalon_db::connect(&config.database_url, 8).await?;
+        let pool = config.database.connect(8).await?;
         kalon_db::check_schema(&pool).await?;
-        let kafka = KafkaSettings::new(&config.brokers, &config.topic_prefix);
+        let kafka = config.kafka.settings();
         let events = events::Events::new(
             &kafka,
             config.impression_buffer,

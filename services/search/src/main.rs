@@ -21,6 +21,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = kalon_telemetry::init("kalon-search")?;
+    kalon_service::log_settings(&cli.config);
     let search = Search::build(cli.config).await?;
     search.run(kalon_telemetry::shutdown_signal()).await
 }

@@ -52,8 +52,8 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 1.0)]
     pub retry_after_s: f64,
     /// Require this bearer token.
-    #[arg(long, env = "KALON_SIM_API_KEY")]
-    pub api_key: Option<String>,
+    #[arg(long, env = "KALON_SIM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<kalon_service::Secret<String>>,
 }
 
 impl SimArgs {

@@ -95,7 +95,7 @@ pub struct SimConfig {
     pub world_dir: Option<PathBuf>,
     pub model: String,
     /// Required bearer token, if any.
-    pub api_key: Option<String>,
+    pub api_key: Option<kalon_service::Secret<String>>,
     /// Added to every answer.
     pub latency: Duration,
     /// Log-odds added to picking the row shown first.
@@ -603,7 +603,7 @@ async fn completions(
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
+        if given != Some(key.expose().as_str()) {
             lock(&shared.stats).rejected += 1;
             return error_response(
                 StatusCode::UNAUTHORIZED,

@@ -23,7 +23,7 @@ use kalon_stack::{StackState, DEFAULT_BROKERS, DEFAULT_DATABASE_URL};
 #[derive(Clone, Debug, Args)]
 pub struct Globals {
     /// Postgres URL [default: the stack's, else postgres://postgres@127.0.0.1:5432/kalon]
-    #[arg(long, global = true, env = "DATABASE_URL")]
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Kafka bootstrap servers [default: the stack's, else 127.0.0.1:9092]
     #[arg(long, global = true, env = "KALON_KAFKA_BROKERS")]
