@@ -59,13 +59,12 @@ impl Events {
     /// broker is away that many impressions wait (up to `timeout`) and
     /// further ones are dropped and counted, so search never waits on Kafka.
     pub fn new(kafka: &KafkaSettings, buffer: usize, timeout: Duration) -> anyhow::Result<Self> {
-        let producer: FutureProducer = kafka
-            .client_config("kalon-search")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("queue.buffering.max.messages", buffer.max(1).to_string())
-            .set("message.timeout.ms", timeout.as_millis().max(1).to_string())
-            .create()?;
+        let producer = kalon_kafka::Publisher::with_config(kafka, "kalon-search", timeout, |c| {
+            c.set("acks", "all")
+                .set("queue.buffering.max.messages", buffer.max(1).to_string());
+        })?
+        .producer()
+        .clone();
         let meter = kalon_telemetry::meter();
         Ok(Events {
             producer,
