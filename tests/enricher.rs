@@ -449,12 +449,12 @@ async fn judgments_are_stored_with_raw_responses_and_published() {
     };
     let (good, bad) = (row(true), row(false));
     let compared = recorder
-        .compare(&query.text, Aspect::Accuracy, &good, &bad)
+        .compare(&query.text, Aspect::Relevance, &good, &bad)
         .await
         .unwrap();
     assert_eq!(compared.verdict, Some(Verdict::Win));
     let scored = recorder
-        .score(&query.text, Aspect::Accuracy, &good, &bad)
+        .score(&query.text, Aspect::Relevance, &good, &bad)
         .await
         .unwrap();
     let (a, b) = scored.scores.unwrap();

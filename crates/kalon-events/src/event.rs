@@ -4,6 +4,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
+use crate::dead_letter::DeadLetterReason;
+use crate::payload::{check_envelope, TopicPayload};
+
 /// Largest serialized event ingest accepts; larger ones are dead-lettered.
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;
 
@@ -65,13 +68,19 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// The class for the dead-letter headers: `oversized`, `bad_json` or
+    /// `schema_violation`.
+    pub fn class(&self) -> DeadLetterReason {
+        match self {
+            DecodeError::Oversized { .. } => DeadLetterReason::Oversized,
+            DecodeError::BadJson(_) => DeadLetterReason::BadJson,
+            DecodeError::Schema(_) => DeadLetterReason::SchemaViolation,
+        }
+    }
+
     /// Short machine-readable class: `oversized`, `bad_json`, `schema_violation`.
     pub fn reason(&self) -> &'static str {
-        match self {
-            DecodeError::Oversized { .. } => "oversized",
-            DecodeError::BadJson(_) => "bad_json",
-            DecodeError::Schema(_) => "schema_violation",
-        }
+        self.class().as_str()
     }
 }
 
@@ -127,15 +136,28 @@ pub struct Click {
     pub dwell_ms: Option<u64>,
 }
 
-/// Which quality a rating judges.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Which quality a rating or an LMM judgment judges: Kalon's one aspect
+/// type (the judge in `kalon-llm` uses it too).
+///
+/// On the wire `aesthetic` or `relevance`, exactly: ratings (and the search
+/// service's feedback API) are the public client contract. Only
+/// `lmm.judgment.v1` also reads HPIR's `accuracy` as relevance, the name its
+/// events carried before the two aspect types became one
+/// ([`crate::LmmJudgment`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Aspect {
     Aesthetic,
+    /// How well the images show what the query asks for (HPIR's
+    /// "accuracy").
     Relevance,
 }
 
 impl Aspect {
+    /// Both aspects, relevance first (HPIR's order: accuracy, aesthetic).
+    pub const ALL: [Aspect; 2] = [Aspect::Relevance, Aspect::Aesthetic];
+
+    /// The name on the wire and in the database.
     pub fn as_str(self) -> &'static str {
         match self {
             Aspect::Aesthetic => "aesthetic",
@@ -172,22 +194,7 @@ impl Event {
     /// Decodes and validates one payload of the given kind: size, JSON,
     /// shape, then every constraint the schema states.
     pub fn decode(kind: EventKind, payload: &[u8]) -> Result<Event, DecodeError> {
-        if payload.len() > MAX_EVENT_BYTES {
-            return Err(DecodeError::Oversized {
-                size: payload.len(),
-                max: MAX_EVENT_BYTES,
-            });
-        }
-        // serde also reads structs from JSON arrays; the contract is objects only
-        match payload.iter().find(|b| !b.is_ascii_whitespace()) {
-            Some(b'{') => {}
-            Some(b'[') => {
-                return Err(DecodeError::Schema(
-                    "event must be a JSON object, not an array".into(),
-                ))
-            }
-            _ => {}
-        }
+        check_envelope(payload)?;
         let event = match kind {
             EventKind::Impression => Event::Impression(serde_json::from_slice(payload)?),
             EventKind::Click => Event::Click(serde_json::from_slice(payload)?),
@@ -226,55 +233,87 @@ impl Event {
     /// The constraints of the schema that serde's typing does not enforce.
     pub fn validate(&self) -> Result<(), String> {
         match self {
-            Event::Impression(e) => {
-                text("request_id", &e.request_id, 128)?;
-                text("session_id", &e.session_id, 128)?;
-                if let Some(user) = &e.user_id {
-                    text("user_id", user, 128)?;
-                }
-                text("query", &e.query, 1024)?;
-                text("model_version", &e.model_version, 128)?;
-                text("variant", &e.variant, 64)?;
-                if e.results.len() > 1000 {
-                    return Err(format!(
-                        "results has {} items, at most 1000",
-                        e.results.len()
-                    ));
-                }
-                for item in &e.results {
-                    text("results[].image_id", &item.image_id, 256)?;
-                    rank("results[].rank", item.rank)?;
-                }
-                Ok(())
-            }
-            Event::Click(e) => {
-                text("request_id", &e.request_id, 128)?;
-                text("image_id", &e.image_id, 256)?;
-                rank("rank", e.rank)?;
-                match e.dwell_ms {
-                    Some(ms) if ms > 86_400_000 => Err(format!("dwell_ms {ms} is over one day")),
-                    _ => Ok(()),
-                }
-            }
-            Event::Rating(e) => {
-                if let Some(request) = &e.request_id {
-                    text("request_id", request, 128)?;
-                }
-                text("query", &e.query, 1024)?;
-                text("image_id", &e.image_id, 256)?;
-                if !(1..=5).contains(&e.stars) {
-                    return Err(format!("stars {} is not in 1..=5", e.stars));
-                }
-                Ok(())
-            }
+            Event::Impression(e) => e.validate(),
+            Event::Click(e) => e.validate(),
+            Event::Rating(e) => e.validate(),
         }
     }
 }
 
-fn text(field: &str, value: &str, max_chars: usize) -> Result<(), String> {
+impl TopicPayload for Impression {
+    const TOPIC: &'static str = EventKind::Impression.topic();
+
+    fn validate(&self) -> Result<(), String> {
+        text("request_id", &self.request_id, 128)?;
+        text("session_id", &self.session_id, 128)?;
+        if let Some(user) = &self.user_id {
+            text("user_id", user, 128)?;
+        }
+        text("query", &self.query, 1024)?;
+        text("model_version", &self.model_version, 128)?;
+        text("variant", &self.variant, 64)?;
+        if self.results.len() > 1000 {
+            return Err(format!(
+                "results has {} items, at most 1000",
+                self.results.len()
+            ));
+        }
+        for item in &self.results {
+            text("results[].image_id", &item.image_id, 256)?;
+            rank("results[].rank", item.rank)?;
+        }
+        Ok(())
+    }
+}
+
+impl TopicPayload for Click {
+    const TOPIC: &'static str = EventKind::Click.topic();
+
+    fn validate(&self) -> Result<(), String> {
+        text("request_id", &self.request_id, 128)?;
+        text("image_id", &self.image_id, 256)?;
+        rank("rank", self.rank)?;
+        match self.dwell_ms {
+            Some(ms) if ms > 86_400_000 => Err(format!("dwell_ms {ms} is over one day")),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl TopicPayload for Rating {
+    const TOPIC: &'static str = EventKind::Rating.topic();
+
+    fn validate(&self) -> Result<(), String> {
+        if let Some(request) = &self.request_id {
+            text("request_id", request, 128)?;
+        }
+        text("query", &self.query, 1024)?;
+        text("image_id", &self.image_id, 256)?;
+        if !(1..=5).contains(&self.stars) {
+            return Err(format!("stars {} is not in 1..=5", self.stars));
+        }
+        Ok(())
+    }
+}
+
+/// A JSON Schema string of `minLength` 1 and `maxLength` `max_chars`.
+pub(crate) fn text(field: &str, value: &str, max_chars: usize) -> Result<(), String> {
     if value.is_empty() {
         return Err(format!("{field} is empty"));
     }
+    at_most(field, value, max_chars)
+}
+
+pub(crate) fn rank(field: &str, value: u32) -> Result<(), String> {
+    if (1..=100_000).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("{field} {value} is not in 1..=100000"))
+    }
+}
+
+/// At most `max_chars` code points (JSON Schema's `maxLength`), empty allowed.
+pub(crate) fn at_most(field: &str, value: &str, max_chars: usize) -> Result<(), String> {
     // JSON Schema counts code points, not bytes; bytes bound code points
     // from above, so the count is only needed for long values.
     if value.len() > max_chars && value.chars().count() > max_chars {
@@ -283,16 +322,8 @@ fn text(field: &str, value: &str, max_chars: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn rank(field: &str, value: u32) -> Result<(), String> {
-    if (1..=100_000).contains(&value) {
-        Ok(())
-    } else {
-        Err(format!("{field} {value} is not in 1..=100000"))
-    }
-}
-
 /// UUIDs in the hyphenated form only, as JSON Schema's `uuid` format.
-mod strict_uuid {
+pub(crate) mod strict_uuid {
     use super::*;
 
     pub fn serialize<S: Serializer>(id: &Uuid, s: S) -> Result<S::Ok, S::Error> {
@@ -311,7 +342,7 @@ mod strict_uuid {
 }
 
 /// RFC 3339 timestamps, strictly (`date-time` in JSON Schema).
-mod rfc3339 {
+pub(crate) mod rfc3339 {
     use super::*;
 
     pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
@@ -324,4 +355,16 @@ mod rfc3339 {
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| serde::de::Error::custom(format!("occurred_at {text:?}: {e}")))
     }
+}
+
+/// RFC 3339 timestamps written with exactly six fractional digits (what the
+/// enricher has always written); read strictly, any precision.
+pub(crate) mod rfc3339_micros {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Micros, true))
+    }
+
+    pub use super::rfc3339::deserialize;
 }

@@ -59,11 +59,19 @@ pub const TOPICS: &[TopicSpec] = &[
         partitions: 1,
         purpose: "model.deployment.v1: a version's traffic weight changed; search replicas reload",
     },
+    TopicSpec {
+        name: MODEL_REGISTERED_TOPIC,
+        partitions: 1,
+        purpose: "model.registered.v1: a new model version was registered, with its artifact and gate outcome",
+    },
 ];
 
 /// Deployment changes (the `deployments` table is the truth; the event says
 /// when to re-read it).
 pub const DEPLOYMENT_TOPIC: &str = "model.deployment.v1";
+
+/// New model versions.
+pub const MODEL_REGISTERED_TOPIC: &str = "model.registered.v1";
 
 /// The enricher's rephrasings.
 pub const REPHRASED_TOPIC: &str = "query.rephrased.v1";
@@ -80,6 +88,29 @@ impl TopicSpec {
     pub fn full_name(&self, prefix: &str) -> String {
         format!("{prefix}{}", self.name)
     }
+
+    /// The topic's JSON Schema (`schemas/<name>.json`); every topic of
+    /// [`TOPICS`] has one, and a [`crate::TopicPayload`] type.
+    pub fn schema(&self) -> Option<&'static str> {
+        topic_schema(self.name)
+    }
+}
+
+/// The JSON Schema text of a topic (named without prefix), as shipped in
+/// `schemas/`.
+pub fn topic_schema(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "search.impression.v1" => include_str!("../../../schemas/search.impression.v1.json"),
+        "search.click.v1" => include_str!("../../../schemas/search.click.v1.json"),
+        "search.rating.v1" => include_str!("../../../schemas/search.rating.v1.json"),
+        DEAD_LETTER_TOPIC => include_str!("../../../schemas/kalon.deadletter.v1.json"),
+        REPHRASED_TOPIC => include_str!("../../../schemas/query.rephrased.v1.json"),
+        JUDGMENT_TOPIC => include_str!("../../../schemas/lmm.judgment.v1.json"),
+        ENRICH_DEAD_LETTER_TOPIC => include_str!("../../../schemas/enrich.deadletter.v1.json"),
+        DEPLOYMENT_TOPIC => include_str!("../../../schemas/model.deployment.v1.json"),
+        MODEL_REGISTERED_TOPIC => include_str!("../../../schemas/model.registered.v1.json"),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -96,5 +127,48 @@ mod tests {
             assert!(names.contains(kind.topic()), "{kind:?} has no topic");
             assert_eq!(kind.index(), i, "index() is the position in ALL");
         }
+    }
+
+    /// The topic of every payload type: one per topic, and no other.
+    fn payload_topics() -> Vec<&'static str> {
+        use crate::*;
+        vec![
+            Impression::TOPIC,
+            Click::TOPIC,
+            Rating::TOPIC,
+            DeadLetterHeaders::TOPIC,
+            QueryRephrased::TOPIC,
+            LmmJudgment::TOPIC,
+            EnrichDeadLetter::TOPIC,
+            DeploymentChanged::TOPIC,
+            ModelRegistered::TOPIC,
+        ]
+    }
+
+    #[test]
+    fn every_topic_has_a_schema_and_a_payload_type() {
+        let typed: HashSet<_> = payload_topics().into_iter().collect();
+        assert_eq!(typed.len(), payload_topics().len(), "one type per topic");
+        for spec in TOPICS {
+            let schema = spec
+                .schema()
+                .unwrap_or_else(|| panic!("{} has no schema", spec.name));
+            let schema: serde_json::Value = serde_json::from_str(schema)
+                .unwrap_or_else(|e| panic!("{}'s schema is not JSON: {e}", spec.name));
+            assert_eq!(schema["title"], spec.name, "the schema names its topic");
+            assert!(
+                typed.contains(spec.name),
+                "{} has no payload type",
+                spec.name
+            );
+        }
+        let names: HashSet<_> = TOPICS.iter().map(|t| t.name).collect();
+        for topic in typed {
+            assert!(
+                names.contains(topic),
+                "{topic} has a type but is not in TOPICS"
+            );
+        }
+        assert_eq!(topic_schema("no.such.topic.v1"), None);
     }
 }

@@ -44,16 +44,9 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Header names on dead-lettered messages, shared by every service that
-/// dead-letters (ingest, enricher).
-pub mod dead_letter_headers {
-    /// Machine-readable class of the failure.
-    pub const REASON: &str = "kalon-dlq-reason";
-    /// Human-readable detail (the parser's or the database's message).
-    pub const DETAIL: &str = "kalon-dlq-detail";
-    pub const SOURCE_TOPIC: &str = "kalon-source-topic";
-    pub const SOURCE_PARTITION: &str = "kalon-source-partition";
-    pub const SOURCE_OFFSET: &str = "kalon-source-offset";
-}
+/// dead-letters (ingest, enricher); defined with the `kalon.deadletter.v1`
+/// contract in `kalon-events`.
+pub use kalon_events::dead_letter_headers;
 
 /// Where the brokers are and how Kalon's topics are named there.
 #[derive(Debug, Clone)]

@@ -205,31 +205,27 @@ pub fn parse_rephrasing(
     Ok(text)
 }
 
-/// The two aspects HPIR labels and the judge compares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Aspect {
-    Accuracy,
-    Aesthetic,
+/// The two aspects HPIR labels and the judge compares: Kalon's one aspect
+/// type, from `kalon-events` (ratings and judgments share it).
+pub use kalon_events::Aspect;
+
+/// The aspect's name in HPIR and in the judge's prompts: `accuracy` for
+/// [`Aspect::Relevance`], `aesthetic`. The prompts keep HPIR's word, so what
+/// the judge is asked (and what the simulated endpoint reads from it) stays
+/// the same; events and the database say `relevance`.
+pub fn hpir_name(aspect: Aspect) -> &'static str {
+    match aspect {
+        Aspect::Relevance => "accuracy",
+        Aspect::Aesthetic => "aesthetic",
+    }
 }
 
-impl Aspect {
-    pub const ALL: [Aspect; 2] = [Aspect::Accuracy, Aspect::Aesthetic];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Aspect::Accuracy => "accuracy",
-            Aspect::Aesthetic => "aesthetic",
-        }
-    }
-
-    fn criterion(self) -> &'static str {
-        match self {
-            Aspect::Accuracy => "how well the images show what the query asks for",
-            Aspect::Aesthetic => {
-                "how beautiful the images are as answers to this query: light, colour, \
-                 composition, style"
-            }
+fn criterion(aspect: Aspect) -> &'static str {
+    match aspect {
+        Aspect::Relevance => "how well the images show what the query asks for",
+        Aspect::Aesthetic => {
+            "how beautiful the images are as answers to this query: light, colour, \
+             composition, style"
         }
     }
 }
@@ -270,8 +266,8 @@ fn rows_prompt(
 ) -> Vec<Message> {
     let mut parts = vec![Part::text(format!(
         "Task: {task}\nAspect: {}\nCriterion: {}\nQuery: {}\nRow 1:",
-        aspect.name(),
-        aspect.criterion(),
+        hpir_name(aspect),
+        criterion(aspect),
         one_line(query)
     ))];
     parts.extend(first.iter().map(ImageRef::part));
@@ -309,7 +305,7 @@ pub fn compare_messages(
 ) -> Vec<Message> {
     let question = format!(
         "Which row is better on {}? Answer with a JSON object {{\"better\": 1}} or {{\"better\": 2}}.",
-        aspect.name()
+        hpir_name(aspect)
     );
     rows_prompt("compare", query, aspect, first, second, &question, strict)
 }
@@ -325,7 +321,7 @@ pub fn score_messages(
     let question = format!(
         "Rate each row from 1 (poor) to 5 (excellent) on {}. Answer with a JSON object \
          {{\"row1\": <1-5>, \"row2\": <1-5>}}.",
-        aspect.name()
+        hpir_name(aspect)
     );
     rows_prompt("score", query, aspect, first, second, &question, strict)
 }
@@ -339,8 +335,8 @@ pub fn rank_messages(
 ) -> Vec<Message> {
     let mut parts = vec![Part::text(format!(
         "Task: rank\nAspect: {}\nCriterion: {}\nQuery: {}\nImages:",
-        aspect.name(),
-        aspect.criterion(),
+        hpir_name(aspect),
+        criterion(aspect),
         one_line(query)
     ))];
     for (i, image) in images.iter().enumerate() {
@@ -351,7 +347,7 @@ pub fn rank_messages(
         "Order all {} images from best to worst on {}. Answer with a JSON object \
          {{\"order\": [<image numbers, best first>]}}.",
         images.len(),
-        aspect.name()
+        hpir_name(aspect)
     );
     judge_messages(parts, &question, strict)
 }
@@ -549,6 +545,69 @@ mod tests {
         );
         assert!(parse_scores(r#"{"row1": 7, "row2": 2}"#).is_err());
         assert!(parse_scores(r#"{"row1": 3}"#).is_err());
+    }
+
+    /// The judge's prompts, word for word as before the aspect type moved
+    /// to kalon-events: relevance is still asked for as HPIR's "accuracy"
+    /// (the simulated endpoint reads the aspect from this text, and draws
+    /// its noise from the request's bytes).
+    #[test]
+    fn judge_prompts_name_the_aspects_as_hpir_does() {
+        let texts = |messages: Vec<Message>| -> Vec<String> {
+            let crate::protocol::Content::Parts(parts) = &messages[1].content else {
+                panic!("parts")
+            };
+            parts
+                .iter()
+                .filter_map(|p| match p {
+                    Part::Text { text } => Some(text.clone()),
+                    Part::ImageUrl { .. } => None,
+                })
+                .collect()
+        };
+        let image = [ImageRef::Url("http://h/a.png".into())];
+        let criteria = [
+            (
+                Aspect::Relevance,
+                "accuracy",
+                "how well the images show what the query asks for",
+            ),
+            (
+                Aspect::Aesthetic,
+                "aesthetic",
+                "how beautiful the images are as answers to this query: light, colour, composition, style",
+            ),
+        ];
+        for (aspect, name, criterion) in criteria {
+            assert_eq!(hpir_name(aspect), name);
+            let head = |task: &str, tail: &str| {
+                format!("Task: {task}\nAspect: {name}\nCriterion: {criterion}\nQuery: q\n{tail}")
+            };
+            assert_eq!(
+                texts(compare_messages("q", aspect, &image, &image, false)),
+                [
+                    head("compare", "Row 1:"),
+                    "Row 2:".to_owned(),
+                    format!("Which row is better on {name}? Answer with a JSON object {{\"better\": 1}} or {{\"better\": 2}}.")
+                ]
+            );
+            assert_eq!(
+                texts(score_messages("q", aspect, &image, &image, false)),
+                [
+                    head("score", "Row 1:"),
+                    "Row 2:".to_owned(),
+                    format!("Rate each row from 1 (poor) to 5 (excellent) on {name}. Answer with a JSON object {{\"row1\": <1-5>, \"row2\": <1-5>}}.")
+                ]
+            );
+            assert_eq!(
+                texts(rank_messages("q", aspect, &image, false)),
+                [
+                    head("rank", "Images:"),
+                    "Image 1:".to_owned(),
+                    format!("Order all 1 images from best to worst on {name}. Answer with a JSON object {{\"order\": [<image numbers, best first>]}}.")
+                ]
+            );
+        }
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! tokens, cost and latency) and published on `lmm.judgment.v1`. The canary
 //! analysis reuses it.
 
+use chrono::SubsecRound as _;
+use kalon_events::{JudgmentKind, JudgmentVerdict, LmmJudgment, TopicPayload};
 use kalon_kafka::KafkaSettings;
 use kalon_llm::judge::{Judge, Row};
 use kalon_llm::{Aspect, Completion, ImageRef};
@@ -37,6 +39,14 @@ fn row_name(row: Row) -> &'static str {
     match row {
         Row::A => "A",
         Row::B => "B",
+    }
+}
+
+fn verdict(verdict: kalon_llm::Verdict) -> JudgmentVerdict {
+    match verdict {
+        kalon_llm::Verdict::Win => JudgmentVerdict::Win,
+        kalon_llm::Verdict::Loss => JudgmentVerdict::Loss,
+        kalon_llm::Verdict::Similar => JudgmentVerdict::Similar,
     }
 }
 
@@ -125,9 +135,9 @@ impl JudgmentRecorder {
         let model = calls.last().map(|c| c.model.clone()).unwrap_or_default();
         let raw: Vec<&str> = calls.iter().map(|c| c.raw.as_str()).collect();
         let kind = if recorded.verdict.is_some() {
-            "compare"
+            JudgmentKind::Compare
         } else {
-            "score"
+            JudgmentKind::Score
         };
         sqlx::query(
             "INSERT INTO lmm_judgments (judgment_id, query, aspect, kind, row_a, row_b, verdict, a_first, b_first,
@@ -136,8 +146,8 @@ impl JudgmentRecorder {
         )
         .bind(recorded.judgment_id)
         .bind(query)
-        .bind(aspect.name())
-        .bind(kind)
+        .bind(aspect.as_str())
+        .bind(kind.as_str())
         .bind(serde_json::json!(a.ids))
         .bind(serde_json::json!(b.ids))
         .bind(recorded.verdict.map(|v| v.name()))
@@ -153,24 +163,24 @@ impl JudgmentRecorder {
         .bind(serde_json::json!(raw))
         .execute(&self.pool)
         .await?;
-        let event = serde_json::json!({
-            "judgment_id": recorded.judgment_id,
-            "occurred_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            "query": query,
-            "aspect": aspect.name(),
-            "kind": kind,
-            "row_a": a.ids,
-            "row_b": b.ids,
-            "verdict": recorded.verdict.map(|v| v.name()),
-            "score_a": recorded.scores.map(|s| s.0),
-            "score_b": recorded.scores.map(|s| s.1),
-            "model": model,
-        });
+        let event = LmmJudgment {
+            aspect,
+            judgment_id: recorded.judgment_id,
+            kind,
+            model,
+            occurred_at: chrono::Utc::now().trunc_subsecs(6),
+            query: query.to_owned(),
+            row_a: a.ids.clone(),
+            row_b: b.ids.clone(),
+            score_a: recorded.scores.map(|s| s.0),
+            score_b: recorded.scores.map(|s| s.1),
+            verdict: recorded.verdict.map(verdict),
+        };
         crate::publish(
             &self.producer,
-            &self.kafka.topic(kalon_events::JUDGMENT_TOPIC),
+            &self.kafka.topic(LmmJudgment::TOPIC),
             query,
-            event.to_string().as_bytes(),
+            &event.to_json(),
             OwnedHeaders::new(),
         )
         .await

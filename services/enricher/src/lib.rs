@@ -29,8 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::Utc;
-use kalon_events::{Event, EventKind};
+use kalon_events::{EnrichDeadLetter, EnrichTask, Event, EventKind, QueryRephrased, TopicPayload};
 use kalon_kafka::consumer::Consuming;
 use kalon_kafka::KafkaSettings;
 use kalon_llm::ask::AskError;
@@ -407,28 +406,27 @@ impl Shared {
                         &refused,
                     )
                     .await?;
-                    let payload = serde_json::json!({
-                        "task": "rephrase",
-                        "query": query,
-                        "variant": variant.name(),
-                        "errors": refused.iter().map(|(_, e)| e.0.clone()).collect::<Vec<_>>(),
-                        "raw_responses": refused.iter().map(|(c, _)| c.raw.clone()).collect::<Vec<_>>(),
-                    });
-                    let last = refused.last().map(|(_, e)| e.0.clone()).unwrap_or_default();
-                    let headers = OwnedHeaders::new()
-                        .insert(Header {
-                            key: kalon_kafka::dead_letter_headers::REASON,
-                            value: Some("malformed_llm_output"),
-                        })
-                        .insert(Header {
-                            key: kalon_kafka::dead_letter_headers::DETAIL,
-                            value: Some(last.as_str()),
-                        });
+                    let dead = EnrichDeadLetter {
+                        errors: refused.iter().map(|(_, e)| e.0.clone()).collect(),
+                        query: query.to_owned(),
+                        raw_responses: refused.iter().map(|(c, _)| c.raw.clone()).collect(),
+                        task: EnrichTask::Rephrase,
+                        variant: variant.name().to_owned(),
+                    };
+                    let headers =
+                        dead.headers()
+                            .iter()
+                            .fold(OwnedHeaders::new(), |headers, (key, value)| {
+                                headers.insert(Header {
+                                    key,
+                                    value: Some(value.as_str()),
+                                })
+                            });
                     publish(
                         &self.producer,
-                        &self.kafka.topic(kalon_events::ENRICH_DEAD_LETTER_TOPIC),
+                        &self.kafka.topic(EnrichDeadLetter::TOPIC),
                         query,
-                        payload.to_string().as_bytes(),
+                        &dead.to_json(),
                         headers,
                     )
                     .await?;
@@ -450,18 +448,12 @@ impl Shared {
             }
         }
         let (rephrasings, model) = store::rephrasings(&self.pool, query).await?;
-        let event = serde_json::json!({
-            "event_id": uuid::Uuid::now_v7(),
-            "occurred_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            "query": query,
-            "model": model,
-            "rephrasings": rephrasings,
-        });
+        let event = QueryRephrased::now(query, model, rephrasings);
         publish(
             &self.producer,
-            &self.kafka.topic(kalon_events::REPHRASED_TOPIC),
+            &self.kafka.topic(QueryRephrased::TOPIC),
             query,
-            event.to_string().as_bytes(),
+            &event.to_json(),
             OwnedHeaders::new(),
         )
         .await?;

@@ -1,5 +1,6 @@
 //! Dead letters: what ingest cannot accept, with why and where it came from.
 
+use kalon_events::{DeadLetterHeaders, DeadLetterReason};
 use rdkafka::message::{Header, OwnedHeaders};
 
 /// Header names on dead-lettered messages (ingest's reasons: `oversized`,
@@ -9,7 +10,7 @@ pub use kalon_kafka::dead_letter_headers as headers;
 /// One refused message, with its original payload and key.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
-    pub reason: &'static str,
+    pub reason: DeadLetterReason,
     pub detail: String,
     pub topic: String,
     pub partition: i32,
@@ -19,30 +20,27 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// The `kalon.deadletter.v1` contract of this dead letter (the detail
+    /// cut to 1000 characters).
+    pub fn contract(&self) -> DeadLetterHeaders {
+        DeadLetterHeaders::new(
+            self.reason,
+            &self.detail,
+            &self.topic,
+            self.partition,
+            self.offset,
+        )
+    }
+
     pub fn headers(&self) -> OwnedHeaders {
-        let detail: String = self.detail.chars().take(1000).collect();
-        let partition = self.partition.to_string();
-        let offset = self.offset.to_string();
-        OwnedHeaders::new_with_capacity(5)
-            .insert(Header {
-                key: headers::REASON,
-                value: Some(self.reason),
-            })
-            .insert(Header {
-                key: headers::DETAIL,
-                value: Some(&detail),
-            })
-            .insert(Header {
-                key: headers::SOURCE_TOPIC,
-                value: Some(&self.topic),
-            })
-            .insert(Header {
-                key: headers::SOURCE_PARTITION,
-                value: Some(&partition),
-            })
-            .insert(Header {
-                key: headers::SOURCE_OFFSET,
-                value: Some(&offset),
-            })
+        self.contract().to_headers().iter().fold(
+            OwnedHeaders::new_with_capacity(5),
+            |headers, (key, value)| {
+                headers.insert(Header {
+                    key,
+                    value: Some(value.as_str()),
+                })
+            },
+        )
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::future::join_all;
-use kalon_events::{Event, EventKind, DEAD_LETTER_TOPIC};
+use kalon_events::{DeadLetterReason, Event, EventKind, DEAD_LETTER_TOPIC};
 use kalon_kafka::consumer::{ConsumerHealth, Consuming};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
@@ -383,7 +383,7 @@ fn accept(prefix: &str, message: &BorrowedMessage<'_>, batch: &mut Batch) {
         batch.spans.push(span);
     }
     let payload = message.payload().unwrap_or_default();
-    let refuse = |reason: &'static str, detail: String| DeadLetter {
+    let refuse = |reason: DeadLetterReason, detail: String| DeadLetter {
         reason,
         detail,
         topic: topic.to_string(),
@@ -394,7 +394,7 @@ fn accept(prefix: &str, message: &BorrowedMessage<'_>, batch: &mut Batch) {
     };
     let Some(kind) = EventKind::from_topic(prefix, &topic) else {
         batch.dead.push(refuse(
-            "unknown_topic",
+            DeadLetterReason::UnknownTopic,
             format!("no event kind for topic {topic}"),
         ));
         return;
@@ -410,7 +410,7 @@ fn accept(prefix: &str, message: &BorrowedMessage<'_>, batch: &mut Batch) {
                 payload: payload.to_vec(),
             });
         }
-        Err(error) => batch.dead.push(refuse(error.reason(), error.to_string())),
+        Err(error) => batch.dead.push(refuse(error.class(), error.to_string())),
     }
 }
 
@@ -447,7 +447,7 @@ async fn persist(shared: Arc<Shared>, mut batch: Batch) -> Option<Done> {
             .events(kind.topic(), "duplicate", count - inserted.min(*count));
     }
     for dead in &batch.dead {
-        shared.metrics.dead_letter(dead.reason);
+        shared.metrics.dead_letter(dead.reason.as_str());
     }
     drop(batch.spans);
     Some(Done {
@@ -511,7 +511,7 @@ async fn write_one_by_one(shared: &Shared, batch: &Batch) -> Option<(Written, Ve
                 total.duplicates += written.duplicates;
             }
             Err(error) => refused.push(DeadLetter {
-                reason: "rejected_by_database",
+                reason: DeadLetterReason::RejectedByDatabase,
                 detail: error.to_string(),
                 topic: source.topic.to_string(),
                 partition: source.partition,

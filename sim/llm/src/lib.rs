@@ -34,6 +34,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use kalon_llm::prompts::{hpir_name, Aspect};
 use kalon_llm::protocol::{ChatRequest, Content, ErrorBody, ErrorDetail, Part, Role};
 use kalon_llm::rephrase::{PromptVariant, Rephraser};
 
@@ -470,14 +471,16 @@ impl Shared {
     }
 
     /// The mean true value of a row on an aspect, as people see it.
+    /// `aspect` is as the prompt names it: HPIR's `accuracy` for relevance.
     fn row_value(&self, query: &str, aspect: &str, urls: &[String]) -> f64 {
+        let relevance = aspect == hpir_name(Aspect::Relevance);
         let known = self.world.queries.get(query);
         let values: Vec<f64> = urls
             .iter()
             .map(|url| match (self.world.image(url), known) {
-                (Some(meta), Some(query)) if aspect == "accuracy" => query.relevance(meta),
+                (Some(meta), Some(query)) if relevance => query.relevance(meta),
                 (Some(meta), Some(query)) => self.oracle.aesthetic(query, meta),
-                (Some(meta), None) if aspect != "accuracy" => {
+                (Some(meta), None) if !relevance => {
                     // a query the world does not know: taste without intent
                     let neutral = Query {
                         text: query.to_owned(),

@@ -178,7 +178,7 @@ pub async fn bench_judge(args: &JudgeBenchArgs) -> anyhow::Result<()> {
     while let Some((index, aspect, item, result)) = comparisons.next().await {
         let comparison = result?;
         let label = match aspect {
-            Aspect::Accuracy => item.accuracy,
+            Aspect::Relevance => item.accuracy,
             Aspect::Aesthetic => item.aesthetic,
         };
         let human = match label.choice {
@@ -212,7 +212,7 @@ pub async fn bench_judge(args: &JudgeBenchArgs) -> anyhow::Result<()> {
     for (i, aspect) in Aspect::ALL.into_iter().enumerate() {
         println!(
             "{:<10} {:>8.3} {:>18.3} {:>10.3} {:>14.3}",
-            aspect.name(),
+            kalon_llm::prompts::hpir_name(aspect),
             single[i].value(),
             consistent[i].value(),
             decided[i] as f64 / items.len() as f64,
