@@ -458,6 +458,32 @@ fn readiness_of(
     }
 }
 
+/// A consumer of `group` with the settings every Kalon service reads with:
+/// offsets committed only by the service (never automatically, never stored
+/// by the client on its own), the earliest offset when the group has none,
+/// a 10 s session with 1 s heartbeats, and `instance_id` as static
+/// membership when given. Hand it to [`Consuming::start`].
+pub fn group_consumer(
+    settings: &KafkaSettings,
+    client_id: &str,
+    group: &str,
+    instance_id: Option<&str>,
+) -> Result<StreamConsumer> {
+    let mut config = settings.client_config(client_id);
+    if let Some(instance) = instance_id {
+        config.set("group.instance.id", instance);
+    }
+    Ok(config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "100")
+        .create()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,30 +528,4 @@ mod tests {
         let stalled = movement.update(&[partition(0, 12, 9)]);
         assert!(stalled < Duration::from_secs(1), "{stalled:?}");
     }
-}
-
-/// A consumer of `group` with the settings every Kalon service reads with:
-/// offsets committed only by the service (never automatically, never stored
-/// by the client on its own), the earliest offset when the group has none,
-/// a 10 s session with 1 s heartbeats, and `instance_id` as static
-/// membership when given. Hand it to [`Consuming::start`].
-pub fn group_consumer(
-    settings: &KafkaSettings,
-    client_id: &str,
-    group: &str,
-    instance_id: Option<&str>,
-) -> Result<StreamConsumer> {
-    let mut config = settings.client_config(client_id);
-    if let Some(instance) = instance_id {
-        config.set("group.instance.id", instance);
-    }
-    Ok(config
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("fetch.wait.max.ms", "100")
-        .create()?)
 }

@@ -52,10 +52,25 @@ impl Publisher {
         payload: &[u8],
         headers: OwnedHeaders,
     ) -> Result<()> {
-        let record = FutureRecord::to(topic)
-            .key(key)
+        self.publish_record(topic, Some(key), payload, headers)
+            .await
+    }
+
+    /// [`Publisher::publish`] for a message that may have no key (a dead
+    /// letter keeps its original message's, which may be none).
+    pub async fn publish_record(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> Result<()> {
+        let mut record = FutureRecord::to(topic)
             .payload(payload)
             .headers(crate::inject_trace(headers));
+        if let Some(key) = key {
+            record = record.key(key);
+        }
         self.producer
             .send(record, self.timeout)
             .await

@@ -3,45 +3,21 @@
 //! re-reads the table and swaps its routing without a restart (search's
 //! `Reloader` does that).
 
-use chrono::{DateTime, Utc};
+use kalon_events::TopicPayload;
 use kalon_kafka::KafkaSettings;
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use crate::store;
 
-/// `model.deployment.v1`: what changed (for people and audit logs; replicas
-/// re-read the table whatever it says).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeploymentChanged {
-    pub event_id: Uuid,
-    pub occurred_at: DateTime<Utc>,
-    pub model_version: String,
-    /// `None` when the version was taken out of service.
-    pub variant: Option<String>,
-    pub weight: f64,
-}
-
-impl DeploymentChanged {
-    /// A change happening now (`variant` None: taken out of service).
-    pub fn now(model_version: &str, variant: Option<&str>, weight: f64) -> Self {
-        DeploymentChanged {
-            event_id: Uuid::now_v7(),
-            occurred_at: Utc::now(),
-            model_version: model_version.to_owned(),
-            variant: variant.map(str::to_owned),
-            weight,
-        }
-    }
-}
+/// `model.deployment.v1`'s payload (the contract lives in kalon-events).
+pub use kalon_events::DeploymentChanged;
 
 /// Announces a change already written to the `deployments` table.
 pub async fn announce(kafka: &KafkaSettings, change: &DeploymentChanged) -> anyhow::Result<()> {
     let message = kalon_kafka::Outgoing {
-        topic: kafka.topic(kalon_events::DEPLOYMENT_TOPIC),
+        topic: kafka.topic(DeploymentChanged::TOPIC),
         key: Some(change.model_version.as_bytes().to_vec()),
-        payload: serde_json::to_vec(change)?,
+        payload: change.to_json(),
         headers: None,
     };
     let kafka = kafka.clone();

@@ -6,10 +6,10 @@
 use chrono::SubsecRound as _;
 use kalon_events::{JudgmentKind, JudgmentVerdict, LmmJudgment, TopicPayload};
 use kalon_kafka::KafkaSettings;
+use kalon_kafka::Publisher;
 use kalon_llm::judge::{Judge, Row};
 use kalon_llm::{Aspect, Completion, ImageRef};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -32,7 +32,7 @@ pub struct JudgmentRecorder {
     judge: Judge,
     pool: PgPool,
     kafka: KafkaSettings,
-    producer: FutureProducer,
+    producer: Publisher,
 }
 
 fn row_name(row: Row) -> &'static str {
@@ -52,7 +52,7 @@ fn verdict(verdict: kalon_llm::Verdict) -> JudgmentVerdict {
 
 impl JudgmentRecorder {
     pub fn new(judge: Judge, pool: PgPool, kafka: KafkaSettings) -> anyhow::Result<Self> {
-        let producer = crate::producer(&kafka, "kalon-judge")?;
+        let producer = crate::publisher(&kafka, "kalon-judge")?;
         Ok(JudgmentRecorder {
             judge,
             pool,
@@ -176,13 +176,14 @@ impl JudgmentRecorder {
             score_b: recorded.scores.map(|s| s.1),
             verdict: recorded.verdict.map(verdict),
         };
-        crate::publish(
-            &self.producer,
-            &self.kafka.topic(LmmJudgment::TOPIC),
-            query,
-            &event.to_json(),
-            OwnedHeaders::new(),
-        )
-        .await
+        self.producer
+            .publish(
+                &self.kafka.topic(LmmJudgment::TOPIC),
+                query.as_bytes(),
+                &event.to_json(),
+                OwnedHeaders::new(),
+            )
+            .await?;
+        Ok(())
     }
 }

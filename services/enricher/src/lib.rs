@@ -30,15 +30,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kalon_events::{EnrichDeadLetter, EnrichTask, Event, EventKind, QueryRephrased, TopicPayload};
-use kalon_kafka::consumer::Consuming;
-use kalon_kafka::KafkaSettings;
+use kalon_kafka::consumer::{group_consumer, Consuming};
+use kalon_kafka::{KafkaSettings, Publisher};
 use kalon_llm::ask::AskError;
 use kalon_llm::rephrase::ask_rephrasing;
 use kalon_llm::{LlmClient, LlmConfig};
 use rand::Rng;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -92,35 +91,13 @@ struct Shared {
     kafka: KafkaSettings,
     pool: PgPool,
     llm: LlmClient,
-    producer: FutureProducer,
+    producer: Publisher,
     counters: Counters,
 }
 
-/// Produces one message and waits for the broker's acknowledgement.
-pub(crate) async fn publish(
-    producer: &FutureProducer,
-    topic: &str,
-    key: &str,
-    payload: &[u8],
-    headers: OwnedHeaders,
-) -> anyhow::Result<()> {
-    let record = FutureRecord::to(topic)
-        .key(key)
-        .payload(payload)
-        .headers(kalon_kafka::inject_trace(headers));
-    producer
-        .send(record, Duration::from_secs(10))
-        .await
-        .map_err(|(error, _)| anyhow::anyhow!("publishing to {topic}: {error}"))?;
-    Ok(())
-}
-
-pub(crate) fn producer(kafka: &KafkaSettings, client_id: &str) -> anyhow::Result<FutureProducer> {
-    Ok(kafka
-        .client_config(client_id)
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "10000")
-        .create()?)
+/// The enricher's publisher: each event acknowledged within 10 s.
+pub(crate) fn publisher(kafka: &KafkaSettings, client_id: &str) -> anyhow::Result<Publisher> {
+    Ok(Publisher::new(kafka, client_id, Duration::from_secs(10))?)
 }
 
 impl Enricher {
@@ -134,15 +111,7 @@ impl Enricher {
             .await
             .context("failed to migrate")?;
         let kafka = config.kafka.settings();
-        let consumer: StreamConsumer = kafka
-            .client_config("kalon-enricher")
-            .set("group.id", &config.consumer.group_id)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
-            .set("fetch.wait.max.ms", "100")
-            .create()?;
+        let consumer = group_consumer(&kafka, "kalon-enricher", &config.consumer.group_id, None)?;
         let topic = kafka.topic(EventKind::Impression.topic());
         let (consumer, consuming) = Consuming::start(
             consumer,
@@ -154,7 +123,7 @@ impl Enricher {
         )
         .await
         .context("failed to take the impression partitions")?;
-        let producer = producer(&kafka, "kalon-enricher")?;
+        let producer = publisher(&kafka, "kalon-enricher")?;
         info!(topic, group = %config.consumer.group_id, membership = %consuming.membership(), variants = ?config.variants, "enricher ready");
         Ok(Enricher {
             shared: Arc::new(Shared {
@@ -422,14 +391,14 @@ impl Shared {
                                     value: Some(value.as_str()),
                                 })
                             });
-                    publish(
-                        &self.producer,
-                        &self.kafka.topic(EnrichDeadLetter::TOPIC),
-                        query,
-                        &dead.to_json(),
-                        headers,
-                    )
-                    .await?;
+                    self.producer
+                        .publish(
+                            &self.kafka.topic(EnrichDeadLetter::TOPIC),
+                            query.as_bytes(),
+                            &dead.to_json(),
+                            headers,
+                        )
+                        .await?;
                     self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     warn!(
                         query,
@@ -449,14 +418,14 @@ impl Shared {
         }
         let (rephrasings, model) = store::rephrasings(&self.pool, query).await?;
         let event = QueryRephrased::now(query, model, rephrasings);
-        publish(
-            &self.producer,
-            &self.kafka.topic(QueryRephrased::TOPIC),
-            query,
-            &event.to_json(),
-            OwnedHeaders::new(),
-        )
-        .await?;
+        self.producer
+            .publish(
+                &self.kafka.topic(QueryRephrased::TOPIC),
+                query.as_bytes(),
+                &event.to_json(),
+                OwnedHeaders::new(),
+            )
+            .await?;
         store::finish(&self.pool, query).await?;
         self.counters.enriched.fetch_add(1, Ordering::Relaxed);
         debug!(query, "query enriched");

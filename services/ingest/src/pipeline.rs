@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::future::join_all;
 use kalon_events::{DeadLetterReason, Event, EventKind, DEAD_LETTER_TOPIC};
-use kalon_kafka::consumer::{ConsumerHealth, Consuming};
+use kalon_kafka::consumer::{group_consumer, ConsumerHealth, Consuming};
+use kalon_kafka::Publisher;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -103,7 +103,7 @@ struct Done {
 /// State the writer tasks share.
 struct Shared {
     pool: PgPool,
-    producer: FutureProducer,
+    producer: Publisher,
     dead_letter_topic: String,
     metrics: Metrics,
     max_backoff: Duration,
@@ -116,7 +116,7 @@ pub struct Ingest {
     consumer: StreamConsumer,
     consuming: Consuming,
     pool: PgPool,
-    producer: FutureProducer,
+    producer: Publisher,
     metrics: Metrics,
     handled: Arc<AtomicU64>,
 }
@@ -133,20 +133,13 @@ impl Ingest {
             info!(created, "created monthly event partitions");
         }
         let kafka = config.kafka.settings();
-        let mut client = kafka.client_config("kalon-ingest");
-        if let Some(instance) = &config.instance_id {
-            client.set("group.instance.id", instance);
-        }
-        let consumer: StreamConsumer = client
-            .set("group.id", &config.consumer.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
-            .set("fetch.wait.max.ms", "100")
-            .create()
-            .context("failed to create the Kafka consumer")?;
+        let consumer = group_consumer(
+            &kafka,
+            "kalon-ingest",
+            &config.consumer.group_id,
+            config.instance_id.as_deref(),
+        )
+        .context("failed to create the Kafka consumer")?;
         let topics = kafka.event_topics();
         let (consumer, consuming) = Consuming::start(
             consumer,
@@ -159,10 +152,7 @@ impl Ingest {
         .await
         .context("failed to take the event partitions")?;
         let metrics = Metrics::new(consuming.health());
-        let producer: FutureProducer = kafka
-            .client_config("kalon-ingest-dlq")
-            .set("linger.ms", "5")
-            .create()
+        let producer = Publisher::new(&kafka, "kalon-ingest-dlq", Duration::from_secs(10))
             .context("failed to create the dead-letter producer")?;
         info!(topics = ?topics, group = %config.consumer.group_id, membership = %consuming.membership(), "ingest consuming");
         Ok(Ingest {
@@ -530,18 +520,17 @@ async fn send_dead_letters(shared: &Shared, dead: &[DeadLetter]) -> Option<()> {
     let mut backoff = Duration::from_millis(100);
     while !pending.is_empty() {
         let sends = pending.iter().map(|d| {
-            let mut record = FutureRecord::to(&shared.dead_letter_topic)
-                .payload(&d.payload)
-                .headers(d.headers());
-            if let Some(key) = &d.key {
-                record = record.key(key);
-            }
-            shared.producer.send(record, Duration::from_secs(10))
+            shared.producer.publish_record(
+                &shared.dead_letter_topic,
+                d.key.as_deref(),
+                &d.payload,
+                d.headers(),
+            )
         });
         let outcomes = join_all(sends).await;
         let mut failed = Vec::new();
         for (d, outcome) in pending.iter().zip(outcomes) {
-            if let Err((error, _)) = outcome {
+            if let Err(error) = outcome {
                 warn!(%error, "dead letter not acknowledged; retrying");
                 failed.push(*d);
             }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kalon_encoder::EncoderOptions;
 use kalon_kafka::KafkaSettings;
-use kalon_registry::deploy::DeploymentChanged;
+use kalon_events::{DeploymentChanged, TopicPayload};
 use kalon_registry::store;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -113,7 +113,7 @@ impl Reloader {
                     Some(Ok(message)) => {
                         let change = message
                             .payload()
-                            .and_then(|p| serde_json::from_slice::<DeploymentChanged>(p).ok());
+                            .and_then(|p| DeploymentChanged::decode(p).ok());
                         tracing::info!(?change, "deployment event");
                         "event"
                     }
