@@ -145,52 +145,39 @@ pub struct LmmJudgment {
     pub verdict: Option<JudgmentVerdict>,
 }
 
-impl LmmJudgment {
-    /// A comparison's event, occurring now.
-    pub fn compared(
-        judgment_id: Uuid,
-        query: &str,
-        aspect: Aspect,
-        rows: (&[String], &[String]),
-        verdict: JudgmentVerdict,
-        model: String,
-    ) -> Self {
-        LmmJudgment {
-            aspect,
-            judgment_id,
-            kind: JudgmentKind::Compare,
-            model,
-            occurred_at: now_micros(),
-            query: query.to_owned(),
-            row_a: rows.0.to_vec(),
-            row_b: rows.1.to_vec(),
-            score_a: None,
-            score_b: None,
-            verdict: Some(verdict),
-        }
-    }
+/// What a judgment found: a comparison's verdict or a scoring's two scores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum JudgmentOutcome {
+    Compared(JudgmentVerdict),
+    Scored(f64, f64),
+}
 
-    /// A scoring's event, occurring now.
-    pub fn scored(
+impl LmmJudgment {
+    /// A judgment's event, occurring now.
+    pub fn now(
         judgment_id: Uuid,
         query: &str,
         aspect: Aspect,
         rows: (&[String], &[String]),
-        scores: (f64, f64),
+        outcome: JudgmentOutcome,
         model: String,
     ) -> Self {
+        let (kind, scores, verdict) = match outcome {
+            JudgmentOutcome::Compared(verdict) => (JudgmentKind::Compare, None, Some(verdict)),
+            JudgmentOutcome::Scored(a, b) => (JudgmentKind::Score, Some((a, b)), None),
+        };
         LmmJudgment {
             aspect,
             judgment_id,
-            kind: JudgmentKind::Score,
+            kind,
             model,
             occurred_at: now_micros(),
             query: query.to_owned(),
             row_a: rows.0.to_vec(),
             row_b: rows.1.to_vec(),
-            score_a: Some(scores.0),
-            score_b: Some(scores.1),
-            verdict: None,
+            score_a: scores.map(|s| s.0),
+            score_b: scores.map(|s| s.1),
+            verdict,
         }
     }
 }

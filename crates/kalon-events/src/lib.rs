@@ -41,7 +41,8 @@ mod topics;
 
 pub use dead_letter::{dead_letter_headers, DeadLetterHeaders, DeadLetterReason, MAX_DETAIL_CHARS};
 pub use enrich::{
-    EnrichDeadLetter, EnrichTask, JudgmentKind, JudgmentVerdict, LmmJudgment, QueryRephrased,
+    EnrichDeadLetter, EnrichTask, JudgmentKind, JudgmentOutcome, JudgmentVerdict, LmmJudgment,
+    QueryRephrased,
 };
 pub use event::{
     Aspect, Click, DecodeError, Event, EventKind, Impression, Rating, ResultItem, MAX_EVENT_BYTES,

@@ -431,12 +431,12 @@ fn compared() -> LmmJudgment {
     let (a, b) = rows();
     LmmJudgment {
         occurred_at: at(),
-        ..LmmJudgment::compared(
+        ..LmmJudgment::now(
             id(2),
             "a photo of a cat",
             Aspect::Relevance,
             (&a, &b),
-            JudgmentVerdict::Win,
+            JudgmentOutcome::Compared(JudgmentVerdict::Win),
             "judge-1".into(),
         )
     }
@@ -446,12 +446,12 @@ fn scored() -> LmmJudgment {
     let (a, b) = rows();
     LmmJudgment {
         occurred_at: at(),
-        ..LmmJudgment::scored(
+        ..LmmJudgment::now(
             id(3),
             "a photo of a cat",
             Aspect::Aesthetic,
             (&a, &b),
-            (4.5, 2.0),
+            JudgmentOutcome::Scored(4.5, 2.0),
             "judge-1".into(),
         )
     }

@@ -89,6 +89,23 @@ pub fn flags_and_env<T: clap::Args>() -> Vec<String> {
         .collect()
 }
 
+/// The flags (and environment variables) of a service's config after the
+/// shared database and Kafka groups, which every config flattens first
+/// (asserted): what a service's own flag test compares with today's names.
+pub fn own_flags<T: clap::Args>() -> Vec<String> {
+    let flags = flags_and_env::<T>();
+    assert_eq!(
+        flags[..3],
+        [
+            "--database-url DATABASE_URL",
+            "--brokers KALON_KAFKA_BROKERS",
+            "--topic-prefix KALON_TOPIC_PREFIX"
+        ],
+        "the shared groups come first"
+    );
+    flags[3..].to_vec()
+}
+
 /// Logs a service's settings at start (at info, field `settings`), as its
 /// `Debug` prints them: secrets redacted.
 pub fn log_settings(settings: &dyn std::fmt::Debug) {

@@ -80,12 +80,9 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     #[test]
-    fn flags_and_environment_names_are_todays() {
-        let flags = kalon_service::flags_and_env::<EnricherConfig>();
-        // after --database-url, --brokers and --topic-prefix (kalon_service's
-        // groups, tested there; `new` passes them)
+    fn own_flags_and_environment_names_are_todays() {
         assert_eq!(
-            flags[3..],
+            kalon_service::own_flags::<EnricherConfig>(),
             [
                 "--group KALON_ENRICHER_GROUP",
                 "--membership KALON_ENRICHER_MEMBERSHIP",

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kalon_encoder::EncoderOptions;
-use kalon_kafka::KafkaSettings;
 use kalon_events::{DeploymentChanged, TopicPayload};
+use kalon_kafka::KafkaSettings;
 use kalon_registry::store;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;

@@ -458,20 +458,12 @@ async fn align(steps: usize, peer: AlignPeer<'_>) -> anyhow::Result<()> {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    kalonctl::quiet_when_stdout_closes();
-    let cli = Cli::parse();
-    // before the runtime starts any thread
-    kalon_model::train::pin_cpu_threads();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?
-        .block_on(async {
-            let _telemetry = kalon_telemetry::init("kalon-bench")?;
-            if !matches!(cli.which, Bench::Ingest { .. } | Bench::Judge(_)) {
-                // these run models in ONNX Runtime: fetch it now if this machine lacks it
-                tokio::task::spawn_blocking(kalonctl::tools::ensure_onnxruntime).await??;
-            }
-            run(&cli.globals, &cli.which).await
-        })
+    kalonctl::main_with(|cli: Cli| async move {
+        let _telemetry = kalon_telemetry::init("kalon-bench")?;
+        if !matches!(cli.which, Bench::Ingest { .. } | Bench::Judge(_)) {
+            // these run models in ONNX Runtime: fetch it now if this machine lacks it
+            tokio::task::spawn_blocking(kalonctl::tools::ensure_onnxruntime).await??;
+        }
+        run(&cli.globals, &cli.which).await
+    })
 }

@@ -106,6 +106,24 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A command-line program's `main` as kalonctl and kalon-bench run it:
+/// quiet on a closed stdout, arguments parsed, the CPU threads pinned before
+/// any runtime thread starts, then `run` on a multi-threaded runtime.
+pub fn main_with<C, F>(run: impl FnOnce(C) -> F) -> anyhow::Result<()>
+where
+    C: clap::Parser,
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    quiet_when_stdout_closes();
+    let cli = C::parse();
+    kalon_model::train::pin_cpu_threads();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(cli))
+}
+
 /// `kalonctl ... | head` closes stdout early, and `println!` then panics
 /// ("failed printing to stdout: Broken pipe"). Exit quietly with the status
 /// of a program stopped by SIGPIPE (141) instead; every other panic is

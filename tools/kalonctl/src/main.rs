@@ -99,15 +99,7 @@ enum TopicsAction {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    kalonctl::quiet_when_stdout_closes();
-    let cli = Cli::parse();
-    // before the runtime starts any thread
-    kalon_model::train::pin_cpu_threads();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?
-        .block_on(run(cli))
+    kalonctl::main_with(run)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
