@@ -5,6 +5,7 @@ use kalon_encoder::Embeddings;
 use serde::Serialize;
 
 use crate::algorithm::{hpir_agreement, paired_change, Judged};
+use crate::rephrase::{PromptVariant, Rephraser};
 use crate::scorer::{AestheticScorer, Candidate};
 
 use crate::dataset::{Embedded, HpirLine};
@@ -160,5 +161,109 @@ pub fn scorer_agreement(
         let n = item.row_a.len();
         let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len().max(1) as f64;
         Ok((mean(&scores[..n]), mean(&scores[n..])))
+    })
+}
+
+/// The catalog's embeddings by `encoder` (through ONNX Runtime).
+pub fn embed_catalog(
+    encoder: &kalon_encoder::Encoder,
+    data: &Embedded,
+) -> anyhow::Result<Embeddings> {
+    let mut pixels = Vec::new();
+    for i in 0..data.len() {
+        kalon_encoder::preprocess::push_image(&data.image(i), &encoder.manifest.image, &mut pixels);
+    }
+    Ok(encoder.image.embed_pixels(&pixels)?)
+}
+
+/// HPIR judgments of `encoder` with its catalog embeddings `images`, the
+/// items' queries rephrased by `rephraser` with `variant`.
+pub fn judge_encoder(
+    encoder: &kalon_encoder::Encoder,
+    images: &Embeddings,
+    data: &Embedded,
+    items: &[HpirLine],
+    rephraser: &dyn Rephraser,
+    variant: PromptVariant,
+) -> anyhow::Result<Judgments> {
+    let texts = items
+        .iter()
+        .map(|i| rephraser.rephrase(&i.query, variant))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let queries = encoder.text.embed_texts(&texts)?;
+    judgments(items, &queries, data, images)
+}
+
+/// One model's held-out figures.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ModelFigures {
+    pub hpir_accuracy: f64,
+    pub hpir_aesthetic: f64,
+    pub recall_at_10: f64,
+}
+
+/// An aligned model against its parent on the same held-out data: each
+/// model's figures, the paired change, the teacher alone, and the parent
+/// with each rephrasing variant (the paper's ablation).
+#[derive(Debug, Clone, Serialize)]
+pub struct AlignmentReport {
+    pub pretrained: ModelFigures,
+    pub aligned: ModelFigures,
+    pub change: AgreementChange,
+    /// The aesthetic teacher alone, rows by mean score.
+    pub scorer: Agreement,
+    pub rephrasing_ablation: std::collections::BTreeMap<&'static str, Agreement>,
+}
+
+/// Evaluates `aligned` against `pretrained` on the held-out `items` and
+/// captions of `data`; `rephraser` rephrases for the ablation.
+pub fn alignment_report(
+    pretrained: &kalon_encoder::Encoder,
+    aligned: &kalon_encoder::Encoder,
+    data: &Embedded,
+    items: &[HpirLine],
+    teacher: &dyn AestheticScorer,
+    rephraser: &dyn Rephraser,
+) -> anyhow::Result<AlignmentReport> {
+    let pretrained_images = embed_catalog(pretrained, data)?;
+    let aligned_images = embed_catalog(aligned, data)?;
+    let mut figures = Vec::new();
+    let mut judged = Vec::new();
+    for (encoder, images) in [(pretrained, &pretrained_images), (aligned, &aligned_images)] {
+        let judgments = judge_encoder(
+            encoder,
+            images,
+            data,
+            items,
+            rephraser,
+            PromptVariant::Original,
+        )?;
+        let agreement = judgments.agreement();
+        figures.push(ModelFigures {
+            hpir_accuracy: agreement.hpir_accuracy,
+            hpir_aesthetic: agreement.hpir_aesthetic,
+            recall_at_10: held_out_recall_at_10(data, images),
+        });
+        judged.push(judgments);
+    }
+    let mut rephrasing_ablation = std::collections::BTreeMap::new();
+    for variant in PromptVariant::ALL {
+        let agreement = judge_encoder(
+            pretrained,
+            &pretrained_images,
+            data,
+            items,
+            rephraser,
+            variant,
+        )?
+        .agreement();
+        rephrasing_ablation.insert(variant.name(), agreement);
+    }
+    Ok(AlignmentReport {
+        pretrained: figures[0],
+        aligned: figures[1],
+        change: judged[1].change_from(&judged[0]),
+        scorer: scorer_agreement(items, data, teacher)?,
+        rephrasing_ablation,
     })
 }

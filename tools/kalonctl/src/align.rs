@@ -12,7 +12,7 @@ use kalon_align::pipeline::{self, checkpointed, parent_config, Progress};
 use kalon_align::rephrase::PromptVariant;
 use kalon_align::train::AlignConfig;
 use kalon_align::{AestheticScorer, ImageSource, LmmScorer, LowLevelScorer, ModelScorer};
-use kalon_encoder::{Embeddings, Encoder, EncoderOptions};
+use kalon_encoder::{Encoder, EncoderOptions};
 use kalon_llm::blocking::Blocking;
 use kalon_llm::{Judge, LlmClient, LlmConfig};
 use kalon_sim_llm::WorldRephraser;
@@ -235,34 +235,6 @@ pub fn align(
     Ok(aligned.data)
 }
 
-/// Evaluation of one encoder on the world's held-out data.
-/// The catalog's embeddings by `encoder` (through ONNX Runtime).
-fn embed_catalog(encoder: &Encoder, data: &Embedded) -> anyhow::Result<Embeddings> {
-    let mut pixels = Vec::new();
-    for i in 0..data.len() {
-        kalon_encoder::preprocess::push_image(&data.image(i), &encoder.manifest.image, &mut pixels);
-    }
-    Ok(encoder.image.embed_pixels(&pixels)?)
-}
-
-/// HPIR judgments of `encoder` with its catalog embeddings `images`, the
-/// items' queries rephrased with `variant`.
-fn evaluate(
-    encoder: &Encoder,
-    images: &Embeddings,
-    data: &Embedded,
-    items: &[dataset::HpirLine],
-    variant: PromptVariant,
-) -> anyhow::Result<eval::Judgments> {
-    let rephraser = WorldRephraser::default();
-    let texts = items
-        .iter()
-        .map(|i| kalon_align::rephrase::Rephraser::rephrase(&rephraser, &i.query, variant))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let queries = encoder.text.embed_texts(&texts)?;
-    eval::judgments(items, &queries, data, images)
-}
-
 /// `pretrain`: how the reference model is pretrained when the world has
 /// none yet (its pooling also names the aligned model's directory).
 pub fn eval_align(
@@ -322,7 +294,15 @@ pub fn eval_align(
     let options = EncoderOptions::from_env()?;
     let pretrained = Encoder::load(&prepared.model, &options)?;
     let aligned = Encoder::load(&aligned_dir, &options)?;
-    let mut report = serde_json::Map::new();
+    let rephraser = WorldRephraser::default();
+    let report = eval::alignment_report(
+        &pretrained,
+        &aligned,
+        &data,
+        &items,
+        teacher.as_ref(),
+        &rephraser,
+    )?;
     println!(
         "held-out evaluation, world seed {seed}: {} HPIR items, {} held-out captions",
         items.len(),
@@ -332,37 +312,15 @@ pub fn eval_align(
         "{:<12} {:>14} {:>14} {:>12}",
         "model", "hpir_accuracy", "hpir_aesthetic", "recall@10"
     );
-    let pretrained_images = embed_catalog(&pretrained, &data)?;
-    let aligned_images = embed_catalog(&aligned, &data)?;
-    let mut judged = Vec::new();
-    for (name, encoder, image_embeds) in [
-        ("pretrained", &pretrained, &pretrained_images),
-        ("aligned", &aligned, &aligned_images),
+    for (name, f) in [
+        ("pretrained", &report.pretrained),
+        ("aligned", &report.aligned),
     ] {
-        let judgments = evaluate(
-            encoder,
-            image_embeds,
-            &data,
-            &items,
-            PromptVariant::Original,
-        )?;
-        let agreement = judgments.agreement();
-        judged.push(judgments);
-        let recall = eval::held_out_recall_at_10(&data, image_embeds);
         println!(
-            "{name:<12} {:>14.3} {:>14.3} {recall:>12.3}",
-            agreement.hpir_accuracy, agreement.hpir_aesthetic
-        );
-        report.insert(
-            name.into(),
-            serde_json::json!({
-                "hpir_accuracy": agreement.hpir_accuracy,
-                "hpir_aesthetic": agreement.hpir_aesthetic,
-                "recall_at_10": recall,
-            }),
+            "{name:<12} {:>14.3} {:>14.3} {:>12.3}",
+            f.hpir_accuracy, f.hpir_aesthetic, f.recall_at_10
         );
     }
-    let change = judged[1].change_from(&judged[0]);
     let points = |c: eval::Change| {
         format!(
             "{:+.1} +- {:.1}",
@@ -373,20 +331,17 @@ pub fn eval_align(
     println!(
         "{:<12} {:>14} {:>14}   (points, paired standard error over the same items)",
         "change",
-        points(change.hpir_accuracy),
-        points(change.hpir_aesthetic)
+        points(report.change.hpir_accuracy),
+        points(report.change.hpir_aesthetic)
     );
-    report.insert("change".into(), serde_json::to_value(change)?);
-    let agreement = eval::scorer_agreement(&items, &data, teacher.as_ref())?;
     println!(
         "{:<12} {:>14.3} {:>14.3} {:>12}",
-        "teacher", agreement.hpir_accuracy, agreement.hpir_aesthetic, "-"
+        "teacher", report.scorer.hpir_accuracy, report.scorer.hpir_aesthetic, "-"
     );
     println!(
         "(teacher: the {} scorer alone, rows by mean score)",
         teacher.name()
     );
-    report.insert("scorer".into(), serde_json::to_value(agreement)?);
     println!(
         "\nrephrasing ablation (pretrained model, eval queries rephrased by the world's LLM):"
     );
@@ -394,19 +349,18 @@ pub fn eval_align(
         "{:<12} {:>14} {:>14}",
         "variant", "hpir_accuracy", "hpir_aesthetic"
     );
-    let mut ablation = serde_json::Map::new();
     for variant in PromptVariant::ALL {
-        let agreement =
-            evaluate(&pretrained, &pretrained_images, &data, &items, variant)?.agreement();
+        let agreement = &report.rephrasing_ablation[variant.name()];
         println!(
             "{:<12} {:>14.3} {:>14.3}",
             variant.name(),
             agreement.hpir_accuracy,
             agreement.hpir_aesthetic
         );
-        ablation.insert(variant.name().into(), serde_json::to_value(agreement)?);
     }
-    report.insert("rephrasing_ablation".into(), ablation.into());
+    let serde_json::Value::Object(mut report) = serde_json::to_value(&report)? else {
+        unreachable!("a struct serialises to an object")
+    };
     report.insert("seed".into(), seed.into());
     let report = serde_json::Value::Object(report);
     if let Some(path) = json {
