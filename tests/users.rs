@@ -1,13 +1,13 @@
 //! The simulated people (`sim/users`) against a running search service over
 //! HTTP: they search with training queries only, click and rate by the
-//! oracle, their feedback reaches its topics through search's API, and the
-//! same seed gives the same people.
+//! oracle, their feedback reaches its topics through search's API or produced
+//! to Kafka directly, and the same seed gives the same people.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use kalon_registry::store;
-use kalon_sim_users::{Population, SessionOutcome, UsersConfig};
+use kalon_sim_users::{FeedbackRoute, Population, SessionOutcome, UsersConfig};
 use kalon_tests::search as fixture;
 use kalon_tests::TestEnv;
 use kalon_world::text::Split;
@@ -79,8 +79,23 @@ async fn simulated_people_search_over_http_and_their_feedback_reaches_the_topics
     let people: HashSet<&str> = seen.iter().map(|o| o.user_id.as_str()).collect();
     assert_eq!(people.len(), 10);
 
-    // every click and rating reached its topic through the API, once
-    let (clicks, ratings) = (control.clicks as usize, control.ratings as usize);
+    // the same people may post their feedback straight to Kafka
+    let mut direct = config.clone();
+    direct.seed = 7;
+    direct.feedback = FeedbackRoute::Kafka(env.kafka.clone());
+    let mut seen_direct = Vec::new();
+    let report_direct = Population::new(direct)
+        .unwrap()
+        .run(|o| seen_direct.push(o.clone()))
+        .await;
+    assert_eq!((report_direct.sessions, report_direct.failed), (60, 0));
+    let control_direct = &report_direct.variants["control"];
+    assert!(control_direct.clicks > 0 && control_direct.ratings > 0);
+
+    // every click and rating reached its topic (through the API or
+    // produced), once
+    let clicks = (control.clicks + control_direct.clicks) as usize;
+    let ratings = (control.ratings + control_direct.ratings) as usize;
     let kafka = env.kafka.clone();
     let (click_messages, rating_messages) = tokio::task::spawn_blocking(move || {
         (
@@ -104,11 +119,11 @@ async fn simulated_people_search_over_http_and_their_feedback_reaches_the_topics
         (click_messages.len(), rating_messages.len()),
         (clicks, ratings)
     );
-    let acknowledged: HashSet<String> = seen
-        .iter()
+    let everyone = || seen.iter().chain(&seen_direct);
+    let acknowledged: HashSet<String> = everyone()
         .flat_map(|o| o.feedback_event_ids.iter().cloned())
         .collect();
-    let requests: HashSet<&str> = seen.iter().map(|o| o.request_id.as_str()).collect();
+    let requests: HashSet<&str> = everyone().map(|o| o.request_id.as_str()).collect();
     for message in click_messages.iter().chain(&rating_messages) {
         let event: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
         assert!(acknowledged.contains(event["event_id"].as_str().unwrap()));

@@ -7,7 +7,9 @@
 //! ([`kalon_world::Users::browse`]: a rank is examined with probability
 //! `1 / rank^bias`, an examined image clicked by its relevance and the hidden
 //! oracle's beauty), sometimes rates what it clicked, and posts each click
-//! and rating through search's feedback API.
+//! and rating through search's feedback API, or produces them straight to
+//! their Kafka topics ([`FeedbackRoute`]), as a client that talks to Kafka
+//! would.
 //!
 //! Every random draw of session `s` comes from its own stream of the seed,
 //! so the same seed gives the same people making the same choices whatever
@@ -18,11 +20,24 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use futures::StreamExt;
+use kalon_events::{Aspect, Click, Event, Rating};
 use kalon_world::text::Split;
 use kalon_world::{Catalog, ImageMeta, Oracle, Query, QuerySet, Users};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// How people's clicks and ratings reach Kalon.
+#[derive(Debug, Clone, Default)]
+pub enum FeedbackRoute {
+    /// Search's feedback API (`POST /v1/feedback/click`, `/rating`).
+    #[default]
+    Api,
+    /// Produced to `search.click.v1` / `search.rating.v1` directly.
+    Kafka(kalon_kafka::KafkaSettings),
+}
 
 /// Who the people are and how much they search.
 #[derive(Debug, Clone)]
@@ -48,6 +63,7 @@ pub struct UsersConfig {
     pub k: u32,
     /// How people examine and click.
     pub behaviour: Users,
+    pub feedback: FeedbackRoute,
 }
 
 impl UsersConfig {
@@ -64,6 +80,7 @@ impl UsersConfig {
             concurrency: 8,
             k: 10,
             behaviour: Users::default(),
+            feedback: FeedbackRoute::Api,
         }
     }
 
@@ -156,6 +173,8 @@ pub struct Population {
     queries: Vec<Query>,
     oracle: Oracle,
     http: reqwest::Client,
+    /// Set when feedback goes to Kafka.
+    publisher: Option<(kalon_kafka::KafkaSettings, kalon_kafka::Publisher)>,
 }
 
 impl Population {
@@ -176,12 +195,20 @@ impl Population {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()?;
+        let publisher = match &config.feedback {
+            FeedbackRoute::Api => None,
+            FeedbackRoute::Kafka(kafka) => Some((
+                kafka.clone(),
+                kalon_kafka::Publisher::new(kafka, "kalon-sim-users", Duration::from_secs(10))?,
+            )),
+        };
         Ok(Population {
             config,
             catalog,
             queries,
             oracle: Oracle::default(),
             http,
+            publisher,
         })
     }
 
@@ -289,20 +316,39 @@ impl Population {
             .collect();
         // every draw before any request: the choices never depend on timing
         let mut feedback = Vec::new();
+        let mut events = Vec::new();
         for rank in browsed.clicks {
             let h = known_hits[rank as usize - 1];
             outcome.clicks.push((h.rank, h.image_id.clone()));
+            let dwell_ms = rng.random_range(500..20_000u64);
+            events.push(Event::Click(Click {
+                event_id: Uuid::now_v7(),
+                occurred_at: Utc::now(),
+                request_id: answer.request_id.clone(),
+                image_id: h.image_id.clone(),
+                rank: h.rank,
+                dwell_ms: Some(dwell_ms),
+            }));
             let body = serde_json::json!({
                 "request_id": answer.request_id,
                 "image_id": h.image_id,
                 "rank": h.rank,
-                "dwell_ms": rng.random_range(500..20_000u64),
+                "dwell_ms": dwell_ms,
             });
             feedback.push(("/v1/feedback/click", body));
         }
         for (rank, stars) in browsed.ratings {
             let h = known_hits[rank as usize - 1];
             outcome.ratings.push((h.rank, h.image_id.clone(), stars));
+            events.push(Event::Rating(Rating {
+                event_id: Uuid::now_v7(),
+                occurred_at: Utc::now(),
+                request_id: Some(answer.request_id.clone()),
+                query: query.text.clone(),
+                image_id: h.image_id.clone(),
+                stars,
+                aspect: Aspect::Aesthetic,
+            }));
             let body = serde_json::json!({
                 "request_id": answer.request_id,
                 "query": query.text,
@@ -312,9 +358,27 @@ impl Population {
             });
             feedback.push(("/v1/feedback/rating", body));
         }
-        for (path, body) in feedback {
-            let accepted: Accepted = self.post(path, body).await?;
-            outcome.feedback_event_ids.push(accepted.event_id);
+        match &self.publisher {
+            None => {
+                for (path, body) in feedback {
+                    let accepted: Accepted = self.post(path, body).await?;
+                    outcome.feedback_event_ids.push(accepted.event_id);
+                }
+            }
+            Some((kafka, publisher)) => {
+                for event in events {
+                    let id = event.event_id();
+                    publisher
+                        .publish(
+                            &kafka.topic(event.kind().topic()),
+                            id.as_bytes(),
+                            &event.to_json(),
+                            Default::default(),
+                        )
+                        .await?;
+                    outcome.feedback_event_ids.push(id.to_string());
+                }
+            }
         }
         Ok((outcome, unknown))
     }

@@ -49,6 +49,16 @@ struct Cli {
     /// Chance that a click is followed by a star rating.
     #[arg(long, default_value_t = 0.05)]
     rating_rate: f64,
+    /// Where clicks and ratings go: `api` (search's feedback API) or
+    /// `kafka` (produced to their topics directly).
+    #[arg(long, default_value = "api", value_parser = ["api", "kafka"])]
+    feedback: String,
+    /// Kafka bootstrap servers (with --feedback kafka).
+    #[arg(long, env = "KALON_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Prefix of every topic name (with --feedback kafka).
+    #[arg(long, env = "KALON_TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
 }
 
 #[tokio::main]
@@ -68,6 +78,12 @@ async fn main() -> anyhow::Result<()> {
     config.k = cli.k;
     config.behaviour.position_bias = cli.position_bias;
     config.behaviour.rating_rate = cli.rating_rate;
+    if cli.feedback == "kafka" {
+        config.feedback = kalon_sim_users::FeedbackRoute::Kafka(kalon_kafka::KafkaSettings::new(
+            &cli.brokers,
+            &cli.topic_prefix,
+        ));
+    }
     let population = Population::new(config)?;
     let mut done = 0u64;
     let report = population
