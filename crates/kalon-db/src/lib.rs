@@ -154,7 +154,9 @@ pub async fn drop_database(url: &str) -> Result<()> {
 }
 
 /// The URL with any password replaced by `***`, for messages and logs: the
-/// one in the user part and a `password=` query parameter. A string that is
+/// one in the user part and a query parameter that names a secret
+/// (`password=`, and for HTTP endpoints such as an LLM proxy's `key=`,
+/// `api-key=`, `api_key=`, `token=`, `secret=`, `sig=`). A string that is
 /// not a URL with a host part (`scheme://...`) prints as `[unparsable URL]`:
 /// a password could be anywhere in it.
 pub fn redact(url: &str) -> String {
@@ -165,7 +167,13 @@ pub fn redact(url: &str) -> String {
     if parsed.password().is_some() {
         let _ = parsed.set_password(Some("***"));
     }
-    let secret = |key: &str| key.eq_ignore_ascii_case("password");
+    let secret = |key: &str| {
+        let key = key.to_ascii_lowercase();
+        [
+            "password", "key", "api-key", "api_key", "apikey", "token", "secret", "sig",
+        ]
+        .contains(&key.as_str())
+    };
     if parsed.query_pairs().any(|(key, _)| secret(&key)) {
         let pairs: Vec<(String, String)> = parsed
             .query_pairs()
@@ -204,6 +212,10 @@ mod tests {
         assert_eq!(
             redact("postgres://u@h/db?sslmode=require&password=secret"),
             "postgres://u@h/db?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact("https://user:sk-1@llm.example/v1?api-key=sk-2&deployment=d"),
+            "https://user:***@llm.example/v1?api-key=***&deployment=d"
         );
         assert_eq!(redact("u:secret@h/db"), "[unparsable URL]");
         assert_eq!(redact("not a url: secret"), "[unparsable URL]");

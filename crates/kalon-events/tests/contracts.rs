@@ -656,7 +656,8 @@ fn model_deployment_round_trips_and_refuses_wrong_payloads() {
     );
 }
 
-/// What services/search/src/deploy.rs declares and serializes.
+/// What search's deploy.rs declared and serialized before the type moved
+/// here (kalon-registry's deploy now publishes this crate's type).
 #[derive(serde::Serialize)]
 struct SearchDeploymentChanged {
     event_id: Uuid,

@@ -3,8 +3,7 @@
 //! tokens, cost and latency) and published on `lmm.judgment.v1`. The canary
 //! analysis reuses it.
 
-use chrono::SubsecRound as _;
-use kalon_events::{JudgmentKind, JudgmentVerdict, LmmJudgment, TopicPayload};
+use kalon_events::{JudgmentKind, JudgmentOutcome, JudgmentVerdict, LmmJudgment, TopicPayload};
 use kalon_kafka::KafkaSettings;
 use kalon_kafka::Publisher;
 use kalon_llm::judge::{Judge, Row};
@@ -134,6 +133,11 @@ impl JudgmentRecorder {
             .fold(0.0, f64::max);
         let model = calls.last().map(|c| c.model.clone()).unwrap_or_default();
         let raw: Vec<&str> = calls.iter().map(|c| c.raw.as_str()).collect();
+        let outcome = match (recorded.verdict, recorded.scores) {
+            (Some(v), _) => JudgmentOutcome::Compared(verdict(v)),
+            (None, Some((a, b))) => JudgmentOutcome::Scored(a, b),
+            (None, None) => anyhow::bail!("a judgment with neither a verdict nor scores"),
+        };
         let kind = if recorded.verdict.is_some() {
             JudgmentKind::Compare
         } else {
@@ -163,19 +167,14 @@ impl JudgmentRecorder {
         .bind(serde_json::json!(raw))
         .execute(&self.pool)
         .await?;
-        let event = LmmJudgment {
+        let event = LmmJudgment::now(
+            recorded.judgment_id,
+            query,
             aspect,
-            judgment_id: recorded.judgment_id,
-            kind,
+            (&a.ids, &b.ids),
+            outcome,
             model,
-            occurred_at: chrono::Utc::now().trunc_subsecs(6),
-            query: query.to_owned(),
-            row_a: a.ids.clone(),
-            row_b: b.ids.clone(),
-            score_a: recorded.scores.map(|s| s.0),
-            score_b: recorded.scores.map(|s| s.1),
-            verdict: recorded.verdict.map(verdict),
-        };
+        );
         self.producer
             .publish(
                 &self.kafka.topic(LmmJudgment::TOPIC),

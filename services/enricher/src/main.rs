@@ -21,7 +21,11 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = kalon_telemetry::init("kalon-enricher")?;
     let llm = LlmConfig::from_env()?;
     kalon_service::log_settings(&cli.config);
-    kalon_service::log_settings(&llm);
+    // the endpoint may carry a key in its URL (a proxy's `?api-key=`)
+    kalon_service::log_settings(&kalon_llm::LlmConfig {
+        base_url: kalon_db::redact(&llm.base_url),
+        ..llm.clone()
+    });
     let health_addr = cli.config.consumer.health_addr;
     let enricher = Enricher::build(cli.config, llm).await?;
     let readiness = std::sync::Arc::new(enricher.consuming().readiness());

@@ -152,7 +152,9 @@ impl Ingest {
         .await
         .context("failed to take the event partitions")?;
         let metrics = Metrics::new(consuming.health());
-        let producer = Publisher::new(&kafka, "kalon-ingest-dlq", Duration::from_secs(10))
+        // librdkafka's default delivery timeout (5 min), as before: a dead
+        // letter is retried by the client rather than given up and re-sent
+        let producer = Publisher::new(&kafka, "kalon-ingest-dlq", Duration::from_secs(300))
             .context("failed to create the dead-letter producer")?;
         info!(topics = ?topics, group = %config.consumer.group_id, membership = %consuming.membership(), "ingest consuming");
         Ok(Ingest {
