@@ -136,6 +136,20 @@ impl Injector for HeaderMap<'_> {
     }
 }
 
+/// Message headers from (name, value) pairs, in order: a contract's header
+/// set (`DeadLetterHeaders::to_headers`, `EnrichDeadLetter::headers`).
+pub fn headers_from(pairs: &[(&str, String)]) -> OwnedHeaders {
+    pairs.iter().fold(
+        OwnedHeaders::new_with_capacity(pairs.len()),
+        |headers, (key, value)| {
+            headers.insert(rdkafka::message::Header {
+                key,
+                value: Some(value.as_str()),
+            })
+        },
+    )
+}
+
 /// Adds the current span's trace context (`traceparent`, `tracestate`) to
 /// `headers`. Without an active trace nothing is added.
 pub fn inject_trace(headers: OwnedHeaders) -> OwnedHeaders {

@@ -37,7 +37,7 @@ use kalon_llm::rephrase::ask_rephrasing;
 use kalon_llm::{LlmClient, LlmConfig};
 use rand::Rng;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -382,15 +382,7 @@ impl Shared {
                         task: EnrichTask::Rephrase,
                         variant: variant.name().to_owned(),
                     };
-                    let headers =
-                        dead.headers()
-                            .iter()
-                            .fold(OwnedHeaders::new(), |headers, (key, value)| {
-                                headers.insert(Header {
-                                    key,
-                                    value: Some(value.as_str()),
-                                })
-                            });
+                    let headers = kalon_kafka::headers_from(&dead.headers());
                     self.producer
                         .publish(
                             &self.kafka.topic(EnrichDeadLetter::TOPIC),

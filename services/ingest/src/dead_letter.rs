@@ -1,7 +1,7 @@
 //! Dead letters: what ingest cannot accept, with why and where it came from.
 
 use kalon_events::{DeadLetterHeaders, DeadLetterReason};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 
 /// Header names on dead-lettered messages (ingest's reasons: `oversized`,
 /// `bad_json`, `schema_violation`, `unknown_topic`, `rejected_by_database`).
@@ -33,14 +33,6 @@ impl DeadLetter {
     }
 
     pub fn headers(&self) -> OwnedHeaders {
-        self.contract().to_headers().iter().fold(
-            OwnedHeaders::new_with_capacity(5),
-            |headers, (key, value)| {
-                headers.insert(Header {
-                    key,
-                    value: Some(value.as_str()),
-                })
-            },
-        )
+        kalon_kafka::headers_from(&self.contract().to_headers())
     }
 }
