@@ -73,6 +73,7 @@ fn every_kalon_service_runs_a_workspace_binary() {
         "jaeger",
         "ingest",
         "enricher",
+        "trainer",
     ] {
         assert!(services.contains_key(required), "compose has {required}");
     }

@@ -19,7 +19,7 @@ use crate::adapter::AdapterKind;
 use crate::dataset::Embedded;
 use crate::rephrase::Rephraser;
 use crate::train::{AlignConfig, AlignStep};
-use crate::{dataset, dpo, train, AestheticScorer};
+use crate::{dataset, dpo, train, AestheticScorer, PreferencePair};
 
 /// One alignment run.
 pub struct AlignJob<'a> {
@@ -133,36 +133,23 @@ pub fn align(job: &AlignJob, progress: &mut dyn FnMut(Progress<'_>)) -> anyhow::
             )));
         }
     }
-    std::fs::create_dir_all(out)?;
-    let log_path = out.join("align-log.jsonl");
-    let mut log = std::io::BufWriter::new(
-        std::fs::File::create(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?,
-    );
     progress(Progress::Training {
         steps: config.steps,
     });
-    let mut last = None;
-    let set = data.training_set(&query_embeds, &pairs);
-    let on_step = |step: AlignStep| {
-        progress(Progress::Step(&step));
-        // one line per step, flushed, so `tail -f` follows the run
-        let _ = serde_json::to_writer(&mut log, &step);
-        let _ = log.write_all(b"\n").and_then(|()| log.flush());
-        last = Some(step);
-    };
     let config = &checkpointed(config, out);
     let device = kalon_model::train::training_device()?;
+    let set = data.training_set(&query_embeds, &pairs);
     let training = Instant::now();
-    let trained = if job.tower {
-        Trained::Tower(Box::new(train::train_tower(
-            &device, &data, &set, model, config, on_step,
-        )?))
-    } else {
-        Trained::Adapter(train::train_adapter(&device, &set, config, on_step)?)
-    };
+    let (trained, last) = logged_steps(out, progress, |on_step| {
+        Ok(if job.tower {
+            Trained::Tower(Box::new(train::train_tower(
+                &device, &data, &set, model, config, on_step,
+            )?))
+        } else {
+            Trained::Adapter(train::train_adapter(&device, &set, config, on_step)?)
+        })
+    })?;
     let train_seconds = training.elapsed().as_secs_f64();
-    log.flush()?;
     let seconds = started.elapsed().as_secs_f64();
     let notes = serde_json::json!({
         "parent_config": parent_config(&encoder.manifest),
@@ -190,5 +177,141 @@ pub fn align(job: &AlignJob, progress: &mut dyn FnMut(Progress<'_>)) -> anyhow::
         data,
         pairs: pairs.len(),
         seconds,
+    })
+}
+
+/// Runs `train` with a step callback that reports each step to `progress`
+/// and appends it to `out/align-log.jsonl` (one flushed line per step, so
+/// `tail -f` follows the run); returns what it trained and the last step.
+fn logged_steps<T>(
+    out: &Path,
+    progress: &mut dyn FnMut(Progress<'_>),
+    train: impl FnOnce(&mut dyn FnMut(AlignStep)) -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Option<AlignStep>)> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let log_path = out.join("align-log.jsonl");
+    let mut log = std::io::BufWriter::new(
+        std::fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?,
+    );
+    let mut last = None;
+    let trained = train(&mut |step: AlignStep| {
+        progress(Progress::Step(&step));
+        let _ = serde_json::to_writer(&mut log, &step);
+        let _ = log.write_all(b"\n").and_then(|()| log.flush());
+        last = Some(step);
+    })?;
+    log.flush()?;
+    Ok((trained, last))
+}
+
+/// A training run on preference pairs alone (the trainer service's): the
+/// adapter on `parent`, trained with Ranked DPO on `pairs` (every source,
+/// each with its confidence weight) and the dataset's captions as the
+/// anchor, exported to `out`.
+pub struct PairsJob<'a> {
+    /// The dataset folder: the catalog's images and captions.
+    pub dataset: &'a Path,
+    pub parent: &'a Path,
+    pub out: &'a Path,
+    pub config: &'a AlignConfig,
+    pub pairs: &'a [PreferencePair],
+    pub device: &'a candle_core::Device,
+    /// Written into the aligned encoder's manifest notes (run id, window).
+    pub notes: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Seconds per phase of a [`train_on_pairs`] run.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PhaseSeconds {
+    pub load: f64,
+    pub train: f64,
+    pub export: f64,
+}
+
+/// A finished [`train_on_pairs`] run.
+pub struct TrainedOnPairs {
+    /// The parent encoder, and the dataset as it embedded it.
+    pub parent: Encoder,
+    pub data: Embedded,
+    /// Pairs trained on, and pairs skipped because an image is not a
+    /// training image of the catalog.
+    pub used: usize,
+    pub skipped: usize,
+    pub last: Option<AlignStep>,
+    pub seconds: PhaseSeconds,
+}
+
+/// What [`train_on_pairs`] found before training: too few usable pairs.
+#[derive(Debug, thiserror::Error)]
+#[error("{usable} usable pairs ({skipped} skipped: an image is not a training image of the catalog); a run needs at least {needed}")]
+pub struct TooFewPairs {
+    pub usable: usize,
+    pub skipped: usize,
+    pub needed: usize,
+}
+
+/// Trains the adapter on `job.pairs` (at least `min_pairs` of them usable).
+pub fn train_on_pairs(
+    job: &PairsJob,
+    min_pairs: usize,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> anyhow::Result<TrainedOnPairs> {
+    let started = Instant::now();
+    let parent = Encoder::load(job.parent, &EncoderOptions::from_env()?)
+        .with_context(|| format!("cannot load the parent encoder {}", job.parent.display()))?;
+    let data = Embedded::load(job.dataset, &parent)?;
+    let mut pairs = Vec::new();
+    let mut queries = kalon_encoder::Embeddings {
+        dim: parent.manifest.embedding_dim,
+        data: Vec::new(),
+    };
+    let skipped = dpo::add_pairs(&data, &parent, job.pairs, &mut pairs, &mut queries)?;
+    if pairs.len() < min_pairs.max(1) {
+        return Err(TooFewPairs {
+            usable: pairs.len(),
+            skipped,
+            needed: min_pairs.max(1),
+        }
+        .into());
+    }
+    let load = started.elapsed().as_secs_f64();
+    progress(Progress::Note(format!(
+        "{} pairs ({skipped} skipped), {} queries, {} catalog images embedded in {load:.1} s",
+        pairs.len(),
+        queries.len(),
+        data.len()
+    )));
+    progress(Progress::Training {
+        steps: job.config.steps,
+    });
+    let set = data.training_set(&queries, &pairs);
+    let training = Instant::now();
+    let (adapter, last) = logged_steps(job.out, progress, |on_step| {
+        train::train_adapter(job.device, &set, job.config, on_step)
+    })?;
+    let train_seconds = training.elapsed().as_secs_f64();
+    let exporting = Instant::now();
+    let mut notes = job.notes.clone();
+    notes.insert(
+        "parent_config".into(),
+        parent_config(&parent.manifest),
+    );
+    notes.insert("pairs".into(), pairs.len().into());
+    notes.insert("config".into(), serde_json::to_value(job.config)?);
+    notes.insert("last_step".into(), serde_json::to_value(last)?);
+    adapter.export(job.parent, job.out, notes)?;
+    let used = pairs.len();
+    Ok(TrainedOnPairs {
+        parent,
+        data,
+        used,
+        skipped,
+        last,
+        seconds: PhaseSeconds {
+            load,
+            train: train_seconds,
+            export: exporting.elapsed().as_secs_f64(),
+        },
     })
 }

@@ -50,6 +50,10 @@ pub struct AlignConfig {
     /// tower alone.
     #[serde(default)]
     pub adapter: AdapterKind,
+    /// Stop with an error (nothing exported) when training runs longer
+    /// than this many seconds.
+    #[serde(default)]
+    pub time_budget_s: Option<f64>,
 }
 
 /// The step a checkpoint file was written after, from its name.
@@ -89,6 +93,7 @@ impl Default for AlignConfig {
             resume: None,
             pairs_file: None,
             adapter: AdapterKind::default(),
+            time_budget_s: None,
         }
     }
 }
@@ -198,7 +203,15 @@ fn optimise(
             sample(&mut rng);
         }
     }
+    let started = std::time::Instant::now();
     for step in first..config.steps {
+        if let Some(budget) = config.time_budget_s {
+            anyhow::ensure!(
+                started.elapsed().as_secs_f64() <= budget,
+                "training ran past its time budget of {budget} s at step {step} of {}; nothing is exported",
+                config.steps
+            );
+        }
         let (batch, captions) = sample(&mut rng);
         let rows = |pick: fn(&IndexedPair) -> usize| batch.iter().map(pick).collect::<Vec<_>>();
         // winners, losers and captions go through the model as one batch

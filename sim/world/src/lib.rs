@@ -24,7 +24,7 @@ pub mod text;
 
 pub use catalog::{Catalog, Colour, ImageMeta, Scene, Style, Subject};
 pub use export::{export, Exported, WorldSpec};
-pub use oracle::{HpirItem, Oracle};
+pub use oracle::{oracle_pairs, HpirItem, Oracle, OraclePair};
 pub use text::{Query, QuerySet};
 
 use rand::rngs::StdRng;

@@ -280,3 +280,54 @@ mod tests {
         );
     }
 }
+
+/// A preference the world's people hold: for `query`, `better` is more
+/// beautiful than `worse` (by at least the gap asked for).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OraclePair {
+    pub query: String,
+    pub better: String,
+    pub worse: String,
+}
+
+/// `n` preferences over random images of the world of `world_seed` and
+/// `images`, for its training queries (evaluation queries stay held out):
+/// what perfectly informed feedback would say. Tests and benchmarks of the
+/// trainer fill the pairs table with these (inverted, a deliberately bad
+/// signal). The same seeds give the same pairs.
+pub fn oracle_pairs(
+    world_seed: u64,
+    images: usize,
+    n: usize,
+    min_gap: f64,
+    seed: u64,
+) -> Vec<OraclePair> {
+    let catalog = Catalog::generate(world_seed, images);
+    let queries: Vec<Query> = crate::text::QuerySet::generate(world_seed, 160)
+        .queries
+        .into_iter()
+        .filter(|q| q.split == Split::Train)
+        .collect();
+    let oracle = Oracle::default();
+    let mut rng = crate::stream(seed, "oracle-pairs");
+    let mut pairs = Vec::with_capacity(n);
+    if catalog.images.len() < 2 || queries.is_empty() {
+        return pairs;
+    }
+    while pairs.len() < n {
+        let query = &queries[rng.random_range(0..queries.len())];
+        let a = &catalog.images[rng.random_range(0..catalog.images.len())];
+        let b = &catalog.images[rng.random_range(0..catalog.images.len())];
+        let (beauty_a, beauty_b) = (oracle.aesthetic(query, a), oracle.aesthetic(query, b));
+        if a.id == b.id || (beauty_a - beauty_b).abs() < min_gap {
+            continue;
+        }
+        let (better, worse) = if beauty_a > beauty_b { (a, b) } else { (b, a) };
+        pairs.push(OraclePair {
+            query: query.text.clone(),
+            better: better.id.clone(),
+            worse: worse.id.clone(),
+        });
+    }
+    pairs
+}

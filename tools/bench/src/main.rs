@@ -25,6 +25,7 @@ use kalonctl::{events, Globals};
 mod encoder;
 mod judge;
 mod search;
+mod trainer;
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +71,8 @@ pub enum Bench {
     },
     /// The search service under HTTP load (oha) over a large corpus, and its HNSW index against faiss-cpu (and instant-distance) at the same recall.
     Search(crate::search::SearchBenchArgs),
+    /// The trainer service: seconds from a trigger to a registered version (reference model, default data window), split into load / train / export / gate / upload.
+    Trainer(crate::trainer::TrainerBenchArgs),
     /// Encoder throughput on ONNX Runtime (images/s, texts/s) at batch 1 and 32, on a world's held-out pairs.
     Encoder {
         /// World (and pretrained model) seed, built when missing.
@@ -108,6 +111,7 @@ async fn run(cli: &Globals, bench: &Bench) -> anyhow::Result<()> {
             align(*steps, peer).await
         }
         Bench::Search(args) => crate::search::run(cli, args).await,
+        Bench::Trainer(args) => crate::trainer::run(cli, args).await,
         Bench::Encoder {
             seed,
             images,

@@ -11,6 +11,7 @@ pub mod model;
 pub mod search;
 pub mod sim;
 pub mod tools;
+pub mod trainer;
 
 use std::path::PathBuf;
 

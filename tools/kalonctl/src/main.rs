@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kalon_stack::StackState;
-use kalonctl::{demo, events, model, search, sim, stack_up, tools, Globals};
+use kalonctl::{demo, events, model, search, sim, stack_up, tools, trainer, Globals};
 
 #[derive(Parser)]
 #[command(version, about = "Kalon's operator command line")]
@@ -64,6 +64,11 @@ enum Command {
     SearchBootstrap(search::BootstrapArgs),
     /// Route a share of search traffic to an indexed model version (or take it out).
     Deploy(search::DeployArgs),
+    /// The trainer service's runs.
+    Runs {
+        #[command(subcommand)]
+        action: trainer::RunsAction,
+    },
 }
 
 #[derive(Subcommand)]
@@ -107,8 +112,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _telemetry = kalon_telemetry::init("kalonctl")?;
     if matches!(
         command,
-        Command::Train { .. }
-            | Command::Encoder { .. }
+        Command::Train {
+            action: model::Train::Pretrain { .. } | model::Train::Align(_)
+        } | Command::Encoder { .. }
             | Command::Eval { .. }
             | Command::Index(_)
             | Command::SearchBootstrap(_)
@@ -184,6 +190,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let action = action.clone();
             tokio::task::spawn_blocking(move || sim::run(&action)).await??
         }
+        Command::Train {
+            action: model::Train::Now(args),
+        } => trainer::now(&cli.endpoints(), args).await?,
         Command::Train { action } => {
             let action = action.clone();
             tokio::task::spawn_blocking(move || model::run_train(&action)).await??
@@ -201,6 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Deploy(args) => search::deploy(&cli.endpoints(), args).await?,
         Command::SearchBootstrap(args) => search::bootstrap(&cli.endpoints(), args).await?,
+        Command::Runs { action } => trainer::runs(&cli.endpoints(), action).await?,
     }
     Ok(())
 }

@@ -78,6 +78,8 @@ pub enum Train {
     },
     /// Ranked DPO alignment: D_po from LLM rephrasing + aesthetic re-ranking, an adapter on the image tower trained on the original queries, exported into the tower's ONNX graph.
     Align(crate::align::TrainAlignArgs),
+    /// Ask the trainer service to train now (from the promoted version, on the pairs in its window).
+    Now(crate::trainer::NowArgs),
 }
 
 #[derive(Clone, Subcommand)]
@@ -274,6 +276,7 @@ pub fn held_out_files(world: &Path) -> anyhow::Result<(Vec<Vec<u8>>, Vec<String>
 pub fn run_train(train: &Train) -> anyhow::Result<()> {
     match train {
         Train::Pretrain { world, out, args } => pretrain(world, out, args),
+        Train::Now(_) => unreachable!("kalonctl runs `train now` on the async runtime"),
         Train::Align(a) => {
             let teacher = crate::align::teacher(&a.args, &a.world, &a.model)?;
             crate::align::align(

@@ -194,5 +194,22 @@ pub async fn bootstrap(endpoints: &Endpoints, args: &BootstrapArgs) -> anyhow::R
     } else {
         eprintln!("deployments already present; left as they are");
     }
+    // the trainer trains from the promoted version: the first model is it
+    if kalon_registry::lifecycle::promoted(&pool).await?.is_none() {
+        let state = kalon_registry::store::version(&pool, &args.model_version)
+            .await?
+            .map(|v| v.state);
+        if state == Some(kalon_registry::lifecycle::State::Indexed) {
+            kalon_registry::lifecycle::promote(
+                &pool,
+                &args.model_version,
+                "kalonctl search-bootstrap",
+                "the first model: the trainer trains from it",
+                serde_json::json!({}),
+            )
+            .await?;
+            eprintln!("promoted {} (the trainer trains from it)", args.model_version);
+        }
+    }
     Ok(())
 }
