@@ -7,6 +7,11 @@
 //! the parent's with `v' = normalise(v + v A^T)` appended, and that is
 //! scale-invariant in `v`, so the parent's stored (unit) embeddings are the
 //! backbone features and the adapter is one d x d product per image.
+//!
+//! A version the trainer stored as an artifact is indexed from its
+//! materialized directory (`artifact::materialize`); the directory must
+//! hash to the version's artifact, and indexing moves a `gated_passed`
+//! version to `indexed`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,7 +22,8 @@ use kalon_encoder::{EncoderOptions, ImageEncoder, Manifest};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::store;
+use crate::lifecycle::{self, State};
+use crate::{artifact, store};
 
 /// What indexing did.
 #[derive(Debug, Clone, Serialize)]
@@ -76,7 +82,9 @@ pub struct IndexJob<'a> {
 }
 
 /// Embeds the catalog under `job.version`, stores it, and registers the
-/// version. `progress(done, total)` is called after each batch.
+/// version (a new name from a directory), or indexes a registered artifact
+/// version from its materialized directory. `progress(done, total)` is
+/// called after each batch.
 pub async fn index_version(
     pool: &PgPool,
     job: IndexJob<'_>,
@@ -95,9 +103,46 @@ pub async fn index_version(
     let dim = manifest.embedding_dim;
     let files = catalog_files(job.images)?;
 
+    let existing = store::version(pool, job.version).await?;
+    if let Some(v) = &existing {
+        if !matches!(
+            v.state,
+            State::GatedPassed | State::Indexed | State::Canary | State::Promoted
+        ) {
+            bail!(
+                "model version {} is {}; only a gated_passed, indexed, canary or promoted version is indexed",
+                v.version,
+                v.state
+            );
+        }
+    }
+    let artifact_version = existing.as_ref().filter(|v| v.artifact_sha256.is_some());
+    if let Some(v) = artifact_version {
+        let expected = v.artifact_sha256.clone().unwrap_or_default();
+        let hashed = dir.clone();
+        let actual = tokio::task::spawn_blocking(move || artifact::dir_sha256(&hashed)).await??;
+        if actual != expected {
+            bail!(
+                "{} has sha256 {actual}, but model version {} is the artifact {expected}: \
+                 index it from `artifact::materialize`",
+                dir.display(),
+                v.version
+            );
+        }
+        if v.embedding_dim as usize != dim {
+            bail!(
+                "the encoder in {} is {dim}-d, model version {} is registered {}-d",
+                dir.display(),
+                v.version,
+                v.embedding_dim
+            );
+        }
+    }
+
     // the parent whose embeddings an adapter-only version can reuse
     let adapter_path = dir.join(kalon_encoder::adapter::ADAPTER_FILE);
-    let parent = match job.parent {
+    let registered_parent = artifact_version.and_then(|v| v.parent.as_deref());
+    let parent = match job.parent.or(registered_parent) {
         Some(name) => Some(
             store::version(pool, name)
                 .await?
@@ -119,14 +164,16 @@ pub async fn index_version(
                 && p.embedding_dim as usize == dim
         })
         .cloned();
-    store::register_version(
-        pool,
-        job.version,
-        &dir.display().to_string(),
-        parent.as_ref().map(|p| p.version.as_str()),
-        dim,
-    )
-    .await?;
+    if artifact_version.is_none() {
+        store::register_version(
+            pool,
+            job.version,
+            &dir.display().to_string(),
+            parent.as_ref().map(|p| p.version.as_str()),
+            dim,
+        )
+        .await?;
+    }
 
     let method = if let Some(parent) = &reuse {
         let (adim, a) = kalon_encoder::adapter::read(&adapter_path)?;
@@ -181,6 +228,18 @@ pub async fn index_version(
         seconds,
         images_per_s: files.len() as f64 / seconds.max(1e-9),
     };
-    store::finish_index(pool, job.version, &serde_json::to_value(&outcome)?).await?;
+    let notes = serde_json::to_value(&outcome)?;
+    store::finish_index(pool, job.version, &notes).await?;
+    if existing.is_some_and(|v| v.state == State::GatedPassed) {
+        lifecycle::transition(
+            pool,
+            job.version,
+            State::Indexed,
+            "indexer",
+            "the catalog is embedded under this version",
+            notes,
+        )
+        .await?;
+    }
     Ok(outcome)
 }

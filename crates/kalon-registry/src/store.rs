@@ -1,25 +1,76 @@
 //! Postgres side of search: model versions, their image embeddings, and the
-//! deployments that route traffic (migrations/20261128000001_search.sql).
+//! deployments that route traffic (migrations/20261128000001_search.sql,
+//! and 20261207000001_registry_and_trainer.sql for a version's lifecycle
+//! state and artifact).
 
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use sqlx::PgPool;
+use uuid::Uuid;
 
-/// A model version search can serve.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+use crate::artifact::EncoderSource;
+use crate::lifecycle::{self, State};
+
+/// A model version: where its encoder is, where it is in its life, how
+/// much of the catalog it has embedded.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct ModelVersion {
     pub version: String,
-    pub encoder_dir: String,
+    /// The encoder directory on the search host (a person's `kalonctl
+    /// index`); `None` for an artifact version.
+    pub encoder_dir: Option<String>,
     pub parent: Option<String>,
     pub embedding_dim: i32,
     pub images_indexed: i32,
+    pub state: State,
+    /// Where the encoder is in the artifact store (`.../encoders/<sha256>`)
+    /// and the sha256 of its content (`artifact::dir_sha256`).
+    pub artifact_uri: Option<String>,
+    pub artifact_sha256: Option<String>,
+    pub training_run_id: Option<Uuid>,
+    /// The offline gate's figures and verdict (the trainer's versions).
+    pub gate: Option<serde_json::Value>,
+    pub indexed_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
 }
 
-/// One row of the `deployments` table, with where its encoder lives.
+impl ModelVersion {
+    /// Where its encoder comes from: the artifact when it has one, else
+    /// its directory.
+    pub fn source(&self) -> Option<EncoderSource> {
+        EncoderSource::of(
+            self.encoder_dir.as_deref(),
+            self.artifact_uri.as_deref(),
+            self.artifact_sha256.as_deref(),
+        )
+    }
+}
+
+const VERSION_COLUMNS: &str = "version, encoder_dir, parent, embedding_dim, images_indexed, \
+     state, artifact_uri, artifact_sha256, training_run_id, gate, indexed_at, created_at";
+
+/// One row of the `deployments` table, with where its version's encoder is.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Deployment {
     pub model_version: String,
     pub variant: String,
     pub weight: f64,
-    pub encoder_dir: String,
+    pub encoder_dir: Option<String>,
+    pub state: State,
+    pub artifact_uri: Option<String>,
+    pub artifact_sha256: Option<String>,
+    pub embedding_dim: i32,
+}
+
+impl Deployment {
+    /// Where its encoder comes from (see [`ModelVersion::source`]).
+    pub fn source(&self) -> Option<EncoderSource> {
+        EncoderSource::of(
+            self.encoder_dir.as_deref(),
+            self.artifact_uri.as_deref(),
+            self.artifact_sha256.as_deref(),
+        )
+    }
 }
 
 /// A version name or variant name as the tables accept it.
@@ -30,48 +81,102 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-/// Registers (or re-points) a model version.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Lifecycle(#[from] lifecycle::LifecycleError),
+    #[error("model version {0} is a stored artifact; it cannot be re-pointed at an encoder directory (choose another name)")]
+    HasArtifact(String),
+}
+
+/// Registers a model version from an encoder directory (`kalonctl index`):
+/// a new one enters as `indexed`, with its creating transition; an
+/// existing directory version is re-pointed (its state kept). A version
+/// stored as an artifact is never re-pointed.
 pub async fn register_version(
     pool: &PgPool,
     version: &str,
     encoder_dir: &str,
     parent: Option<&str>,
     embedding_dim: usize,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO model_versions (version, encoder_dir, parent, embedding_dim)
-         VALUES ($1, $2, $3, $4)
-         ON CONFLICT (version) DO UPDATE
-           SET encoder_dir = EXCLUDED.encoder_dir, parent = EXCLUDED.parent,
-               embedding_dim = EXCLUDED.embedding_dim",
-    )
-    .bind(version)
-    .bind(encoder_dir)
-    .bind(parent)
-    .bind(embedding_dim as i32)
-    .execute(pool)
-    .await?;
+) -> Result<(), RegisterError> {
+    let mut tx = pool.begin().await?;
+    let existing: Option<Option<String>> =
+        sqlx::query_scalar("SELECT artifact_uri FROM model_versions WHERE version = $1 FOR UPDATE")
+            .bind(version)
+            .fetch_optional(&mut *tx)
+            .await?;
+    match existing {
+        Some(Some(_)) => return Err(RegisterError::HasArtifact(version.to_owned())),
+        Some(None) => {
+            sqlx::query(
+                "UPDATE model_versions SET encoder_dir = $2, parent = $3, embedding_dim = $4
+                 WHERE version = $1",
+            )
+            .bind(version)
+            .bind(encoder_dir)
+            .bind(parent)
+            .bind(embedding_dim as i32)
+            .execute(&mut *tx)
+            .await?;
+        }
+        None => {
+            // a concurrent registration of the same name waits here, then
+            // fails on the primary key: nothing is registered twice
+            sqlx::query(
+                "INSERT INTO model_versions (version, encoder_dir, parent, embedding_dim, state)
+                 VALUES ($1, $2, $3, $4, 'indexed')",
+            )
+            .bind(version)
+            .bind(encoder_dir)
+            .bind(parent)
+            .bind(embedding_dim as i32)
+            .execute(&mut *tx)
+            .await?;
+            lifecycle::record_registered(&mut tx, version).await?;
+        }
+    }
+    tx.commit().await?;
     Ok(())
 }
 
 pub async fn version(pool: &PgPool, version: &str) -> sqlx::Result<Option<ModelVersion>> {
-    sqlx::query_as(
-        "SELECT version, encoder_dir, parent, embedding_dim, images_indexed
-         FROM model_versions WHERE version = $1",
-    )
+    sqlx::query_as(&format!(
+        "SELECT {VERSION_COLUMNS} FROM model_versions WHERE version = $1"
+    ))
     .bind(version)
     .fetch_optional(pool)
+    .await
+}
+
+/// Every version, oldest first.
+pub async fn versions(pool: &PgPool) -> sqlx::Result<Vec<ModelVersion>> {
+    versions_where(pool, "true").await
+}
+
+/// The versions a fixed SQL condition selects, oldest first.
+pub(crate) async fn versions_where(
+    pool: &PgPool,
+    condition: &'static str,
+) -> sqlx::Result<Vec<ModelVersion>> {
+    sqlx::query_as(&format!(
+        "SELECT {VERSION_COLUMNS} FROM model_versions WHERE {condition}
+         ORDER BY created_at, version"
+    ))
+    .fetch_all(pool)
     .await
 }
 
 /// The version registered for an encoder directory, if any (an aligned
 /// encoder records its parent's directory; this finds the parent version).
 pub async fn version_by_dir(pool: &PgPool, dir: &str) -> sqlx::Result<Option<ModelVersion>> {
-    sqlx::query_as(
-        "SELECT version, encoder_dir, parent, embedding_dim, images_indexed
-         FROM model_versions WHERE encoder_dir = $1 AND images_indexed > 0
-         ORDER BY created_at DESC LIMIT 1",
-    )
+    sqlx::query_as(&format!(
+        "SELECT {VERSION_COLUMNS} FROM model_versions
+         WHERE encoder_dir = $1 AND images_indexed > 0
+         ORDER BY created_at DESC LIMIT 1"
+    ))
     .bind(dir)
     .fetch_optional(pool)
     .await
@@ -180,10 +285,11 @@ pub async fn load_embeddings(
     Ok(out)
 }
 
-/// Every deployment, with its encoder directory, in variant order.
+/// Every deployment, with where its encoder is, in variant order.
 pub async fn deployments(pool: &PgPool) -> sqlx::Result<Vec<Deployment>> {
     sqlx::query_as(
-        "SELECT d.model_version, d.variant, d.weight, v.encoder_dir
+        "SELECT d.model_version, d.variant, d.weight, v.encoder_dir, v.state,
+                v.artifact_uri, v.artifact_sha256, v.embedding_dim
          FROM deployments d JOIN model_versions v ON v.version = d.model_version
          ORDER BY d.variant",
     )
@@ -203,9 +309,15 @@ pub enum DeployError {
     Weight(f64),
     #[error("variant name {0:?} must be 1-64 characters of A-Z a-z 0-9 . _ -")]
     Variant(String),
+    #[error(
+        "model version {version} is {state}: a version in that state is never offered to traffic"
+    )]
+    Refused { version: String, state: State },
 }
 
 /// Sets a version's variant and traffic weight (a new row or a change).
+/// Refuses a version that is not indexed, and one whose state may not
+/// serve (trained, gated_failed, rolled_back, retired).
 pub async fn set_deployment(
     pool: &PgPool,
     version: &str,
@@ -218,14 +330,25 @@ pub async fn set_deployment(
     if !valid_name(variant) {
         return Err(DeployError::Variant(variant.to_owned()));
     }
-    match self::version(pool, version).await? {
+    let mut tx = pool.begin().await?;
+    // locked, so no transition slips in between this check and the write
+    let found: Option<(State, i32)> = sqlx::query_as(
+        "SELECT state, images_indexed FROM model_versions WHERE version = $1 FOR SHARE",
+    )
+    .bind(version)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match found {
         None => return Err(DeployError::Unknown(version.to_owned())),
-        Some(v) if v.images_indexed == 0 => {
-            return Err(DeployError::NotIndexed(version.to_owned()))
+        Some((state, _)) if !state.may_serve() => {
+            return Err(DeployError::Refused {
+                version: version.to_owned(),
+                state,
+            })
         }
+        Some((_, 0)) => return Err(DeployError::NotIndexed(version.to_owned())),
         Some(_) => {}
     }
-    let mut tx = pool.begin().await?;
     // a variant name moves to the new version (e.g. "canary" re-pointed)
     sqlx::query("DELETE FROM deployments WHERE variant = $1 AND model_version <> $2")
         .bind(variant)

@@ -62,6 +62,11 @@ pub struct SearchConfig {
     /// HNSW candidate list while building (efConstruction).
     #[arg(long, env = "KALON_SEARCH_EF_CONSTRUCTION", default_value_t = 100)]
     pub ef_construction: usize,
+    /// Where model artifacts fetched from the artifact store are kept
+    /// (verified on every load) [default: $KALON_CACHE_DIR/models, else
+    /// ~/.cache/kalon/models].
+    #[arg(long, env = "KALON_SEARCH_MODEL_CACHE")]
+    pub model_cache: Option<PathBuf>,
 }
 
 impl SearchConfig {
@@ -115,6 +120,7 @@ mod tests {
                 "--ef-search KALON_SEARCH_EF",
                 "--hnsw-m KALON_SEARCH_HNSW_M",
                 "--ef-construction KALON_SEARCH_EF_CONSTRUCTION",
+                "--model-cache KALON_SEARCH_MODEL_CACHE",
             ]
         );
     }

@@ -56,6 +56,10 @@ impl Search {
             live: live.clone(),
             options: EncoderOptions::from_env()?,
             params: config.index_params(),
+            cache: config
+                .model_cache
+                .clone()
+                .unwrap_or_else(kalon_registry::artifact::default_cache_dir),
         };
         // without the broker search still serves what Postgres says; the
         // watcher is positioned once the broker answers (see Reloader::run)

@@ -26,6 +26,8 @@ pub struct Reloader {
     pub live: Arc<Live>,
     pub options: EncoderOptions,
     pub params: IndexParams,
+    /// Where fetched model artifacts are kept (verified on every load).
+    pub cache: std::path::PathBuf,
 }
 
 impl Reloader {
@@ -36,7 +38,13 @@ impl Reloader {
         let deployments = store::deployments(&self.pool).await?;
         let current = self.live.current();
         let next = current
-            .rebuild(&self.pool, &deployments, &self.options, self.params)
+            .rebuild(
+                &self.pool,
+                &deployments,
+                &self.cache,
+                &self.options,
+                self.params,
+            )
             .await?;
         let changed = next.variants.len() != current.variants.len()
             || next.variants.iter().zip(&current.variants).any(|(a, b)| {

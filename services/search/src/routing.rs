@@ -6,19 +6,25 @@
 //! drained, not cut off, and no request ever sees half a change.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use kalon_encoder::{EncoderOptions, Manifest, TextEncoder};
 use sqlx::PgPool;
 
 use crate::index::{IndexParams, VectorIndex};
+use kalon_registry::artifact;
 use kalon_registry::store::{self, Deployment};
 
 /// One model version loaded for serving: its text tower and the index of
 /// the catalog's image embeddings under that version.
 pub struct Served {
     pub version: String,
+    /// Where its encoder came from (`dir:<path>` or `sha256:<hash>`): a
+    /// deployment whose source changed is loaded again.
+    pub source: String,
+    /// The local directory the encoder was loaded from (an artifact's
+    /// verified copy in the model cache).
     pub encoder_dir: String,
     pub text: TextEncoder,
     pub index: VectorIndex,
@@ -30,6 +36,7 @@ impl std::fmt::Debug for Served {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Served")
             .field("version", &self.version)
+            .field("source", &self.source)
             .field("encoder_dir", &self.encoder_dir)
             .field("images", &self.ids.len())
             .finish()
@@ -38,6 +45,13 @@ impl std::fmt::Debug for Served {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// Its artifact would not fetch or verify (a hash mismatch among them):
+    /// the version is refused.
+    #[error("materializing the encoder of {version}: {source}")]
+    Artifact {
+        version: String,
+        source: kalon_registry::artifact::ArtifactError,
+    },
     #[error("loading the encoder of {version} from {dir}: {source}")]
     Encoder {
         version: String,
@@ -69,20 +83,42 @@ pub enum LoadError {
 }
 
 impl Served {
-    /// Loads a version's text tower and builds its index from Postgres.
+    /// Materializes a deployed version's encoder (an artifact is fetched
+    /// into `cache` and verified, on every load), loads its text tower and
+    /// builds its index from Postgres.
     pub async fn load(
         pool: &PgPool,
-        version: &str,
-        encoder_dir: &str,
+        deployment: &Deployment,
+        cache: &Path,
         options: &EncoderOptions,
         params: IndexParams,
     ) -> Result<Served, LoadError> {
+        let version = deployment.model_version.as_str();
+        let source = deployment.source().ok_or_else(|| LoadError::Artifact {
+            version: version.to_owned(),
+            source: artifact::ArtifactError::NoEncoder {
+                version: version.to_owned(),
+                detail: "neither an encoder directory nor an artifact".into(),
+            },
+        })?;
+        let dir: PathBuf = artifact::materialize_source(
+            version,
+            &source,
+            deployment.embedding_dim as usize,
+            cache,
+        )
+        .await
+        .map_err(|source| LoadError::Artifact {
+            version: version.to_owned(),
+            source,
+        })?;
+        let encoder_dir = dir.display().to_string();
         let encoder_error = |source| LoadError::Encoder {
             version: version.to_owned(),
-            dir: encoder_dir.to_owned(),
+            dir: encoder_dir.clone(),
             source,
         };
-        let dir = Path::new(encoder_dir);
+        let dir = dir.as_path();
         let manifest = Manifest::load(dir).map_err(encoder_error)?;
         let text = TextEncoder::load(dir, &manifest, options).map_err(encoder_error)?;
         let dim = manifest.embedding_dim;
@@ -113,7 +149,8 @@ impl Served {
                 })?;
         Ok(Served {
             version: version.to_owned(),
-            encoder_dir: encoder_dir.to_owned(),
+            source: source.to_string(),
+            encoder_dir,
             text,
             index,
             ids: stored.ids,
@@ -177,12 +214,14 @@ impl Routing {
     }
 
     /// The routing `deployments` describe, reusing every version of `self`
-    /// already loaded from the same directory; only new versions are loaded.
-    /// On any error the caller keeps serving `self`.
+    /// already loaded from the same source; only new versions are loaded
+    /// (artifacts fetched into `cache`). On any error, a refused artifact
+    /// among them, the caller keeps serving `self`.
     pub async fn rebuild(
         &self,
         pool: &PgPool,
         deployments: &[Deployment],
+        cache: &Path,
         options: &EncoderOptions,
         params: IndexParams,
     ) -> Result<Routing, LoadError> {
@@ -192,13 +231,12 @@ impl Routing {
         }
         let mut variants = Vec::with_capacity(deployments.len());
         for d in deployments {
+            let source = d.source().map(|s| s.to_string());
             let served = match loaded.get(d.model_version.as_str()) {
-                Some(served) if served.encoder_dir == d.encoder_dir => served.clone(),
+                Some(served) if Some(&served.source) == source.as_ref() => served.clone(),
                 _ => {
-                    tracing::info!(version = %d.model_version, dir = %d.encoder_dir, "loading model version");
-                    let served =
-                        Served::load(pool, &d.model_version, &d.encoder_dir, options, params)
-                            .await?;
+                    tracing::info!(version = %d.model_version, source = source.as_deref().unwrap_or("none"), "loading model version");
+                    let served = Served::load(pool, d, cache, options, params).await?;
                     tracing::info!(
                         version = %d.model_version,
                         images = served.ids.len(),

@@ -328,7 +328,8 @@ pub async fn run(cli: &Globals, args: &SearchBenchArgs) -> anyhow::Result<()> {
     let version = format!("bench-seed-{seed}-{images}");
     let indexed = store::version(&pool, &version).await?;
     let fresh = indexed.as_ref().is_some_and(|v| {
-        v.images_indexed as usize == images && v.encoder_dir == model.display().to_string()
+        v.images_indexed as usize == images
+            && v.encoder_dir.as_deref() == Some(model.display().to_string().as_str())
     });
     if !fresh {
         let bar = kalonctl::progress_bar(images as u64, "indexing");

@@ -1,5 +1,6 @@
 //! `kalonctl`'s library: the commands an operator runs by hand (stack,
-//! migrate, topics, produce, demo, sim, train, eval, encoder, index, deploy),
+//! migrate, topics, produce, demo, sim, train, eval, encoder, index, deploy,
+//! models),
 //! as thin wiring over the crates that do the work. The `kalonctl` binary
 //! parses arguments and calls these; `kalon-bench` (tools/bench) reuses the
 //! same wiring for its benchmarks, which stay out of the production image.
@@ -8,6 +9,7 @@ pub mod align;
 pub mod demo;
 pub mod events;
 pub mod model;
+pub mod models;
 pub mod search;
 pub mod sim;
 pub mod tools;

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kalon_stack::StackState;
-use kalonctl::{demo, events, model, search, sim, stack_up, tools, trainer, Globals};
+use kalonctl::{demo, events, model, models, search, sim, stack_up, tools, trainer, Globals};
 
 #[derive(Parser)]
 #[command(version, about = "Kalon's operator command line")]
@@ -64,6 +64,11 @@ enum Command {
     SearchBootstrap(search::BootstrapArgs),
     /// Route a share of search traffic to an indexed model version (or take it out).
     Deploy(search::DeployArgs),
+    /// Model versions in the registry: list, show, why (lineage), promote, retire.
+    Models {
+        #[command(subcommand)]
+        action: models::Models,
+    },
     /// The trainer service's runs.
     Runs {
         #[command(subcommand)]
@@ -210,6 +215,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Deploy(args) => search::deploy(&cli.endpoints(), args).await?,
         Command::SearchBootstrap(args) => search::bootstrap(&cli.endpoints(), args).await?,
+        Command::Models { action } => models::run(&cli.endpoints(), action).await?,
         Command::Runs { action } => trainer::runs(&cli.endpoints(), action).await?,
     }
     Ok(())
