@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use kalon_align::{PairSource, PreferencePair};
 use kalon_events::{ModelRegistered, TopicPayload};
 use kalon_registry::lifecycle;
-use kalon_tests::{fixture, read_topic, TestEnv};
+use kalon_tests::search as fixture;
+use kalon_tests::{read_topic, TestEnv};
 use kalon_trainer::{store, Trainer, TrainerConfig};
 
 const WORLD_SEED: u64 = 21;
@@ -53,21 +54,30 @@ fn config(env: &TestEnv, world: &fixture::SearchWorld, work: &Path) -> TrainerCo
 /// more beautiful than the loser (the other way round with `inverted`),
 /// plus `unknown` pairs naming an image the catalog does not have.
 fn oracle_pairs(n: usize, inverted: bool, unknown: usize, seed: u64) -> Vec<PreferencePair> {
-    let mut pairs: Vec<PreferencePair> = kalon_world::oracle_pairs(WORLD_SEED, IMAGES, n, 0.1, seed)
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let (winner, loser) = if inverted { (p.worse, p.better) } else { (p.better, p.worse) };
-            PreferencePair {
-                query: p.query,
-                winner,
-                loser,
-                source: if i % 3 == 0 { PairSource::Click } else { PairSource::Rating },
-                weight: 1.0,
-                provenance: serde_json::json!({ "test": true }),
-            }
-        })
-        .collect();
+    let mut pairs: Vec<PreferencePair> =
+        kalon_world::oracle_pairs(WORLD_SEED, IMAGES, n, 0.1, seed)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (winner, loser) = if inverted {
+                    (p.worse, p.better)
+                } else {
+                    (p.better, p.worse)
+                };
+                PreferencePair {
+                    query: p.query,
+                    winner,
+                    loser,
+                    source: if i % 3 == 0 {
+                        PairSource::Click
+                    } else {
+                        PairSource::Rating
+                    },
+                    weight: 1.0,
+                    provenance: serde_json::json!({ "test": true }),
+                }
+            })
+            .collect();
     let first = pairs[0].clone();
     for i in 0..unknown {
         pairs.push(PreferencePair {
@@ -92,7 +102,12 @@ async fn count(env: &TestEnv, sql: &str) -> i64 {
 }
 
 /// A trainer in this process until the returned sender fires.
-fn start(config: TrainerConfig) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+fn start(
+    config: TrainerConfig,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let trainer = Trainer::build(config).await.expect("trainer builds");
@@ -114,7 +129,10 @@ async fn wait_trigger(env: &TestEnv, id: &str, timeout: Duration) -> String {
                 return state;
             }
         }
-        assert!(start.elapsed() < timeout, "trigger {id} still pending after {timeout:?}");
+        assert!(
+            start.elapsed() < timeout,
+            "trigger {id} still pending after {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -142,7 +160,10 @@ async fn a_scheduled_tick_trains_only_when_enough_new_pairs_arrived() {
 
     // ticks pass with no pairs: nothing is triggered
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(count(&env, "SELECT count(*) FROM training_triggers").await, 0);
+    assert_eq!(
+        count(&env, "SELECT count(*) FROM training_triggers").await,
+        0
+    );
 
     insert_pairs(&env, &oracle_pairs(400, false, 7, 1)).await;
     let start = Instant::now();
@@ -154,21 +175,35 @@ async fn a_scheduled_tick_trains_only_when_enough_new_pairs_arrived() {
         if let Some((id,)) = ids.into_iter().next() {
             break id;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "no tick triggered training");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no tick triggered training"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(trigger.starts_with("cron:"), "{trigger}");
-    assert_eq!(wait_trigger(&env, &trigger, Duration::from_secs(180)).await, "done");
+    assert_eq!(
+        wait_trigger(&env, &trigger, Duration::from_secs(180)).await,
+        "done"
+    );
     let runs = store::runs_of(&env.pool, &trigger).await.unwrap();
     assert_eq!(runs.len(), 1);
     let run = &runs[0];
     assert_eq!(run.state, "succeeded", "{:?}", run.reason);
     assert_eq!(run.parent_version.as_deref(), Some("base"));
     assert_eq!(run.device.as_deref(), Some("cpu"));
-    assert_eq!(run.pair_counts["skipped_unknown_images"], 7, "{}", run.pair_counts);
+    assert_eq!(
+        run.pair_counts["skipped_unknown_images"], 7,
+        "{}",
+        run.pair_counts
+    );
     assert_eq!(run.pair_counts["judgment"], 7);
     for phase in ["load", "train", "export", "gate", "upload"] {
-        assert!(run.timings[phase].as_f64().is_some(), "{phase} in {}", run.timings);
+        assert!(
+            run.timings[phase].as_f64().is_some(),
+            "{phase} in {}",
+            run.timings
+        );
     }
     assert_eq!(run.progress["step"], 60);
     let version = run.model_version.clone().expect("a version");
@@ -189,7 +224,10 @@ async fn a_scheduled_tick_trains_only_when_enough_new_pairs_arrived() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     insert_pairs(&env, &oracle_pairs(100, false, 0, 2)).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(count(&env, "SELECT count(*) FROM training_triggers").await, 1);
+    assert_eq!(
+        count(&env, "SELECT count(*) FROM training_triggers").await,
+        1
+    );
     assert_eq!(count(&env, "SELECT count(*) FROM training_runs").await, 1);
 
     let _ = stop.send(());
@@ -209,7 +247,10 @@ async fn a_candidate_trained_on_inverted_pairs_fails_the_gate_and_is_never_deplo
         .await
         .unwrap();
     let (stop, task) = start(config);
-    assert_eq!(wait_trigger(&env, &trigger, Duration::from_secs(180)).await, "done");
+    assert_eq!(
+        wait_trigger(&env, &trigger, Duration::from_secs(180)).await,
+        "done"
+    );
     let run = store::runs_of(&env.pool, &trigger).await.unwrap().remove(0);
     let version = run.model_version.clone().expect("registered");
     let gate = run.gate.clone().expect("gate figures");
@@ -247,23 +288,36 @@ async fn too_little_data_skips_with_a_reason_and_a_diverging_loss_registers_noth
         .await
         .unwrap();
     let (stop, task) = start(config);
-    assert_eq!(wait_trigger(&env, &small, Duration::from_secs(60)).await, "skipped");
+    assert_eq!(
+        wait_trigger(&env, &small, Duration::from_secs(60)).await,
+        "skipped"
+    );
     let runs = store::runs_of(&env.pool, &small).await.unwrap();
     assert_eq!(runs.len(), 1, "a skipped trigger is not attempted again");
     let reason = runs[0].reason.clone().unwrap();
-    assert!(reason.contains("30 pairs") && reason.contains("--min-pairs 100"), "{reason}");
+    assert!(
+        reason.contains("30 pairs") && reason.contains("--min-pairs 100"),
+        "{reason}"
+    );
 
     insert_pairs(&env, &oracle_pairs(400, false, 0, 5)).await;
     let diverging = store::request_manual(&env.pool, "test", "huge learning rate")
         .await
         .unwrap();
-    assert_eq!(wait_trigger(&env, &diverging, Duration::from_secs(120)).await, "failed");
+    assert_eq!(
+        wait_trigger(&env, &diverging, Duration::from_secs(120)).await,
+        "failed"
+    );
     let runs = store::runs_of(&env.pool, &diverging).await.unwrap();
     assert_eq!(runs.len(), 1, "a failed trigger is not a failure loop");
     let reason = runs[0].reason.clone().unwrap();
     assert!(reason.contains("nothing is exported"), "{reason}");
     assert_eq!(
-        count(&env, "SELECT count(*) FROM model_versions WHERE training_run_id IS NOT NULL").await,
+        count(
+            &env,
+            "SELECT count(*) FROM model_versions WHERE training_run_id IS NOT NULL"
+        )
+        .await,
         0
     );
     let _ = stop.send(());
@@ -357,7 +411,10 @@ async fn two_replicas_train_a_trigger_once_even_when_the_leader_is_killed_mid_ru
     replicas[killed].child.kill().unwrap(); // SIGKILL
     replicas[killed].child.wait().unwrap();
 
-    assert_eq!(wait_trigger(&env, &trigger, Duration::from_secs(300)).await, "done");
+    assert_eq!(
+        wait_trigger(&env, &trigger, Duration::from_secs(300)).await,
+        "done"
+    );
     let runs = store::runs_of(&env.pool, &trigger).await.unwrap();
     let states: Vec<(&str, &str)> = runs
         .iter()
@@ -371,7 +428,11 @@ async fn two_replicas_train_a_trigger_once_even_when_the_leader_is_killed_mid_ru
     );
     assert!(runs[0].reason.as_deref().unwrap().contains("stopped"));
     assert_eq!(
-        count(&env, "SELECT count(*) FROM model_versions WHERE training_run_id IS NOT NULL").await,
+        count(
+            &env,
+            "SELECT count(*) FROM model_versions WHERE training_run_id IS NOT NULL"
+        )
+        .await,
         1,
         "the trigger was trained more than once"
     );

@@ -293,10 +293,7 @@ pub fn train_on_pairs(
     let train_seconds = training.elapsed().as_secs_f64();
     let exporting = Instant::now();
     let mut notes = job.notes.clone();
-    notes.insert(
-        "parent_config".into(),
-        parent_config(&parent.manifest),
-    );
+    notes.insert("parent_config".into(), parent_config(&parent.manifest));
     notes.insert("pairs".into(), pairs.len().into());
     notes.insert("config".into(), serde_json::to_value(job.config)?);
     notes.insert("last_step".into(), serde_json::to_value(last)?);

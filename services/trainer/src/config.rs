@@ -70,7 +70,11 @@ pub struct TrainerConfig {
     #[arg(long, env = "KALON_TRAINER_INSTANCE_ID")]
     pub instance_id: Option<String>,
     /// /healthz and /readyz.
-    #[arg(long, env = "KALON_TRAINER_HEALTH_ADDR", default_value = "127.0.0.1:9183")]
+    #[arg(
+        long,
+        env = "KALON_TRAINER_HEALTH_ADDR",
+        default_value = "127.0.0.1:9183"
+    )]
     pub health_addr: SocketAddr,
     #[command(flatten)]
     pub gate: GateConfig,
@@ -80,7 +84,8 @@ impl TrainerConfig {
     /// Defaults for a database, broker, topic prefix and dataset (tests,
     /// kalonctl; the environment is not read).
     pub fn new(database_url: &str, brokers: &str, topic_prefix: &str, dataset: &str) -> Self {
-        let mut config: TrainerConfig = kalon_service::defaults_at(database_url, brokers, topic_prefix);
+        let mut config: TrainerConfig =
+            kalon_service::defaults_at(database_url, brokers, topic_prefix);
         config.dataset = PathBuf::from(dataset);
         config
     }

@@ -56,8 +56,13 @@ fn secs(seconds: f64) -> serde_json::Value {
 impl Trainer {
     /// Starts the next attempt of `trigger` and runs it to its end.
     pub(crate) async fn attempt(&self, trigger: Trigger) -> anyhow::Result<()> {
-        let Some(run) =
-            store::start_run(&self.pool, &trigger, &self.instance, self.config.max_attempts).await?
+        let Some(run) = store::start_run(
+            &self.pool,
+            &trigger,
+            &self.instance,
+            self.config.max_attempts,
+        )
+        .await?
         else {
             tracing::error!(trigger = %trigger.id, attempts = self.config.max_attempts, "trigger failed: every attempt was interrupted");
             self.metrics.run_ended("gave_up");
@@ -147,8 +152,17 @@ impl Trainer {
             });
             tokio::task::spawn_blocking(move || {
                 train_and_gate(
-                    &dataset, &parent_dir, &out, &config, &pairs, &device, notes, min_pairs,
-                    &gate, &metrics, &progress_tx,
+                    &dataset,
+                    &parent_dir,
+                    &out,
+                    &config,
+                    &pairs,
+                    &device,
+                    notes,
+                    min_pairs,
+                    &gate,
+                    &metrics,
+                    &progress_tx,
                 )
             })
         };
@@ -188,15 +202,7 @@ impl Trainer {
         counts["used"] = trained.used.into();
         counts["skipped_unknown_images"] = trained.skipped.into();
         let passed = trained.gate.passed;
-        let version = register(
-            &self.pool,
-            run,
-            &parent.version,
-            artifact,
-            trained,
-            counts,
-        )
-        .await?;
+        let version = register(&self.pool, run, &parent.version, artifact, trained, counts).await?;
         Ok(Outcome::Registered { version, passed })
     }
 }
@@ -247,7 +253,13 @@ fn train_and_gate(
     let candidate = kalon_encoder::Encoder::load(out, &kalon_encoder::EncoderOptions::from_env()?)
         .map_err(|e| anyhow::anyhow!("the exported candidate does not load: {e}"))?;
     let items = kalon_dataset::read_hpir(dataset)?;
-    let report = gate::evaluate(&trained.parent, &candidate, &trained.data, &items, gate_config)?;
+    let report = gate::evaluate(
+        &trained.parent,
+        &candidate,
+        &trained.data,
+        &items,
+        gate_config,
+    )?;
     let gate_s = gating.elapsed().as_secs_f64();
     metrics.phase("gate", gate_s);
     let mut seconds = serde_json::Map::new();
@@ -297,8 +309,15 @@ async fn register(
             format!("the offline gate failed: {}", trained.gate.failures()),
         )
     };
-    lifecycle::transition_in(&mut tx, &version, to, "kalon-trainer gate", &reason, gate.clone())
-        .await?;
+    lifecycle::transition_in(
+        &mut tx,
+        &version,
+        to,
+        "kalon-trainer gate",
+        &reason,
+        gate.clone(),
+    )
+    .await?;
     sqlx::query("UPDATE model_versions SET gate = $2 WHERE version = $1")
         .bind(&version)
         .bind(&gate)
@@ -328,11 +347,23 @@ async fn register(
     Ok(version)
 }
 
+/// A registered run's version, not yet announced.
+#[derive(sqlx::FromRow)]
+struct Unannounced {
+    run: Uuid,
+    version: String,
+    parent: Option<String>,
+    uri: String,
+    sha256: String,
+    dimension: i32,
+    passed: bool,
+}
+
 /// Publishes `model.registered.v1` for every registered, unannounced run.
 pub(crate) async fn announce_pending(pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Result<()> {
-    let pending: Vec<(Uuid, String, Option<String>, String, String, i32, bool)> = sqlx::query_as(
-        "SELECT r.id, v.version, v.parent, v.artifact_uri, v.artifact_sha256, v.embedding_dim,
-           COALESCE((v.gate->>'passed')::boolean, false)
+    let pending: Vec<Unannounced> = sqlx::query_as(
+        "SELECT r.id AS run, v.version, v.parent, v.artifact_uri AS uri, v.artifact_sha256 AS sha256,
+           v.embedding_dim AS dimension, COALESCE((v.gate->>'passed')::boolean, false) AS passed
          FROM training_runs r JOIN model_versions v ON v.training_run_id = r.id
          WHERE r.state = 'succeeded' AND r.announced_at IS NULL
          ORDER BY r.finished_at",
@@ -342,12 +373,18 @@ pub(crate) async fn announce_pending(pool: &PgPool, kafka: &KafkaSettings) -> an
     if pending.is_empty() {
         return Ok(());
     }
-    let publisher = kalon_kafka::Publisher::new(
-        kafka,
-        "kalon-trainer",
-        std::time::Duration::from_secs(30),
-    )?;
-    for (run, version, parent, uri, sha256, dimension, passed) in pending {
+    let publisher =
+        kalon_kafka::Publisher::new(kafka, "kalon-trainer", std::time::Duration::from_secs(30))?;
+    for Unannounced {
+        run,
+        version,
+        parent,
+        uri,
+        sha256,
+        dimension,
+        passed,
+    } in pending
+    {
         let event = ModelRegistered {
             event_id: Uuid::now_v7(),
             occurred_at: Utc::now(),

@@ -39,7 +39,10 @@ impl Schedule {
     /// The latest tick in `(after, now]`, if any: ticks missed while no
     /// trainer ran collapse into one.
     pub fn due(&self, after: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.cron.after(&after).take_while(|tick| *tick <= now).last()
+        self.cron
+            .after(&after)
+            .take_while(|tick| *tick <= now)
+            .last()
     }
 
     /// The first tick after `now`.
@@ -65,7 +68,10 @@ mod tests {
         );
         Schedule::parse("*/5 * * * * *").unwrap();
         let error = Schedule::parse("every night").unwrap_err().to_string();
-        assert!(error.contains("not a cron expression") && error.contains("0 0 3"), "{error}");
+        assert!(
+            error.contains("not a cron expression") && error.contains("0 0 3"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -41,7 +41,11 @@ pub async fn create_trigger(
 }
 
 /// `kalonctl train now`: a manual trigger; returns its id.
-pub async fn request_manual(pool: &PgPool, requested_by: &str, reason: &str) -> sqlx::Result<String> {
+pub async fn request_manual(
+    pool: &PgPool,
+    requested_by: &str,
+    reason: &str,
+) -> sqlx::Result<String> {
     let id = format!("manual:{}", Uuid::now_v7());
     create_trigger(pool, &id, "manual", requested_by, reason).await?;
     Ok(id)
@@ -237,15 +241,22 @@ pub async fn pairs_in_window(
     start: DateTime<Utc>,
     end: DateTime<Utc>,
 ) -> sqlx::Result<Vec<PreferencePair>> {
-    let rows: Vec<(String, String, f64, String, String, String, serde_json::Value)> =
-        sqlx::query_as(
-            "SELECT id, source, weight, query, winner, loser, provenance FROM preference_pairs
+    let rows: Vec<(
+        String,
+        String,
+        f64,
+        String,
+        String,
+        String,
+        serde_json::Value,
+    )> = sqlx::query_as(
+        "SELECT id, source, weight, query, winner, loser, provenance FROM preference_pairs
              WHERE created_at > $1 AND created_at <= $2 ORDER BY id",
-        )
-        .bind(start)
-        .bind(end)
-        .fetch_all(pool)
-        .await?;
+    )
+    .bind(start)
+    .bind(end)
+    .fetch_all(pool)
+    .await?;
     Ok(rows
         .into_iter()
         .filter_map(|(id, source, weight, query, winner, loser, provenance)| {
@@ -322,10 +333,12 @@ pub async fn runs(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<Run>> {
 }
 
 pub async fn run(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Run>> {
-    sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM training_runs WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as(&format!(
+        "SELECT {RUN_COLUMNS} FROM training_runs WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
 }
 
 /// Runs of one trigger, in attempt order.

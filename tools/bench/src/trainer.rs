@@ -38,14 +38,26 @@ pub async fn run(cli: &Globals, args: &TrainerBenchArgs) -> anyhow::Result<()> {
     .await?;
     let (state_dir, seed, images) = (cli.state_dir.clone(), args.seed, args.images);
     let prepared = tokio::task::spawn_blocking(move || {
-        prepare(&state_dir, seed, images, None, false, &PretrainArgs::defaults())
+        prepare(
+            &state_dir,
+            seed,
+            images,
+            None,
+            false,
+            &PretrainArgs::defaults(),
+        )
     })
     .await??;
 
     let tag = format!("{:08x}", rand::random::<u32>());
     let dir = tempfile::tempdir()?;
     let binary = tokio::task::spawn_blocking(tools::install_tansu).await??;
-    let broker = Broker::start(&binary, kalon_stack::free_port(), Storage::Memory, dir.path())?;
+    let broker = Broker::start(
+        &binary,
+        kalon_stack::free_port(),
+        Storage::Memory,
+        dir.path(),
+    )?;
     let kafka = KafkaSettings::new(broker.address(), format!("bench{tag}."));
     kalon_kafka::create_topics(&kafka).await?;
     let database_url =
@@ -63,8 +75,14 @@ pub async fn run(cli: &Globals, args: &TrainerBenchArgs) -> anyhow::Result<()> {
         manifest.embedding_dim,
     )
     .await?;
-    kalon_registry::lifecycle::promote(&pool, "base", "kalon-bench", "the benchmark's parent", serde_json::json!({}))
-        .await?;
+    kalon_registry::lifecycle::promote(
+        &pool,
+        "base",
+        "kalon-bench",
+        "the benchmark's parent",
+        serde_json::json!({}),
+    )
+    .await?;
     let pairs: Vec<PreferencePair> = kalon_world::oracle_pairs(seed, images, args.pairs, 0.1, 7)
         .into_iter()
         .map(|p| PreferencePair {

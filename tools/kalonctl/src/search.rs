@@ -208,7 +208,10 @@ pub async fn bootstrap(endpoints: &Endpoints, args: &BootstrapArgs) -> anyhow::R
                 serde_json::json!({}),
             )
             .await?;
-            eprintln!("promoted {} (the trainer trains from it)", args.model_version);
+            eprintln!(
+                "promoted {} (the trainer trains from it)",
+                args.model_version
+            );
         }
     }
     Ok(())

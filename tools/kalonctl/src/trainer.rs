@@ -66,7 +66,10 @@ pub async fn now(endpoints: &Endpoints, args: &NowArgs) -> anyhow::Result<()> {
             if state != "pending" {
                 let runs = store::runs_of(&pool, &id).await?;
                 if args.json {
-                    println!("{}", serde_json::json!({ "trigger": id, "state": state, "runs": runs }));
+                    println!(
+                        "{}",
+                        serde_json::json!({ "trigger": id, "state": state, "runs": runs })
+                    );
                 } else {
                     println!("trigger {id}: {state}");
                     for run in &runs {
@@ -111,7 +114,11 @@ fn render(run: &store::Run) -> String {
         line(&mut out, "window", format!("{start} .. {end}"));
     }
     line(&mut out, "pairs", run.pair_counts.to_string());
-    line(&mut out, "device", run.device.clone().unwrap_or_else(|| "-".into()));
+    line(
+        &mut out,
+        "device",
+        run.device.clone().unwrap_or_else(|| "-".into()),
+    );
     line(&mut out, "progress", run.progress.to_string());
     line(&mut out, "seconds", run.timings.to_string());
     if let Some(gate) = &run.gate {
@@ -120,7 +127,11 @@ fn render(run: &store::Run) -> String {
             "gate",
             format!(
                 "{} {}",
-                if gate["passed"] == true { "passed" } else { "FAILED" },
+                if gate["passed"] == true {
+                    "passed"
+                } else {
+                    "FAILED"
+                },
                 gate["checks"]
                     .as_array()
                     .map(|checks| checks
@@ -139,10 +150,14 @@ fn render(run: &store::Run) -> String {
     line(
         &mut out,
         "owner",
-        format!("{} (started {}, finished {})", run.owner, run.started_at, run
-            .finished_at
-            .map(|t| t.to_string())
-            .unwrap_or_else(|| "-".into())),
+        format!(
+            "{} (started {}, finished {})",
+            run.owner,
+            run.started_at,
+            run.finished_at
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "-".into())
+        ),
     );
     out
 }
@@ -175,9 +190,9 @@ pub async fn runs(endpoints: &Endpoints, action: &RunsAction) -> anyhow::Result<
             }
         }
         RunsAction::Show { run, json } => {
-            let found = store::run(&pool, *run)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("no training run {run} (`kalonctl runs list` shows them)"))?;
+            let found = store::run(&pool, *run).await?.ok_or_else(|| {
+                anyhow::anyhow!("no training run {run} (`kalonctl runs list` shows them)")
+            })?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&found)?);
             } else {
