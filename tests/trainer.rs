@@ -480,3 +480,91 @@ async fn two_replicas_train_a_trigger_once_even_when_the_leader_is_killed_mid_ru
     }
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_generation_trains_from_the_promoted_artifact_and_a_tampered_parent_fails_the_run()
+{
+    let (env, world) = setup().await;
+    let work = tempfile::tempdir().unwrap();
+    let config = config(&env, &world, work.path());
+    insert_pairs(&env, &oracle_pairs(400, false, 0, 8)).await;
+    let (stop, task) = start(config);
+    let first = store::request_manual(&env.pool, "test", "generation 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_trigger(&env, &first, Duration::from_secs(120)).await,
+        "done"
+    );
+    let gen1 = store::runs_of(&env.pool, &first).await.unwrap()[0]
+        .model_version
+        .clone()
+        .unwrap();
+    // what the canary controller will do: index it, promote it
+    for (to, why) in [
+        (lifecycle::State::Indexed, "indexed"),
+        (lifecycle::State::Promoted, "won its canary"),
+    ] {
+        lifecycle::transition(&env.pool, &gen1, to, "test", why, serde_json::json!({}))
+            .await
+            .unwrap();
+    }
+    let second = store::request_manual(&env.pool, "test", "generation 2")
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_trigger(&env, &second, Duration::from_secs(120)).await,
+        "done"
+    );
+    let run2 = store::runs_of(&env.pool, &second).await.unwrap().remove(0);
+    assert_eq!(run2.parent_version.as_deref(), Some(gen1.as_str()));
+    let gen2 = run2.model_version.clone().unwrap();
+    let lineage = kalon_registry::lineage::why(&env.pool, &gen2).await.unwrap();
+    let chain = serde_json::to_value(&lineage).unwrap();
+    let names: Vec<&str> = chain["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec![gen2.as_str(), gen1.as_str(), "base"], "{chain:#}");
+
+    // gen 2 promoted; its artifact tampered in the store: the next run
+    // fails on the parent, naming its hash, and registers nothing
+    for (to, why) in [
+        (lifecycle::State::Indexed, "indexed"),
+        (lifecycle::State::Promoted, "won its canary"),
+    ] {
+        lifecycle::transition(&env.pool, &gen2, to, "test", why, serde_json::json!({}))
+            .await
+            .unwrap();
+    }
+    let row = kalon_registry::store::version(&env.pool, &gen2)
+        .await
+        .unwrap()
+        .unwrap();
+    let sha = row.artifact_sha256.clone().unwrap();
+    let stored = work.path().join("store/encoders").join(&sha);
+    let manifest = stored.join(kalon_encoder::MANIFEST_FILE);
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    text.push(' ');
+    std::fs::write(&manifest, text).unwrap();
+    // the trainer's cache holds a verified copy: that copy is fine, so
+    // remove it to make the trainer fetch the tampered one
+    let _ = std::fs::remove_dir_all(kalon_registry::artifact::default_cache_dir().join(&sha));
+    let third = store::request_manual(&env.pool, "test", "generation 3")
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_trigger(&env, &third, Duration::from_secs(120)).await,
+        "failed"
+    );
+    let reason = store::runs_of(&env.pool, &third).await.unwrap()[0]
+        .reason
+        .clone()
+        .unwrap();
+    assert!(reason.contains(&gen2) && reason.contains(&sha), "{reason}");
+    let _ = stop.send(());
+    task.await.unwrap();
+    env.cleanup().await;
+}
