@@ -519,7 +519,9 @@ async fn a_second_generation_trains_from_the_promoted_artifact_and_a_tampered_pa
     let run2 = store::runs_of(&env.pool, &second).await.unwrap().remove(0);
     assert_eq!(run2.parent_version.as_deref(), Some(gen1.as_str()));
     let gen2 = run2.model_version.clone().unwrap();
-    let lineage = kalon_registry::lineage::why(&env.pool, &gen2).await.unwrap();
+    let lineage = kalon_registry::lineage::why(&env.pool, &gen2)
+        .await
+        .unwrap();
     let chain = serde_json::to_value(&lineage).unwrap();
     let names: Vec<&str> = chain["generations"]
         .as_array()
@@ -527,7 +529,11 @@ async fn a_second_generation_trains_from_the_promoted_artifact_and_a_tampered_pa
         .iter()
         .map(|g| g["version"].as_str().unwrap())
         .collect();
-    assert_eq!(names, vec![gen2.as_str(), gen1.as_str(), "base"], "{chain:#}");
+    assert_eq!(
+        names,
+        vec![gen2.as_str(), gen1.as_str(), "base"],
+        "{chain:#}"
+    );
 
     // gen 2 promoted; its artifact tampered in the store: the next run
     // fails on the parent, naming its hash, and registers nothing

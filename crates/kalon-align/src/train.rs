@@ -54,6 +54,10 @@ pub struct AlignConfig {
     /// than this many seconds.
     #[serde(default)]
     pub time_budget_s: Option<f64>,
+    /// Set by another thread to stop training at the next step, with an
+    /// error (nothing exported): a trainer shutting down or losing its run.
+    #[serde(skip)]
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The step a checkpoint file was written after, from its name.
@@ -94,6 +98,7 @@ impl Default for AlignConfig {
             pairs_file: None,
             adapter: AdapterKind::default(),
             time_budget_s: None,
+            cancel: None,
         }
     }
 }
@@ -205,6 +210,13 @@ fn optimise(
     }
     let started = std::time::Instant::now();
     for step in first..config.steps {
+        if let Some(cancel) = &config.cancel {
+            anyhow::ensure!(
+                !cancel.load(std::sync::atomic::Ordering::Relaxed),
+                "training was cancelled at step {step} of {}; nothing is exported",
+                config.steps
+            );
+        }
         if let Some(budget) = config.time_budget_s {
             anyhow::ensure!(
                 started.elapsed().as_secs_f64() <= budget,

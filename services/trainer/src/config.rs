@@ -94,6 +94,11 @@ impl TrainerConfig {
         Duration::from_millis(self.poll_ms)
     }
 
+    /// How often a live run beats: a third of `--stale-after-s`, at most 2 s.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis((self.stale_after_s * 1000 / 3).min(2000))
+    }
+
     pub fn window(&self) -> chrono::Duration {
         chrono::Duration::hours(self.window_h as i64)
     }
@@ -119,7 +124,15 @@ impl TrainerConfig {
         let schedule = Schedule::parse(&self.schedule)?;
         anyhow::ensure!(self.steps >= 1, "--steps must be at least 1");
         anyhow::ensure!(self.max_attempts >= 1, "--max-attempts must be at least 1");
-        anyhow::ensure!(self.window_h >= 1, "--window-h must be at least 1");
+        anyhow::ensure!(
+            (1..=24 * 366 * 10).contains(&self.window_h),
+            "--window-h must be between 1 and 87840 (ten years)"
+        );
+        anyhow::ensure!(self.poll_ms >= 10, "--poll-ms must be at least 10");
+        anyhow::ensure!(
+            self.stale_after_s >= 3,
+            "--stale-after-s must be at least 3 (a live run beats every third of it, at most every 2 s)"
+        );
         anyhow::ensure!(
             self.learning_rate.is_finite() && self.learning_rate > 0.0,
             "--learning-rate must be a positive number"

@@ -2,6 +2,11 @@
 
 use std::time::Instant;
 
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use chrono::Utc;
 use kalon_align::pipeline::{self, PairsJob, Progress, TooFewPairs};
 use kalon_events::{GateOutcome, ModelRegistered, TopicPayload};
@@ -69,17 +74,36 @@ impl Trainer {
             return Ok(());
         };
         tracing::info!(%run, trigger = %trigger.id, kind = %trigger.kind, attempt = trigger.attempts + 1, "training run started");
-        self.set_status(|s| s.running = Some(run.to_string()));
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.set_current(Some((run, cancel.clone())));
+        let (progress_tx, progress_rx) = watch::channel(serde_json::Value::Null);
+        // the heartbeat runs beside every phase (fetching the parent,
+        // training, uploading); when the run is no longer ours it cancels it
+        let heartbeat = spawn_heartbeat(
+            self.pool.clone(),
+            run,
+            self.config.heartbeat(),
+            progress_rx,
+            cancel.clone(),
+        );
+        let out = self.config.work_dir.join("runs").join(run.to_string());
         let started = Instant::now();
-        let result = self.train(run, &trigger).await;
-        self.set_status(|s| s.running = None);
+        let result = self.train(run, &trigger, &out, &cancel, progress_tx).await;
+        heartbeat.abort();
+        let _ = std::fs::remove_dir_all(&out);
+        self.set_current(None);
         let total = serde_json::json!({ "total": secs(started.elapsed().as_secs_f64()) });
         match result {
             Ok(Outcome::Registered { version, passed }) => {
                 tracing::info!(%run, %version, gate_passed = passed, seconds = started.elapsed().as_secs_f64(), "version registered");
                 self.metrics
                     .run_ended(if passed { "gate_passed" } else { "gate_failed" });
-                announce_pending(&self.pool, &self.kafka).await?;
+                if let Err(error) = announce_pending(&self.pool, &self.kafka).await {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "model.registered.v1 not announced yet; trying again on the next step"
+                    );
+                }
             }
             Ok(Outcome::Skipped(reason)) => {
                 tracing::info!(%run, %reason, "training run skipped");
@@ -96,19 +120,28 @@ impl Trainer {
         Ok(())
     }
 
-    async fn train(&self, run: Uuid, trigger: &Trigger) -> anyhow::Result<Outcome> {
+    async fn train(
+        &self,
+        run: Uuid,
+        trigger: &Trigger,
+        out: &Path,
+        cancel: &Arc<AtomicBool>,
+        progress: watch::Sender<serde_json::Value>,
+    ) -> anyhow::Result<Outcome> {
         let Some(parent) = lifecycle::promoted(&self.pool).await? else {
             return Ok(Outcome::Skipped(
                 "no promoted version to train from: promote one with `kalonctl models promote VERSION`"
                     .into(),
             ));
         };
-        let window_end = Utc::now();
+        // the window on the database's clock, which stamps the pairs
+        let window_end = store::now(&self.pool).await?;
         let window_start = window_end - self.config.window();
-        let pairs = store::pairs_in_window(&self.pool, window_start, window_end).await?;
-        let counts = store::counts_by_source(&pairs);
+        let (pairs, invalid) = store::pairs_in_window(&self.pool, window_start, window_end).await?;
+        let mut counts = serde_json::to_value(store::counts_by_source(&pairs))?;
+        counts["skipped_invalid"] = invalid.into();
         let (device, device_name) = device()?;
-        let config = self.config.align_config();
+        let mut config = self.config.align_config();
         store::set_plan(
             &self.pool,
             run,
@@ -116,7 +149,7 @@ impl Trainer {
                 parent_version: Some(parent.version.clone()),
                 window_start,
                 window_end,
-                pair_counts: serde_json::to_value(&counts)?,
+                pair_counts: counts.clone(),
                 config: serde_json::json!({ "align": &config, "gate": &self.config.gate }),
                 device: device_name,
             },
@@ -134,13 +167,12 @@ impl Trainer {
             .await
             .map_err(|e| anyhow::anyhow!("the parent version {}: {e}", parent.version))?;
         let fetch_s = loading.elapsed().as_secs_f64();
-        let out = self.config.work_dir.join("runs").join(run.to_string());
-        let (progress_tx, mut progress_rx) = watch::channel(serde_json::Value::Null);
+        config.cancel = Some(cancel.clone());
         let blocking = {
             let dataset = self.config.dataset.clone();
             let gate = self.config.gate.clone();
             let min_pairs = self.config.min_pairs;
-            let out = out.clone();
+            let out = out.to_owned();
             let metrics = self.metrics.clone();
             let notes = serde_json::json!({
                 "trainer": "kalon-trainer (Ranked DPO adapter on preference pairs)",
@@ -162,25 +194,27 @@ impl Trainer {
                     min_pairs,
                     &gate,
                     &metrics,
-                    &progress_tx,
+                    &progress,
                 )
             })
         };
-        tokio::pin!(blocking);
-        let mut beat = tokio::time::interval(std::time::Duration::from_secs(2));
-        let trained = loop {
-            tokio::select! {
-                done = &mut blocking => break done?,
-                _ = beat.tick() => {
-                    let progress = progress_rx.borrow_and_update().clone();
-                    store::heartbeat(&self.pool, run, &progress).await?;
-                }
+        // the time budget is checked between steps; a step that hangs (a
+        // GPU, a deadlock) is given up on after the budget and a margin for
+        // loading and the gate
+        let limit = Duration::from_secs(self.config.time_budget_s.saturating_add(1800));
+        let trained = match tokio::time::timeout(limit, blocking).await {
+            Ok(done) => done?,
+            Err(_) => {
+                cancel.store(true, Ordering::Relaxed);
+                anyhow::bail!(
+                    "the run did not finish within {} s (its time budget and 30 min to load and gate); given up, nothing registered",
+                    limit.as_secs()
+                );
             }
         };
         let mut trained = match trained {
             Ok(trained) => trained,
             Err(error) => {
-                let _ = std::fs::remove_dir_all(&out);
                 return match error.downcast::<TooFewPairs>() {
                     Ok(few) => Ok(Outcome::Skipped(format!(
                         "{few} (window {window_start} .. {window_end})"
@@ -191,20 +225,52 @@ impl Trainer {
         };
         trained.seconds.insert("fetch_parent".into(), secs(fetch_s));
         let uploading = Instant::now();
-        let artifact = self.store.put_dir(&out).await?;
+        let artifact = self.store.put_dir(out).await?;
         trained
             .seconds
             .insert("upload".into(), secs(uploading.elapsed().as_secs_f64()));
         self.metrics
             .phase("upload", uploading.elapsed().as_secs_f64());
-        let _ = std::fs::remove_dir_all(&out);
-        let mut counts = serde_json::to_value(&counts)?;
+        anyhow::ensure!(
+            !cancel.load(Ordering::Relaxed),
+            "the run was taken over or stopped before it registered; nothing registered"
+        );
         counts["used"] = trained.used.into();
         counts["skipped_unknown_images"] = trained.skipped.into();
         let passed = trained.gate.passed;
         let version = register(&self.pool, run, &parent.version, artifact, trained, counts).await?;
         Ok(Outcome::Registered { version, passed })
     }
+}
+
+/// Beats for `run` every `every` with its latest progress until aborted;
+/// when the run is no longer running (another leader marked it
+/// interrupted) it sets `cancel` and stops.
+fn spawn_heartbeat(
+    pool: PgPool,
+    run: Uuid,
+    every: Duration,
+    progress: watch::Receiver<serde_json::Value>,
+    cancel: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let latest = progress.borrow().clone();
+            match store::heartbeat(&pool, run, &latest).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(%run, "the run is no longer running here (marked interrupted): cancelling it");
+                    cancel.store(true, Ordering::Relaxed);
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%run, %error, "heartbeat not written; trying again");
+                }
+            }
+        }
+    })
 }
 
 /// Trains, exports and gates (on a blocking thread).
@@ -386,7 +452,8 @@ pub(crate) async fn announce_pending(pool: &PgPool, kafka: &KafkaSettings) -> an
     } in pending
     {
         let event = ModelRegistered {
-            event_id: Uuid::now_v7(),
+            // the run's id: a re-announcement is the same event to consumers
+            event_id: run,
             occurred_at: Utc::now(),
             model_version: version.clone(),
             parent_version: parent,
@@ -400,9 +467,11 @@ pub(crate) async fn announce_pending(pool: &PgPool, kafka: &KafkaSettings) -> an
                 GateOutcome::Failed
             },
         };
-        event
-            .validate()
-            .map_err(|e| anyhow::anyhow!("model.registered.v1 for {version}: {e}"))?;
+        if let Err(error) = event.validate() {
+            // never blocks the others (nor training): left unannounced, said
+            tracing::error!(%version, %run, %error, "model.registered.v1 for this version is invalid; not announced");
+            continue;
+        }
         publisher
             .publish(
                 &kafka.topic(ModelRegistered::TOPIC),

@@ -63,6 +63,8 @@ pub struct Trainer {
     cache: PathBuf,
     instance: String,
     status: Arc<Mutex<Status>>,
+    /// The run this replica trains, and the flag that stops it.
+    current: Mutex<Option<(uuid::Uuid, Arc<std::sync::atomic::AtomicBool>)>>,
     metrics: metrics::Metrics,
 }
 
@@ -88,6 +90,7 @@ impl Trainer {
             store,
             instance,
             status: Arc::new(Mutex::new(status)),
+            current: Mutex::new(None),
             metrics: metrics::Metrics::new(),
             config,
         })
@@ -109,6 +112,11 @@ impl Trainer {
 
     fn set_status(&self, change: impl FnOnce(&mut Status)) {
         change(&mut self.status.lock().expect("status lock"));
+    }
+
+    fn set_current(&self, run: Option<(uuid::Uuid, Arc<std::sync::atomic::AtomicBool>)>) {
+        self.set_status(|s| s.running = run.as_ref().map(|(id, _)| id.to_string()));
+        *self.current.lock().expect("current run lock") = run;
     }
 
     /// Runs until `shutdown`: follows, or leads (ticks, triggers, runs). A
@@ -144,6 +152,8 @@ impl Trainer {
                     if !guard.is_held().await {
                         tracing::warn!("leader lock lost: following");
                         leader = None;
+                        // a later leadership starts from the ticks handled then
+                        last_tick = None;
                         self.set_status(|s| s.leader = false);
                         continue;
                     }
@@ -173,7 +183,13 @@ impl Trainer {
             tracing::warn!(%run, %trigger, %owner, "a run's trainer is gone: run marked interrupted, its trigger will be attempted again");
             self.metrics.run_ended("interrupted");
         }
-        job::announce_pending(&self.pool, &self.kafka).await?;
+        // a broker outage delays announcements, never training
+        if let Err(error) = job::announce_pending(&self.pool, &self.kafka).await {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "model.registered.v1 not announced yet; trying again on the next step"
+            );
+        }
         self.tick(last_tick).await?;
         if let Some((run, owner)) = store::running(&self.pool).await? {
             tracing::debug!(%run, %owner, "a run is in progress elsewhere; waiting for it or its heartbeat to go stale");
@@ -199,7 +215,12 @@ impl Trainer {
         let Some(tick) = self.schedule.due(after, now) else {
             return Ok(());
         };
-        *last_tick = Some(tick);
+        if store::busy(&self.pool).await? {
+            // a trigger waits or a run runs: the new pairs are theirs
+            tracing::info!(%tick, "tick while a trigger waits or a run runs; not adding another");
+            *last_tick = Some(tick);
+            return Ok(());
+        }
         let new = store::new_pairs(&self.pool).await?;
         if new < self.config.min_new_pairs as i64 {
             let why = format!(
@@ -208,6 +229,7 @@ impl Trainer {
             );
             tracing::info!("{why}; not training");
             self.set_status(|s| s.last_skip = Some(why));
+            *last_tick = Some(tick);
             return Ok(());
         }
         let id = store::cron_trigger_id(tick);
@@ -216,17 +238,23 @@ impl Trainer {
         if store::create_trigger(&self.pool, &id, "cron", &requested_by, &reason).await? {
             tracing::info!(trigger = %id, %reason, "training triggered");
         }
+        // only now: a database error before this leaves the tick due
+        *last_tick = Some(tick);
         self.set_status(|s| s.last_skip = None);
         Ok(())
     }
 
-    /// Marks this replica's run interrupted (shutdown mid-run).
+    /// Stops this replica's run (shutdown mid-run): training stops at its
+    /// next step, and the run is marked interrupted so the next leader
+    /// attempts its trigger again (the attempt counts toward
+    /// `--max-attempts`).
     async fn abandon(&self) {
-        let running = self.status.lock().expect("status lock").running.clone();
-        if let Some(run) = running {
+        let current = self.current.lock().expect("current run lock").clone();
+        if let Some((run, cancel)) = current {
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
             let done = sqlx::query(
                 "UPDATE training_runs SET state = 'interrupted', finished_at = now(),
-                   reason = 'the trainer was stopped mid-run' WHERE id = $1::uuid AND state = 'running'",
+                   reason = 'the trainer was stopped mid-run' WHERE id = $1 AND state = 'running'",
             )
             .bind(&run)
             .execute(&self.pool)

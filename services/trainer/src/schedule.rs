@@ -37,12 +37,14 @@ impl Schedule {
     }
 
     /// The latest tick in `(after, now]`, if any: ticks missed while no
-    /// trainer ran collapse into one.
+    /// trainer ran collapse into one. One step back from `now`, however long
+    /// ago `after` was.
     pub fn due(&self, after: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let just_after_now = now + chrono::Duration::milliseconds(1);
         self.cron
-            .after(&after)
-            .take_while(|tick| *tick <= now)
-            .last()
+            .after(&just_after_now)
+            .next_back()
+            .filter(|tick| *tick > after && *tick <= now)
     }
 
     /// The first tick after `now`.
@@ -86,5 +88,16 @@ mod tests {
         // a tick is due once: after it, nothing until the next
         let tick = at("2026-12-07T00:00:30Z");
         assert_eq!(every_10s.due(tick, at("2026-12-07T00:00:39Z")), None);
+        assert_eq!(
+            every_10s.due(start, tick),
+            Some(tick),
+            "a tick at now is due"
+        );
+        // a month of missed ticks of a per-second schedule: one step
+        let every_s = Schedule::parse("* * * * * *").unwrap();
+        assert_eq!(
+            every_s.due(start, at("2027-01-07T00:00:00.5Z")),
+            Some(at("2027-01-07T00:00:00Z"))
+        );
     }
 }

@@ -89,13 +89,17 @@ pub async fn start_run(
     max_attempts: i32,
 ) -> sqlx::Result<Option<Uuid>> {
     let mut tx = pool.begin().await?;
-    let (attempts,): (i32,) = sqlx::query_as(
+    let Some((attempts,)): Option<(i32,)> = sqlx::query_as(
         "UPDATE training_triggers SET attempts = attempts + 1 WHERE id = $1 AND state = 'pending'
          RETURNING attempts",
     )
     .bind(&trigger.id)
-    .fetch_one(&mut *tx)
-    .await?;
+    .fetch_optional(&mut *tx)
+    .await?
+    else {
+        // it ended meanwhile: nothing to attempt
+        return Ok(None);
+    };
     if attempts > max_attempts {
         sqlx::query(
             "UPDATE training_triggers SET state = 'failed', finished_at = now(), attempts = $2 WHERE id = $1",
@@ -150,16 +154,24 @@ pub async fn set_plan(pool: &PgPool, run: Uuid, plan: &Plan) -> sqlx::Result<()>
     Ok(())
 }
 
-/// A live run's heartbeat, with its latest figures.
-pub async fn heartbeat(pool: &PgPool, run: Uuid, progress: &serde_json::Value) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE training_runs SET heartbeat_at = now(), progress = $2 WHERE id = $1 AND state = 'running'",
+/// A live run's heartbeat, with its latest figures (kept when `progress`
+/// is null); false when the run is no longer running (another leader
+/// marked it interrupted).
+pub async fn heartbeat(
+    pool: &PgPool,
+    run: Uuid,
+    progress: &serde_json::Value,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE training_runs SET heartbeat_at = now(),
+           progress = CASE WHEN $2 = 'null'::jsonb THEN progress ELSE $2 END
+         WHERE id = $1 AND state = 'running'",
     )
     .bind(run)
     .bind(progress)
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// Ends a run that registered nothing: 'skipped' (too little data, no
@@ -173,17 +185,24 @@ pub async fn end_run(
 ) -> sqlx::Result<()> {
     debug_assert!(matches!(state, "skipped" | "failed"));
     let mut tx = pool.begin().await?;
-    let (trigger,): (String,) = sqlx::query_as(
+    // only a run still running: one that succeeded (a commit whose
+    // acknowledgement was lost) or that another leader interrupted stays
+    let Some((trigger,)): Option<(String,)> = sqlx::query_as(
         "UPDATE training_runs SET state = $2, reason = $3, timings = $4, finished_at = now()
-         WHERE id = $1 RETURNING trigger_id",
+         WHERE id = $1 AND state = 'running' RETURNING trigger_id",
     )
     .bind(run)
     .bind(state)
     .bind(reason)
     .bind(timings)
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query("UPDATE training_triggers SET state = $2, finished_at = now() WHERE id = $1")
+    .fetch_optional(&mut *tx)
+    .await?
+    else {
+        return Ok(());
+    };
+    sqlx::query(
+        "UPDATE training_triggers SET state = $2, finished_at = now() WHERE id = $1 AND state = 'pending'",
+    )
         .bind(&trigger)
         .bind(state)
         .execute(&mut *tx)
@@ -209,7 +228,8 @@ pub async fn interrupt_stale(
     .await
 }
 
-/// Whether a run is still running somewhere (a fresh heartbeat).
+/// A run marked running (its heartbeat may be stale: [`interrupt_stale`]
+/// ends those).
 pub async fn running(pool: &PgPool) -> sqlx::Result<Option<(Uuid, String)>> {
     sqlx::query_as("SELECT id, owner FROM training_runs WHERE state = 'running' LIMIT 1")
         .fetch_optional(pool)
@@ -235,12 +255,14 @@ fn parse_source(source: &str) -> Option<PairSource> {
     })
 }
 
-/// The pairs created in `(start, end]`, in id order.
+/// The pairs created in `(start, end]`, in id order, and how many were
+/// left out because the loss cannot use them (a blank query, a weight
+/// beyond f32): counted, never a reason for every run to fail.
 pub async fn pairs_in_window(
     pool: &PgPool,
     start: DateTime<Utc>,
     end: DateTime<Utc>,
-) -> sqlx::Result<Vec<PreferencePair>> {
+) -> sqlx::Result<(Vec<PreferencePair>, usize)> {
     let rows: Vec<(
         String,
         String,
@@ -257,7 +279,8 @@ pub async fn pairs_in_window(
     .bind(end)
     .fetch_all(pool)
     .await?;
-    Ok(rows
+    let total = rows.len();
+    let pairs: Vec<PreferencePair> = rows
         .into_iter()
         .filter_map(|(id, source, weight, query, winner, loser, provenance)| {
             Some(PreferencePair {
@@ -269,7 +292,28 @@ pub async fn pairs_in_window(
                 provenance: serde_json::json!({ "pair_id": id, "made_by": provenance }),
             })
         })
-        .collect())
+        .filter(|pair| pair.validate().is_ok() && pair.weight <= f64::from(f32::MAX))
+        .collect();
+    let invalid = total - pairs.len();
+    Ok((pairs, invalid))
+}
+
+/// The database's clock (pairs' `created_at` is on it).
+pub async fn now(pool: &PgPool) -> sqlx::Result<DateTime<Utc>> {
+    let (now,): (DateTime<Utc>,) = sqlx::query_as("SELECT now()").fetch_one(pool).await?;
+    Ok(now)
+}
+
+/// Whether a trigger waits or a run is running: a tick then adds nothing
+/// (the new pairs it would count are theirs).
+pub async fn busy(pool: &PgPool) -> sqlx::Result<bool> {
+    let (busy,): (bool,) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM training_triggers WHERE state = 'pending')
+             OR EXISTS (SELECT 1 FROM training_runs WHERE state = 'running')",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(busy)
 }
 
 /// Pairs by source in a list.
