@@ -256,7 +256,7 @@ impl Trainer {
                 "UPDATE training_runs SET state = 'interrupted', finished_at = now(),
                    reason = 'the trainer was stopped mid-run' WHERE id = $1 AND state = 'running'",
             )
-            .bind(&run)
+            .bind(run)
             .execute(&self.pool)
             .await;
             tracing::warn!(%run, ok = done.is_ok(), "stopped mid-run: the run is marked interrupted and its trigger will be attempted again");
