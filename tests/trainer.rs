@@ -126,6 +126,9 @@ async fn wait_trigger(env: &TestEnv, id: &str, timeout: Duration) -> String {
     loop {
         if let Some((state, _)) = store::trigger_state(&env.pool, id).await.unwrap() {
             if state != "pending" {
+                for run in store::runs_of(&env.pool, id).await.unwrap() {
+                    eprintln!("{id}: run {} {}: {:?}", run.attempt, run.state, run.reason);
+                }
                 return state;
             }
         }

@@ -157,7 +157,18 @@ impl Adapter {
     /// `tower` (an image tower's ONNX bytes) with the adapter appended to
     /// its output.
     pub fn append_to_tower(&self, tower: &[u8]) -> anyhow::Result<Vec<u8>> {
-        let backbone = format!("{IMAGE_EMBEDS}_backbone");
+        // a tower that already carries an adapter (an aligned parent) gets
+        // the next stage's names: ONNX names must be unique in a graph
+        let stage = (1..)
+            .find(|&n| !has_name(tower, &format!("{IMAGE_EMBEDS}_backbone{}", stage_suffix(n))))
+            .expect("a free stage");
+        let sfx = stage_suffix(stage);
+        let backbone = format!("{IMAGE_EMBEDS}_backbone{sfx}");
+        let (weight, delta, sum) = (
+            format!("kalon_adapter{sfx}.weight_t"),
+            format!("kalon_adapter{sfx}_delta"),
+            format!("kalon_adapter{sfx}_sum"),
+        );
         // MatMul takes [d_in, d_out]: A^T
         let a_t = self
             .weight()?
@@ -168,7 +179,7 @@ impl Adapter {
         let node = |op: &str, inputs: &[&str], output: &str, attribute| NodeProto {
             input: inputs.iter().map(|s| (*s).to_owned()).collect(),
             output: vec![output.to_owned()],
-            name: format!("kalon_adapter_{}", op.to_lowercase()),
+            name: format!("kalon_adapter{sfx}_{}", op.to_lowercase()),
             op_type: op.into(),
             attribute,
             domain: String::new(),
@@ -176,19 +187,19 @@ impl Adapter {
         let nodes = vec![
             node(
                 "MatMul",
-                &[&backbone, "kalon_adapter.weight_t"],
-                "kalon_adapter_delta",
+                &[&backbone, &weight],
+                &delta,
                 vec![],
             ),
             node(
                 "Add",
-                &[&backbone, "kalon_adapter_delta"],
-                "kalon_adapter_sum",
+                &[&backbone, &delta],
+                &sum,
                 vec![],
             ),
             node(
                 "LpNormalization",
-                &["kalon_adapter_sum"],
+                &[&sum],
                 IMAGE_EMBEDS,
                 vec![attr_int("axis", 1), attr_int("p", 2)],
             ),
@@ -196,10 +207,10 @@ impl Adapter {
         let weights = vec![TensorProto {
             dims: vec![self.dim as i64, self.dim as i64],
             data_type: kalon_model::onnx::proto::data_type::FLOAT,
-            name: "kalon_adapter.weight_t".into(),
+            name: weight.clone(),
             raw_data: a_t.iter().flat_map(|v| v.to_le_bytes()).collect(),
         }];
-        append_to_output(tower, IMAGE_EMBEDS, nodes, weights)
+        append_to_output(tower, IMAGE_EMBEDS, &backbone, nodes, weights)
     }
 
     /// Writes the aligned encoder: `parent`'s directory with the adapter
@@ -241,6 +252,25 @@ impl Adapter {
         manifest.save(out)?;
         Ok(manifest)
     }
+}
+
+/// `""` for the first adapter on a tower, `"_2"`, `"_3"`, ... for the next.
+fn stage_suffix(stage: usize) -> String {
+    if stage == 1 {
+        String::new()
+    } else {
+        format!("_{stage}")
+    }
+}
+
+/// Whether `name` is a string field of the ONNX model: its length (a
+/// one-byte varint: names here are short) then its bytes, so a name is not
+/// found inside a longer one.
+fn has_name(model: &[u8], name: &str) -> bool {
+    let mut pattern = vec![name.len() as u8];
+    pattern.extend_from_slice(name.as_bytes());
+    debug_assert!(name.len() < 128);
+    model.windows(pattern.len()).any(|w| w == pattern.as_slice())
 }
 
 /// The normalised mean of unit rows (`None` when it is zero or not finite).

@@ -79,16 +79,16 @@ fn rename_node_output(node: &[u8], from: &str, to: &str) -> anyhow::Result<(Vec<
 }
 
 /// Rewrites `model` (an `.onnx` file's bytes) so graph output `output` is
-/// computed by `extra` from what produced it before, now named
-/// `{output}_backbone`. `extra` nodes must read that name and write
-/// `output`; `weights` are added as initializers.
+/// computed by `extra` from what produced it before, now named `backbone`
+/// (a name not yet in the graph). `extra` nodes must read that name and
+/// write `output`; `weights` are added as initializers.
 pub fn append_to_output(
     model: &[u8],
     output: &str,
+    backbone: &str,
     extra: Vec<NodeProto>,
     weights: Vec<TensorProto>,
 ) -> anyhow::Result<Vec<u8>> {
-    let backbone = format!("{output}_backbone");
     let mut out = Vec::with_capacity(model.len() + 4096);
     let mut found_graph = false;
     for f in fields(model)? {
@@ -101,7 +101,7 @@ pub fn append_to_output(
         let mut producers = 0;
         for g in fields(f.payload)? {
             if g.number == 1 && g.wire == 2 {
-                let (node, renamed) = rename_node_output(g.payload, output, &backbone)?;
+                let (node, renamed) = rename_node_output(g.payload, output, backbone)?;
                 producers += usize::from(renamed);
                 put_len_field(&mut graph, 1, &node);
             } else {
