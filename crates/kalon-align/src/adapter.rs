@@ -160,7 +160,12 @@ impl Adapter {
         // a tower that already carries an adapter (an aligned parent) gets
         // the next stage's names: ONNX names must be unique in a graph
         let stage = (1..)
-            .find(|&n| !has_name(tower, &format!("{IMAGE_EMBEDS}_backbone{}", stage_suffix(n))))
+            .find(|&n| {
+                !has_name(
+                    tower,
+                    &format!("{IMAGE_EMBEDS}_backbone{}", stage_suffix(n)),
+                )
+            })
             .expect("a free stage");
         let sfx = stage_suffix(stage);
         let backbone = format!("{IMAGE_EMBEDS}_backbone{sfx}");
@@ -185,18 +190,8 @@ impl Adapter {
             domain: String::new(),
         };
         let nodes = vec![
-            node(
-                "MatMul",
-                &[&backbone, &weight],
-                &delta,
-                vec![],
-            ),
-            node(
-                "Add",
-                &[&backbone, &delta],
-                &sum,
-                vec![],
-            ),
+            node("MatMul", &[&backbone, &weight], &delta, vec![]),
+            node("Add", &[&backbone, &delta], &sum, vec![]),
             node(
                 "LpNormalization",
                 &[&sum],
@@ -270,7 +265,9 @@ fn has_name(model: &[u8], name: &str) -> bool {
     let mut pattern = vec![name.len() as u8];
     pattern.extend_from_slice(name.as_bytes());
     debug_assert!(name.len() < 128);
-    model.windows(pattern.len()).any(|w| w == pattern.as_slice())
+    model
+        .windows(pattern.len())
+        .any(|w| w == pattern.as_slice())
 }
 
 /// The normalised mean of unit rows (`None` when it is zero or not finite).
