@@ -108,9 +108,23 @@ fn start(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
 ) {
+    start_judged(config, None)
+}
+
+/// [`start`] with an LMM judge in the gate.
+fn start_judged(
+    config: TrainerConfig,
+    llm: Option<kalon_llm::LlmConfig>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let trainer = Trainer::build(config).await.expect("trainer builds");
+        let mut trainer = Trainer::build(config).await.expect("trainer builds");
+        if let Some(llm) = llm {
+            trainer = trainer.with_judge(llm).expect("judge");
+        }
         trainer
             .run(async {
                 let _ = stopped.await;
@@ -250,7 +264,15 @@ async fn a_candidate_trained_on_inverted_pairs_fails_the_gate_and_is_never_deplo
     // a gate with no slack, so the test's small world decides with it
     config.gate.aesthetic_tolerance = 0.0;
     config.gate.z = 1.0;
-    let (stop, task) = start(config);
+    // the world's simulated LMM judges the rows too
+    let mut sim = kalon_sim_llm::SimConfig::new(WORLD_SEED, IMAGES);
+    sim.world_dir = Some(world.world.path().to_owned());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = kalon_sim_llm::SimServer::start(sim, listener)
+        .await
+        .unwrap();
+    let llm = kalon_llm::LlmConfig::new(sim.base_url(), "kalon-sim-1");
+    let (stop, task) = start_judged(config, Some(llm));
 
     // the same gate passes a candidate trained on the people's preferences
     insert_pairs(&env, &oracle_pairs(3000, false, 0, 3)).await;
@@ -264,6 +286,20 @@ async fn a_candidate_trained_on_inverted_pairs_fails_the_gate_and_is_never_deplo
     let run = store::runs_of(&env.pool, &good).await.unwrap().remove(0);
     let gate = run.gate.clone().expect("gate figures");
     assert_eq!(gate["passed"], true, "{gate:#}");
+    let judged = &gate["judge"];
+    assert_eq!(judged["queries"], 40, "{gate:#}");
+    for aspect in ["relevance", "aesthetic"] {
+        let n: u64 = ["win", "similar", "loss"]
+            .iter()
+            .map(|k| judged[aspect][k].as_u64().unwrap())
+            .sum();
+        assert_eq!(n, 40, "{gate:#}");
+    }
+    // the judge, shown both rows in both orders, prefers the candidate's
+    assert!(
+        judged["aesthetic"]["win"].as_u64() > judged["aesthetic"]["loss"].as_u64(),
+        "{gate:#}"
+    );
     let passed = run.model_version.clone().unwrap();
 
     // and fails one trained on the same pairs inverted
@@ -291,6 +327,16 @@ async fn a_candidate_trained_on_inverted_pairs_fails_the_gate_and_is_never_deplo
         .unwrap();
     assert_eq!(aesthetic["passed"], false, "{gate:#}");
     assert!(aesthetic["change"].as_f64().unwrap() < -0.01, "{gate:#}");
+    // and the judge prefers the parent's rows to the inverted candidate's
+    let judged = &gate["judge"]["aesthetic"];
+    assert!(judged["loss"].as_u64() > judged["win"].as_u64(), "{gate:#}");
+    let judge_check = gate["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["metric"] == "judge_aesthetic_net_win")
+        .unwrap();
+    assert_eq!(judge_check["passed"], false, "{gate:#}");
     let row = kalon_registry::store::version(&env.pool, &version)
         .await
         .unwrap()

@@ -25,6 +25,15 @@ pub struct GateConfig {
     /// Standard errors of benefit of the doubt (1.64: one-sided 95%).
     #[arg(long, env = "KALON_GATE_Z", default_value_t = 1.64)]
     pub z: f64,
+    /// Held-out queries whose top-10 rows (candidate vs parent) the LMM
+    /// judge compares, per aspect, in both orders; 0: no judge. Needs an
+    /// LLM endpoint (`KALON_LLM_BASE_URL`, ...).
+    #[arg(long, env = "KALON_GATE_JUDGE_QUERIES", default_value_t = 40)]
+    pub judge_queries: usize,
+    /// Largest net loss (losses minus wins, as a share of the queries) of
+    /// the candidate's rows to the parent's tolerated per aspect.
+    #[arg(long, env = "KALON_GATE_JUDGE_TOLERANCE", default_value_t = 0.05)]
+    pub judge_tolerance: f64,
 }
 
 impl GateConfig {
@@ -34,6 +43,7 @@ impl GateConfig {
             ("aesthetic tolerance", self.aesthetic_tolerance),
             ("recall tolerance", self.recall_tolerance),
             ("z", self.z),
+            ("judge tolerance", self.judge_tolerance),
         ] {
             anyhow::ensure!(
                 value.is_finite() && value >= 0.0,
@@ -66,8 +76,85 @@ pub struct GateReport {
     pub held_out_captions: usize,
     pub checks: Vec<Check>,
     pub config: GateConfig,
-    /// The LMM judge's win rate is not part of this gate yet.
-    pub judge: String,
+    /// The LMM judge's order-consistent verdicts of candidate rows against
+    /// parent rows, per aspect (its checks are among `checks`), or why it
+    /// did not judge.
+    pub judge: serde_json::Value,
+}
+
+/// The rows of the `k` catalog images most similar to `query`.
+fn top_k(query: &[f32], images: &Embeddings, k: usize) -> Vec<usize> {
+    let mut scored: Vec<(f32, usize)> = (0..images.len())
+        .map(|i| (query.iter().zip(images.row(i)).map(|(a, b)| a * b).sum(), i))
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    scored.into_iter().take(k).map(|(_, i)| i).collect()
+}
+
+/// The judge's verdicts on `queries` (held-out), candidate rows as A.
+#[allow(clippy::too_many_arguments)]
+fn judge_rows(
+    judge: &kalon_llm::Judge,
+    dataset: &std::path::Path,
+    queries: &[&str],
+    parent: &Encoder,
+    candidate: &Encoder,
+    parent_images: &Embeddings,
+    candidate_images: &Embeddings,
+    data: &Embedded,
+) -> anyhow::Result<Vec<(kalon_llm::Aspect, kalon_llm::Tally, usize)>> {
+    let before = parent.text.embed_texts(queries)?;
+    let after = candidate.text.embed_texts(queries)?;
+    let image = |row: usize| -> anyhow::Result<kalon_llm::ImageRef> {
+        let id = &data.pairs.ids[row];
+        let path = dataset.join("images").join(format!("{id}.png"));
+        Ok(kalon_llm::ImageRef::Png(std::fs::read(&path).map_err(
+            |e| anyhow::anyhow!("cannot read {}: {e}", path.display()),
+        )?))
+    };
+    // each query's two rows, read once; identical rows need no call
+    let mut rows = Vec::with_capacity(queries.len());
+    for i in 0..queries.len() {
+        let (a, b) = (
+            top_k(after.row(i), candidate_images, 10),
+            top_k(before.row(i), parent_images, 10),
+        );
+        rows.push(if a == b {
+            None
+        } else {
+            let read = |row: Vec<usize>| {
+                row.into_iter()
+                    .map(image)
+                    .collect::<anyhow::Result<Vec<_>>>()
+            };
+            Some((read(a)?, read(b)?))
+        });
+    }
+    let identical = rows.iter().filter(|r| r.is_none()).count();
+    let mut out = Vec::new();
+    for aspect in [kalon_llm::Aspect::Relevance, kalon_llm::Aspect::Aesthetic] {
+        // every comparison at once: the LLM client's own limits pace them
+        let asks = queries.iter().zip(&rows).filter_map(|(query, rows)| {
+            let (row_a, row_b) = rows.as_ref()?;
+            Some(async move {
+                judge
+                    .compare(query, aspect, row_a, row_b)
+                    .await
+                    .map(|c| c.verdict)
+                    .map_err(|e| anyhow::anyhow!("the LMM judge failed on {query:?}: {e}"))
+            })
+        });
+        let verdicts = tokio::runtime::Handle::current().block_on(futures::future::join_all(asks));
+        let mut tally = kalon_llm::Tally::default();
+        for _ in 0..identical {
+            tally.add(kalon_llm::Verdict::Similar);
+        }
+        for verdict in verdicts {
+            tally.add(verdict?);
+        }
+        out.push((aspect, tally, identical));
+    }
+    Ok(out)
 }
 
 impl GateReport {
@@ -108,13 +195,18 @@ fn figures(
 }
 
 /// Evaluates the exported `candidate` (loaded from its directory, as search
-/// will serve it) against `parent`, whose catalog embeddings `data` holds.
+/// will serve it) against `parent`, whose catalog embeddings `data` holds;
+/// with `judge`, also the LMM judge's verdicts on held-out queries' top-10
+/// rows (images from `dataset`). Call it on a blocking thread of a Tokio
+/// runtime (the judge's calls run on that runtime).
 pub fn evaluate(
     parent: &Encoder,
     candidate: &Encoder,
     data: &Embedded,
     items: &[HpirLine],
     config: &GateConfig,
+    judge: Option<&kalon_llm::Judge>,
+    dataset: &std::path::Path,
 ) -> anyhow::Result<GateReport> {
     anyhow::ensure!(
         !items.is_empty(),
@@ -139,7 +231,7 @@ pub fn evaluate(
             passed: change + config.z * se >= -tolerance,
         }
     };
-    let checks = vec![
+    let mut checks = vec![
         check(
             "hpir_accuracy",
             before.hpir_accuracy,
@@ -162,12 +254,63 @@ pub fn evaluate(
             config.recall_tolerance,
         ),
     ];
+    let mut judged = serde_json::json!({});
+    match judge {
+        None => {
+            judged =
+                serde_json::json!({ "skipped": "no LLM endpoint configured (KALON_LLM_BASE_URL)" });
+        }
+        Some(_) if config.judge_queries == 0 => {
+            judged = serde_json::json!({ "skipped": "--judge-queries 0" });
+        }
+        Some(judge) => {
+            let mut queries: Vec<&str> = Vec::new();
+            for item in items {
+                if queries.len() == config.judge_queries {
+                    break;
+                }
+                if !queries.contains(&item.query.as_str()) {
+                    queries.push(&item.query);
+                }
+            }
+            judged["queries"] = queries.len().into();
+            for (aspect, tally, identical) in judge_rows(
+                judge,
+                dataset,
+                &queries,
+                parent,
+                candidate,
+                &data.images,
+                &candidate_images,
+                data,
+            )? {
+                let n = tally.total().max(1) as f64;
+                let net = (tally.win as f64 - tally.loss as f64) / n;
+                let second = (tally.win + tally.loss) as f64 / n;
+                let se = ((second - net * net).max(0.0) / n).sqrt();
+                let name = aspect.as_str();
+                judged[name] = serde_json::json!({
+                    "win": tally.win, "similar": tally.similar, "loss": tally.loss,
+                    "identical_rows": identical,
+                });
+                checks.push(Check {
+                    metric: format!("judge_{name}_net_win"),
+                    parent: tally.loss as f64 / n,
+                    candidate: tally.win as f64 / n,
+                    change: net,
+                    standard_error: se,
+                    tolerance: config.judge_tolerance,
+                    passed: net + config.z * se >= -config.judge_tolerance,
+                });
+            }
+        }
+    }
     Ok(GateReport {
         passed: checks.iter().all(|c| c.passed),
         hpir_items: items.len(),
         held_out_captions: data.len() - data.train,
         checks,
         config: config.clone(),
-        judge: "not evaluated: the LMM judge's win rate is not part of the gate yet".into(),
+        judge: judged,
     })
 }

@@ -174,6 +174,7 @@ impl Trainer {
             let min_pairs = self.config.min_pairs;
             let out = out.to_owned();
             let metrics = self.metrics.clone();
+            let judge = self.judge.clone();
             let notes = serde_json::json!({
                 "trainer": "kalon-trainer (Ranked DPO adapter on preference pairs)",
                 "training_run_id": run.to_string(),
@@ -195,6 +196,7 @@ impl Trainer {
                     &gate,
                     &metrics,
                     &progress,
+                    judge.as_ref(),
                 )
             })
         };
@@ -287,6 +289,7 @@ fn train_and_gate(
     gate_config: &gate::GateConfig,
     metrics: &crate::metrics::Metrics,
     progress: &watch::Sender<serde_json::Value>,
+    judge: Option<&kalon_llm::Judge>,
 ) -> anyhow::Result<Trained> {
     let serde_json::Value::Object(notes) = notes else {
         unreachable!("an object literal")
@@ -325,6 +328,8 @@ fn train_and_gate(
         &trained.data,
         &items,
         gate_config,
+        judge,
+        dataset,
     )?;
     let gate_s = gating.elapsed().as_secs_f64();
     metrics.phase("gate", gate_s);

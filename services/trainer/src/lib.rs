@@ -65,6 +65,8 @@ pub struct Trainer {
     status: Arc<Mutex<Status>>,
     /// The run this replica trains, and the flag that stops it.
     current: Mutex<Option<(uuid::Uuid, Arc<std::sync::atomic::AtomicBool>)>>,
+    /// The offline gate's LMM judge, when an endpoint is configured.
+    judge: Option<kalon_llm::Judge>,
     metrics: metrics::Metrics,
 }
 
@@ -91,9 +93,17 @@ impl Trainer {
             instance,
             status: Arc::new(Mutex::new(status)),
             current: Mutex::new(None),
+            judge: None,
             metrics: metrics::Metrics::new(),
             config,
         })
+    }
+
+    /// The offline gate also asks this LLM/LMM endpoint to compare the
+    /// candidate's rows with the parent's (`--judge-queries` held-out queries).
+    pub fn with_judge(mut self, llm: kalon_llm::LlmConfig) -> anyhow::Result<Trainer> {
+        self.judge = Some(kalon_llm::Judge::new(kalon_llm::LlmClient::new(llm)?));
+        Ok(self)
     }
 
     pub fn pool(&self) -> &PgPool {
