@@ -21,6 +21,7 @@ fn workspace_binaries() -> BTreeSet<String> {
         "services/ingest/Cargo.toml",
         "services/enricher/Cargo.toml",
         "services/search/Cargo.toml",
+        "services/trainer/Cargo.toml",
     ] {
         let text = std::fs::read_to_string(format!("{root}/{manifest}")).unwrap();
         let mut lines = text.lines();
@@ -58,6 +59,15 @@ fn every_kalon_service_runs_a_workspace_binary() {
         assert!(
             binaries.contains(program),
             "{name:?} runs {program}, which the workspace does not build ({binaries:?})"
+        );
+        // and the image the compose file runs it from builds it
+        let dockerfile =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/Dockerfile"))
+                .unwrap();
+        assert!(
+            dockerfile.contains(&format!("-p {program}"))
+                && dockerfile.contains(&format!("release/{program} ")),
+            "{name:?} runs {program}, which deploy/Dockerfile does not build and copy"
         );
     }
     assert!(
