@@ -98,8 +98,14 @@ impl From<serde_json::Error> for DecodeError {
 #[serde(deny_unknown_fields)]
 pub struct ResultItem {
     pub image_id: String,
+    /// 1-based position the person was shown.
     pub rank: u32,
     pub score: f64,
+    /// The rank the model gave this result, present only where an
+    /// exploration swap ([`crate::explore`]) showed it elsewhere: the
+    /// randomised intervention position-bias estimation harvests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_rank: Option<u32>,
 }
 
 /// `search.impression.v1`
@@ -261,6 +267,9 @@ impl TopicPayload for Impression {
         for item in &self.results {
             text("results[].image_id", &item.image_id, 256)?;
             rank("results[].rank", item.rank)?;
+            if let Some(model_rank) = item.model_rank {
+                rank("results[].model_rank", model_rank)?;
+            }
         }
         Ok(())
     }

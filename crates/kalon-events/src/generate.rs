@@ -76,6 +76,7 @@ impl Generator {
                     image_id: format!("img-{:06}", self.rng.random_range(0..100_000)),
                     rank,
                     score: (score * 10_000.0_f64).round() / 10_000.0,
+                    model_rank: None,
                 }
             })
             .collect();

@@ -30,10 +30,13 @@
 //! The search events ([`Event`], [`EventKind`]) are what ingest stores;
 //! [`generate`] makes plausible and broken ones for demos, benchmarks and
 //! tests. [`TOPICS`] is the one list of Kafka topics the project creates.
+//! [`explore`] is search's randomised adjacent swap, recorded in an
+//! impression's [`ResultItem::model_rank`].
 
 mod dead_letter;
 mod enrich;
 mod event;
+pub mod explore;
 pub mod generate;
 mod model;
 mod payload;

@@ -167,8 +167,40 @@ fn search_impression_round_trips_and_refuses_wrong_payloads() {
     let value = round_trip(&impression);
     refused::<Impression>(
         &value,
-        &[("rank zero", &|v| v["results"][0]["rank"] = json!(0))],
+        &[
+            ("rank zero", &|v| v["results"][0]["rank"] = json!(0)),
+            ("model_rank zero", &|v| {
+                v["results"][0]["model_rank"] = json!(0)
+            }),
+            ("model_rank as text", &|v| {
+                v["results"][0]["model_rank"] = json!("2")
+            }),
+        ],
     );
+    accepted::<Impression>(
+        &value,
+        &[
+            ("model_rank null", &|v| {
+                v["results"][0]["model_rank"] = Value::Null
+            }),
+            ("model_rank 2", &|v| {
+                v["results"][0]["model_rank"] = json!(2)
+            }),
+        ],
+    );
+    // an explored impression: one adjacent pair swapped, both model ranks kept
+    let mut explored = impression.clone();
+    let ranked = explored
+        .results
+        .iter()
+        .map(|r| (r.image_id.clone(), r.score))
+        .collect();
+    explored.results = kalon_events::explore::shown_items(ranked, Some(1));
+    assert_eq!(explored.results[0].model_rank, Some(2));
+    assert_eq!(explored.results[1].model_rank, Some(1));
+    let value = round_trip(&explored);
+    assert_eq!(value["results"][0]["model_rank"], json!(2));
+    assert!(value["results"][2].get("model_rank").is_none());
 }
 
 #[test]
