@@ -38,7 +38,9 @@ impl Default for Propensity {
 }
 
 impl Propensity {
-    fn weight(&self, rank: u32) -> f64 {
+    /// The inverse propensity `r^eta` of a click at `rank`, capped at
+    /// `max_weight`.
+    pub fn weight(&self, rank: u32) -> f64 {
         f64::from(rank).powf(self.eta).min(self.max_weight)
     }
 }

@@ -6,6 +6,9 @@
 //! - [`pairs`]: the preference pair every source (D_po, clicks, ratings,
 //!   LMM judgments) produces.
 //! - [`scorer`]: aesthetic scorers behind one trait.
+//! - [`feedback`]: pairs from clicks, ratings and judgments, clicks weighted
+//!   by inverse position propensity; [`propensity`] estimates that
+//!   propensity from the traffic (intervention harvesting).
 
 pub mod adapter;
 pub mod algorithm;
@@ -16,6 +19,7 @@ pub mod feedback;
 pub mod lmm;
 pub mod pairs;
 pub mod pipeline;
+pub mod propensity;
 pub mod scorer;
 pub mod train;
 
