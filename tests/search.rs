@@ -1,7 +1,7 @@
 //! The search service against a real Postgres, a real tansu broker and ONNX
 //! Runtime: corpus embedding (with adapter reuse), the API in process and
-//! over a socket, canary routing, hot swap under load, impressions and
-//! feedback on their topics, Kafka outages, and a schemathesis fuzz run
+//! over a socket, canary routing, exploration swaps recorded in the
+//! impressions, hot swap under load, impressions and feedback on their topics, Kafka outages, and a schemathesis fuzz run
 //! against the service's own OpenAPI document.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
+use kalon_events::explore::Exploration;
 use kalon_registry::store;
-use kalon_search::{router, Search, SearchResponse};
+use kalon_search::{router, AppState, Search, SearchResponse};
 use kalon_tests::search::{self as fixture, SearchWorld};
 use kalon_tests::TestEnv;
 use tower::ServiceExt;
@@ -374,6 +375,8 @@ async fn over_a_socket_searches_log_impressions_and_feedback_reaches_its_topics(
             .collect();
         let answered: Vec<&str> = answer.results.iter().map(|r| r.image_id.as_str()).collect();
         assert_eq!(ids, answered);
+        // exploration is off by default: the model's order, no model_rank
+        assert!(impression.results.iter().all(|r| r.model_rank.is_none()));
         // the caller's trace continues into the event (W3C traceparent)
         let traceparent = message.headers.get("traceparent").expect("trace header");
         assert!(traceparent.contains(trace_id), "{traceparent}");
@@ -426,6 +429,101 @@ async fn over_a_socket_searches_log_impressions_and_feedback_reaches_its_topics(
     let (_, delivered, dropped) = running.state.events.stats.snapshot();
     assert_eq!((delivered, dropped), (20, 0));
     running.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explored_answers_swap_one_adjacent_pair_and_their_impressions_record_it() {
+    let (env, world) = setup(120).await;
+    let mut config = fixture::config(&env, &world);
+    config.explore_rate = 1.0;
+    config.explore_depth = 4;
+    let search = Search::build(config).await.unwrap();
+    assert_eq!(search.state.explore, Exploration::new(1.0, 4).unwrap());
+    let exploring = router(search.state.clone());
+    // the same service with exploration off (rate 0), for the model's order
+    let plain = router(AppState {
+        explore: Exploration::new(0.0, 4).unwrap(),
+        ..search.state.clone()
+    });
+    let rounds = 12;
+    let mut answers = std::collections::HashMap::new();
+    for i in 0..rounds {
+        let query = ["a red cat", "a blue dog by the sea", "green hills"][i % 3];
+        let mut pair = Vec::new();
+        for (app, explored) in [(&plain, false), (&exploring, true)] {
+            let (status, body) = call(
+                app,
+                post("/v1/search", search_body(query, &format!("s-{i}"))),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let answer: SearchResponse = serde_json::from_value(body).unwrap();
+            assert_eq!(answer.results.len(), 5);
+            pair.push(answer.clone());
+            answers.insert(answer.request_id.clone(), (explored, answer));
+        }
+        // the person sees the model's list with one neighbour pair swapped,
+        // within the depth, each result keeping its score
+        let (model, shown) = (&pair[0].results, &pair[1].results);
+        let moved: Vec<usize> = (0..5)
+            .filter(|&i| model[i].image_id != shown[i].image_id)
+            .collect();
+        assert_eq!(moved.len(), 2, "{model:?} vs {shown:?}");
+        let k = moved[0];
+        assert!(moved[1] == k + 1 && k + 2 <= 4, "swap at {moved:?}");
+        assert_eq!(shown[k].image_id, model[k + 1].image_id);
+        assert_eq!(shown[k].score, model[k + 1].score);
+        assert!(shown
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.rank == i as u32 + 1));
+    }
+
+    let topic = env.kafka.topic("search.impression.v1");
+    let kafka = env.kafka.clone();
+    let received = tokio::task::spawn_blocking(move || {
+        kalon_tests::read_topic(&kafka, &topic, 2 * rounds, Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert_eq!(received.len(), 2 * rounds);
+    let mut explored_seen = 0;
+    for message in &received {
+        let impression = match kalon_events::Event::decode(
+            kalon_events::EventKind::Impression,
+            &message.payload,
+        ) {
+            Ok(kalon_events::Event::Impression(impression)) => impression,
+            other => panic!("not a valid impression: {other:?}"),
+        };
+        let (explored, answer) = &answers[&impression.request_id];
+        let ids: Vec<&str> = impression
+            .results
+            .iter()
+            .map(|r| r.image_id.as_str())
+            .collect();
+        let answered: Vec<&str> = answer.results.iter().map(|r| r.image_id.as_str()).collect();
+        assert_eq!(ids, answered, "the impression is what the person saw");
+        let recorded: Vec<(u32, u32)> = impression
+            .results
+            .iter()
+            .filter_map(|r| r.model_rank.map(|m| (r.rank, m)))
+            .collect();
+        if *explored {
+            explored_seen += 1;
+            // exactly one adjacent swap: (k, k+1) shown where the model
+            // ranked them (k+1, k)
+            let [(a, model_a), (b, model_b)] = recorded[..] else {
+                panic!("{recorded:?} is not one swap");
+            };
+            assert_eq!((b, model_a, model_b), (a + 1, a + 1, a), "{recorded:?}");
+            assert!(b <= 4, "deeper than the depth: {recorded:?}");
+        } else {
+            assert!(recorded.is_empty(), "{recorded:?} at rate 0");
+        }
+    }
+    assert_eq!(explored_seen, rounds);
     env.cleanup().await;
 }
 

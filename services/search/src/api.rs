@@ -10,7 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
-use kalon_events::{Aspect, Click, Event, Impression, Rating, ResultItem};
+use kalon_events::explore::{self, Exploration};
+use kalon_events::{Aspect, Click, Event, Impression, Rating};
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TraceContextExt;
 use rdkafka::message::OwnedHeaders;
@@ -81,6 +82,9 @@ pub struct AppState {
     /// empty gives paths relative to this service.
     pub public_url: String,
     pub limits: Limits,
+    /// The randomised adjacent swap for a share of requests
+    /// (`--explore-rate`, `--explore-depth`).
+    pub explore: Exploration,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -218,7 +222,8 @@ async fn search(
         "search",
         k = request.k,
         model_version = tracing::field::Empty,
-        variant = tracing::field::Empty
+        variant = tracing::field::Empty,
+        explore_swap = tracing::field::Empty
     );
     let _ = span.set_parent(caller.clone());
     // the context the impression carries: this request's span when traces
@@ -337,17 +342,26 @@ async fn run_search(
     let hits = hits.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
 
     let served = &variant.served;
-    let results: Vec<SearchHit> = hits
+    // the model's order, then (for the explored share) one adjacent swap:
+    // the person sees what the impression records, each result keeping
+    // its own score
+    let swap = app.explore.swap_for(&request_id, hits.len());
+    if let Some(k) = swap {
+        tracing::Span::current().record("explore_swap", k);
+    }
+    let shown = explore::shown_items(
+        hits.iter()
+            .map(|hit| (served.ids[hit.row].clone(), f64::from(hit.score)))
+            .collect(),
+        swap,
+    );
+    let results: Vec<SearchHit> = shown
         .iter()
-        .enumerate()
-        .map(|(i, hit)| {
-            let image_id = served.ids[hit.row].clone();
-            SearchHit {
-                url: format!("{}/v1/images/{image_id}", app.public_url),
-                image_id,
-                rank: i as u32 + 1,
-                score: hit.score,
-            }
+        .map(|item| SearchHit {
+            url: format!("{}/v1/images/{}", app.public_url, item.image_id),
+            image_id: item.image_id.clone(),
+            rank: item.rank,
+            score: item.score as f32,
         })
         .collect();
     let impression = Impression {
@@ -362,14 +376,7 @@ async fn run_search(
         query,
         model_version: served.version.clone(),
         variant: variant.name.clone(),
-        results: results
-            .iter()
-            .map(|r| ResultItem {
-                image_id: r.image_id.clone(),
-                rank: r.rank,
-                score: f64::from(r.score),
-            })
-            .collect(),
+        results: shown,
     };
     tracing::info_span!("produce").in_scope(|| {
         let headers = kalon_kafka::inject_context(OwnedHeaders::new(), &context);

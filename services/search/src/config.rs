@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
+use kalon_events::explore::Exploration;
 use kalon_service::{DatabaseArgs, KafkaArgs};
 
 use crate::api::Limits;
@@ -67,6 +68,37 @@ pub struct SearchConfig {
     /// ~/.cache/kalon/models].
     #[arg(long, env = "KALON_SEARCH_MODEL_CACHE")]
     pub model_cache: Option<PathBuf>,
+    /// Share of requests, in [0, 1], whose answer has one adjacent pair
+    /// (k, k+1), k uniform in 1..min(depth, n)-1, swapped before it is
+    /// shown; the impression records the model's rank of the two moved
+    /// results (`model_rank`), the randomised intervention from which the
+    /// examination propensity per rank is estimated
+    /// (`kalon_align::propensity`). Decided per request from its id. 0 (the
+    /// default) shows the model's order unchanged; a few percent is enough
+    /// on busy traffic.
+    #[arg(
+        long,
+        env = "KALON_SEARCH_EXPLORE_RATE",
+        default_value_t = 0.0,
+        value_parser = parse_rate
+    )]
+    pub explore_rate: f64,
+    /// Deepest rank an exploration swap reaches (the swapped pair is at
+    /// most (depth-1, depth)); at least 2.
+    #[arg(
+        long,
+        env = "KALON_SEARCH_EXPLORE_DEPTH",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u32).range(2..)
+    )]
+    pub explore_depth: u32,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a number: {e}"))?;
+    Exploration::new(rate, 2).map(|e| e.rate)
 }
 
 impl SearchConfig {
@@ -83,6 +115,12 @@ impl SearchConfig {
             max_body_bytes: self.max_body_bytes,
             ..Limits::default()
         }
+    }
+
+    /// The exploration settings (checked when the flags were parsed; a
+    /// config built in code is checked here).
+    pub fn exploration(&self) -> anyhow::Result<Exploration> {
+        Exploration::new(self.explore_rate, self.explore_depth).map_err(anyhow::Error::msg)
     }
 
     pub fn index_params(&self) -> IndexParams {
@@ -121,6 +159,8 @@ mod tests {
                 "--hnsw-m KALON_SEARCH_HNSW_M",
                 "--ef-construction KALON_SEARCH_EF_CONSTRUCTION",
                 "--model-cache KALON_SEARCH_MODEL_CACHE",
+                "--explore-rate KALON_SEARCH_EXPLORE_RATE",
+                "--explore-depth KALON_SEARCH_EXPLORE_DEPTH",
             ]
         );
     }
@@ -131,11 +171,45 @@ mod tests {
         assert_eq!(config.kafka.settings().topic("x"), "t.x");
         assert_eq!(config.listen.port(), 8080);
         assert_eq!(config.index_params().ef_search, 256);
+        assert_eq!(config.exploration().unwrap(), Exploration::default());
         let printed = format!("{config:?}");
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(
             printed.contains("postgres://kalon:***@db/kalon"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn the_explore_rate_is_a_share_and_the_depth_at_least_two() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            search: SearchConfig,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["kalon-search"].iter().chain(args)).map(|c| c.search)
+        };
+        let config = parse(&["--explore-rate", "0.05", "--explore-depth", "6"]).unwrap();
+        assert_eq!(
+            config.exploration().unwrap(),
+            Exploration {
+                rate: 0.05,
+                depth: 6
+            }
+        );
+        for wrong in [
+            &["--explore-rate", "1.5"][..],
+            &["--explore-rate", "-0.1"],
+            &["--explore-rate", "NaN"],
+            &["--explore-rate", "often"],
+            &["--explore-depth", "1"],
+        ] {
+            assert!(parse(wrong).is_err(), "{wrong:?} accepted");
+        }
+        let mut built = SearchConfig::new("postgres://db/kalon", "k:9092", "t.");
+        built.explore_rate = 2.0;
+        assert!(built.exploration().is_err());
     }
 }

@@ -42,6 +42,7 @@ impl Search {
     /// deployed version (so no change after this read is missed).
     pub async fn build(config: SearchConfig) -> anyhow::Result<Search> {
         kalon_telemetry::install_propagator();
+        let explore = config.exploration()?;
         let pool = config.database.connect(8).await?;
         kalon_db::check_schema(&pool).await?;
         let kafka = config.kafka.settings();
@@ -82,6 +83,7 @@ impl Search {
             images: config.images.clone(),
             public_url: config.public_url.trim_end_matches('/').to_owned(),
             limits: config.limits(),
+            explore,
         };
         Ok(Search {
             state,
