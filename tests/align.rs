@@ -202,7 +202,7 @@ fn dpo_on_a_small_world_then_the_adapter_and_the_whole_tower_train_on_it() {
             results: &shown,
             clicked: &[3],
         },
-        &Default::default(),
+        &kalon_align::feedback::Propensity::default(),
     );
     assert_eq!(feedback.len(), 3, "skip-above 1, 2 and skip-next 4");
     let mut unknown = feedback[0].clone();

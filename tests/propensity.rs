@@ -9,9 +9,6 @@
 //! broker; deterministic seeds.
 
 use kalon_align::propensity::{self, EstimatorConfig, Tally};
-use kalon_events::explore::{self, Exploration};
-use kalon_world::text::Split;
-use kalon_world::{Catalog, ImageMeta, Oracle, Query, QuerySet, Users};
 
 /// Largest relative error allowed at any rank 2-10.
 const TOLERANCE: f64 = 0.10;
@@ -20,75 +17,22 @@ const QUERIES: usize = 300;
 const SESSIONS_PER_QUERY: usize = 800;
 const DEPTH: usize = 10;
 
-/// The top `DEPTH` images for `query` by a decent but imperfect ranker
-/// (relevance plus the oracle's beauty, with noise), so attractiveness
-/// falls with rank as it does behind a real model.
-fn ranked<'c>(
-    catalog: &'c Catalog,
-    query: &Query,
-    oracle: &Oracle,
-    rng: &mut impl rand::Rng,
-) -> Vec<(&'c ImageMeta, f64)> {
-    let mut scored: Vec<(&ImageMeta, f64)> = catalog
-        .images
-        .iter()
-        .filter(|m| query.relevance(m) > 0.0)
-        .map(|m| {
-            let score = query.relevance(m)
-                + 0.5 * oracle.aesthetic(query, m)
-                + 0.1 * kalon_world::normal(rng);
-            (m, score)
-        })
-        .collect();
-    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.id.cmp(&b.0.id)));
-    scored.truncate(DEPTH);
-    scored
-}
-
 #[test]
 fn the_estimated_examination_curve_is_the_simulated_peoples_within_ten_percent() {
     let started = std::time::Instant::now();
-    let catalog = Catalog::generate(SEED, 3_000);
-    let queries: Vec<Query> = QuerySet::generate(SEED, 160)
-        .split(Split::Train)
-        .take(QUERIES)
-        .cloned()
-        .collect();
-    let oracle = Oracle::default();
-    let users = Users::default();
-    let exploration = Exploration::new(1.0, DEPTH as u32).unwrap();
-    let mut ranker_rng = kalon_world::stream(SEED, "ranker");
-    let mut people = kalon_world::stream(SEED, "people");
+    let traffic = kalon_tests::traffic::Traffic::generate(SEED, QUERIES, SESSIONS_PER_QUERY, DEPTH);
     let mut tally = Tally::default();
-    let mut swaps = [0u64; DEPTH - 1];
-    for (q, query) in queries.iter().enumerate() {
-        let list = ranked(&catalog, query, &oracle, &mut ranker_rng);
-        assert_eq!(list.len(), DEPTH, "{} has enough matches", query.text);
-        for s in 0..SESSIONS_PER_QUERY {
-            let request_id = format!("req-{q}-{s}");
-            let swap = exploration.swap_for(&request_id, list.len());
-            let k = swap.expect("rate 1 explores every request");
-            swaps[k as usize - 1] += 1;
-            let shown = explore::shown_items(
-                list.iter()
-                    .map(|(m, score)| (m.id.clone(), *score))
-                    .collect(),
-                swap,
+    for list in &traffic.lists {
+        for item in &list.shown {
+            tally.record(
+                &list.query,
+                &item.image_id,
+                item.rank,
+                list.clicks.contains(&item.rank),
             );
-            let mut metas: Vec<&ImageMeta> = list.iter().map(|(m, _)| *m).collect();
-            explore::apply_swap(&mut metas, swap);
-            let session = users.browse(query, &metas, &oracle, &mut people);
-            for (item, meta) in shown.iter().zip(&metas) {
-                assert_eq!(item.image_id, meta.id);
-                tally.record(
-                    &query.text,
-                    &item.image_id,
-                    item.rank,
-                    session.clicks.contains(&item.rank),
-                );
-            }
         }
     }
+    let (queries, swaps, users) = (&traffic.queries, traffic.swaps, &traffic.users);
     let observations = tally.observations();
     let estimate = propensity::estimate(&observations, &EstimatorConfig::default());
     let naive = propensity::naive_curve(&observations, DEPTH as u32);

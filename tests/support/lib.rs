@@ -590,3 +590,113 @@ pub mod otlp {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 }
+
+/// Simulated search traffic whose examination curve is known: the world's
+/// people (`kalon_world::Users::browse`, rank r examined with probability
+/// `1 / r^0.8`) on lists from a decent but imperfect ranker, each list with
+/// search's exploration swap (`kalon_events::explore`, rate 1).
+pub mod traffic {
+    use kalon_events::explore::{self, Exploration};
+    use kalon_events::ResultItem;
+    use kalon_world::text::Split;
+    use kalon_world::{Catalog, ImageMeta, Oracle, Query, QuerySet, Users};
+
+    /// One answered search and what the person clicked.
+    pub struct List {
+        pub request_id: String,
+        pub query: String,
+        /// As shown (swap applied; the moved pair carries `model_rank`).
+        pub shown: Vec<ResultItem>,
+        /// Shown ranks clicked.
+        pub clicks: Vec<u32>,
+    }
+
+    pub struct Traffic {
+        pub lists: Vec<List>,
+        pub queries: Vec<Query>,
+        pub users: Users,
+        /// Lists whose swap was at k, for k = 1..depth-1.
+        pub swaps: [u64; 9],
+    }
+
+    /// The top `depth` images for `query`: relevance plus the oracle's
+    /// beauty, with noise, so attractiveness falls with rank as it does
+    /// behind a real model.
+    fn ranked<'c>(
+        catalog: &'c Catalog,
+        query: &Query,
+        oracle: &Oracle,
+        depth: usize,
+        rng: &mut impl rand::Rng,
+    ) -> Vec<(&'c ImageMeta, f64)> {
+        let mut scored: Vec<(&ImageMeta, f64)> = catalog
+            .images
+            .iter()
+            .filter(|m| query.relevance(m) > 0.0)
+            .map(|m| {
+                let score = query.relevance(m)
+                    + 0.5 * oracle.aesthetic(query, m)
+                    + 0.1 * kalon_world::normal(rng);
+                (m, score)
+            })
+            .collect();
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.id.cmp(&b.0.id)));
+        scored.truncate(depth);
+        scored
+    }
+
+    impl Traffic {
+        /// `sessions` searches of each of `queries` training queries
+        /// (depth at most 10), the same for a seed.
+        pub fn generate(seed: u64, queries: usize, sessions: usize, depth: usize) -> Traffic {
+            assert!((2..=10).contains(&depth));
+            let catalog = Catalog::generate(seed, 3_000);
+            let queries: Vec<Query> = QuerySet::generate(seed, 160)
+                .split(Split::Train)
+                .take(queries)
+                .cloned()
+                .collect();
+            let oracle = Oracle::default();
+            let users = Users::default();
+            let exploration = Exploration::new(1.0, depth as u32).unwrap();
+            let mut ranker_rng = kalon_world::stream(seed, "ranker");
+            let mut people = kalon_world::stream(seed, "people");
+            let mut swaps = [0u64; 9];
+            let mut lists = Vec::new();
+            for (q, query) in queries.iter().enumerate() {
+                let list = ranked(&catalog, query, &oracle, depth, &mut ranker_rng);
+                assert_eq!(list.len(), depth, "{} has enough matches", query.text);
+                for s in 0..sessions {
+                    let request_id = format!("req-{q}-{s}");
+                    let swap = exploration.swap_for(&request_id, list.len());
+                    let k = swap.expect("rate 1 explores every request");
+                    swaps[k as usize - 1] += 1;
+                    let shown = explore::shown_items(
+                        list.iter()
+                            .map(|(m, score)| (m.id.clone(), *score))
+                            .collect(),
+                        swap,
+                    );
+                    let mut metas: Vec<&ImageMeta> = list.iter().map(|(m, _)| *m).collect();
+                    explore::apply_swap(&mut metas, swap);
+                    let session = users.browse(query, &metas, &oracle, &mut people);
+                    for (item, meta) in shown.iter().zip(&metas) {
+                        assert_eq!(item.image_id, meta.id);
+                    }
+                    lists.push(List {
+                        request_id,
+                        query: query.text.clone(),
+                        shown,
+                        clicks: session.clicks,
+                    });
+                }
+            }
+            Traffic {
+                lists,
+                queries,
+                users,
+                swaps,
+            }
+        }
+    }
+}

@@ -56,65 +56,84 @@ pub fn build_dpo(
     let enriched = encoder.text.embed_texts(&rephrased)?;
     let mut pairs = Vec::new();
     for (q, query) in queries.iter().enumerate() {
-        let candidates = top_k(enriched.row(q), &data.images, data.train, spec.k);
-        // order of semantic relevance to the ORIGINAL query
-        let mut ranked = candidates.clone();
-        ranked.sort_by(|a, b| {
-            dot(original.row(q), data.images.row(*b))
-                .total_cmp(&dot(original.row(q), data.images.row(*a)))
-        });
-        // the scorer sees only the u x v candidates D_po takes, one
-        // semantic band (row) per call: rows are sorted within themselves
-        let taken: Vec<usize> = (0..ranked.len())
-            .take(spec.k)
-            .step_by(spec.stride)
-            .take(spec.u * spec.v)
-            .collect();
-        anyhow::ensure!(
-            taken.len() == spec.u * spec.v,
-            "only {} candidates for a {}x{} D_po matrix (k {}, stride {}): the catalog is too small",
-            taken.len(),
-            spec.u,
-            spec.v,
-            spec.k,
-            spec.stride
-        );
-        let mut scores = vec![0.0; ranked.len()];
-        for band in taken.chunks(spec.v) {
-            let images: Vec<RgbImage> = band.iter().map(|&c| data.image(ranked[c])).collect();
-            let candidates: Vec<Candidate> = band
-                .iter()
-                .zip(&images)
-                .map(|(&c, image)| Candidate {
-                    id: &data.pairs.ids[ranked[c]],
-                    image,
-                })
-                .collect();
-            let mut band_scores = scorer.score(query, &candidates)?;
-            anyhow::ensure!(
-                band_scores.len() == band.len() && band_scores.iter().all(|s| s.is_finite()),
-                "scorer {} gave {} scores for {} images, or a non-finite one",
-                scorer.name(),
-                band_scores.len(),
-                band.len()
-            );
-            normalise(&mut band_scores);
-            for (&c, s) in band.iter().zip(band_scores) {
-                scores[c] = s;
-            }
-        }
-        let local: Vec<usize> = (0..ranked.len()).collect();
-        let matrix = dpo_matrix(&local, &scores, spec);
-        for (w, l) in dpo_pairs(&matrix) {
-            pairs.push(IndexedPair {
-                query: q,
-                winner: ranked[w],
-                loser: ranked[l],
-                weight: 1.0,
-            });
-        }
+        let rows = dpo_for_query(data, query, original.row(q), enriched.row(q), scorer, spec)?;
+        pairs.extend(rows.into_iter().map(|(winner, loser)| IndexedPair {
+            query: q,
+            winner,
+            loser,
+            weight: 1.0,
+        }));
     }
     Ok((pairs, original))
+}
+
+/// D_po for one query whose rephrasing is embedded already: retrieve the
+/// top K training images for the rephrasing, order them by relevance to
+/// the ORIGINAL query, take every `stride`-th into a `u x v` matrix whose
+/// rows `scorer` orders by beauty, and return the product order's pairs as
+/// (winner, loser) image rows of `data`. [`build_dpo`] runs it for the
+/// offline construction; the preference builder for live queries.
+pub fn dpo_for_query(
+    data: &Embedded,
+    query: &str,
+    original: &[f32],
+    rephrased: &[f32],
+    scorer: &dyn AestheticScorer,
+    spec: &DpoSpec,
+) -> anyhow::Result<Vec<(usize, usize)>> {
+    spec.validate()?;
+    let candidates = top_k(rephrased, &data.images, data.train, spec.k);
+    // order of semantic relevance to the ORIGINAL query
+    let mut ranked = candidates.clone();
+    ranked.sort_by(|a, b| {
+        dot(original, data.images.row(*b)).total_cmp(&dot(original, data.images.row(*a)))
+    });
+    // the scorer sees only the u x v candidates D_po takes, one
+    // semantic band (row) per call: rows are sorted within themselves
+    let taken: Vec<usize> = (0..ranked.len())
+        .take(spec.k)
+        .step_by(spec.stride)
+        .take(spec.u * spec.v)
+        .collect();
+    anyhow::ensure!(
+        taken.len() == spec.u * spec.v,
+        "only {} candidates for a {}x{} D_po matrix (k {}, stride {}): the catalog is too small",
+        taken.len(),
+        spec.u,
+        spec.v,
+        spec.k,
+        spec.stride
+    );
+    let mut scores = vec![0.0; ranked.len()];
+    for band in taken.chunks(spec.v) {
+        let images: Vec<RgbImage> = band.iter().map(|&c| data.image(ranked[c])).collect();
+        let candidates: Vec<Candidate> = band
+            .iter()
+            .zip(&images)
+            .map(|(&c, image)| Candidate {
+                id: &data.pairs.ids[ranked[c]],
+                image,
+            })
+            .collect();
+        let mut band_scores = scorer.score(query, &candidates)?;
+        anyhow::ensure!(
+            band_scores.len() == band.len() && band_scores.iter().all(|s| s.is_finite()),
+            "scorer {} gave {} scores for {} images, or a non-finite one",
+            scorer.name(),
+            band_scores.len(),
+            band.len()
+        );
+        normalise(&mut band_scores);
+        for (&c, s) in band.iter().zip(band_scores) {
+            scores[c] = s;
+        }
+    }
+    let local: Vec<usize> = (0..ranked.len()).collect();
+    let matrix = dpo_matrix(&local, &scores, spec);
+    Ok(dpo_pairs(&matrix)
+        .into_iter()
+        .map(|(w, l)| (ranked[w], ranked[l]))
+        .collect())
 }
 
 /// Adds preference pairs of any source (clicks, ratings, LMM judgments;

@@ -45,9 +45,24 @@ impl Propensity {
     }
 }
 
+/// How much a click at a rank counts: the inverse of the probability that
+/// the rank was examined, capped. [`Propensity`] is the fixed prior; the
+/// preference builder passes the curve it estimated from the traffic.
+pub trait ClickWeight {
+    fn weight(&self, rank: u32) -> f64;
+}
+
+impl ClickWeight for Propensity {
+    fn weight(&self, rank: u32) -> f64 {
+        Propensity::weight(self, rank)
+    }
+}
+
 /// Skip-above: a clicked result beats every unclicked one ranked above it.
 /// Skip-next: a clicked result beats the unclicked one right below it.
-pub fn click_pairs(list: &ClickedList<'_>, propensity: &Propensity) -> Vec<PreferencePair> {
+/// Each pair's provenance is `{request_id, rule, winner_rank, loser_rank}`:
+/// what identifies it, so rebuilding a list gives the same pairs.
+pub fn click_pairs(list: &ClickedList<'_>, propensity: &dyn ClickWeight) -> Vec<PreferencePair> {
     let clicked: BTreeSet<u32> = list.clicked.iter().copied().collect();
     let mut pairs = Vec::new();
     let mut push = |winner: u32, loser: u32, rule: &str| {

@@ -24,6 +24,7 @@ use kalonctl::{events, Globals};
 
 mod encoder;
 mod judge;
+mod preferences;
 mod search;
 mod trainer;
 
@@ -73,6 +74,8 @@ pub enum Bench {
     Search(crate::search::SearchBenchArgs),
     /// The trainer service: seconds from a trigger to a registered version (reference model, default data window), split into load / train / export / gate / upload.
     Trainer(crate::trainer::TrainerBenchArgs),
+    /// The preference builder's click and rating passes over pre-ingested events (events/s, pairs/s), beside ingest's drain of the same events.
+    Preferences(crate::preferences::PreferencesBenchArgs),
     /// Encoder throughput on ONNX Runtime (images/s, texts/s) at batch 1 and 32, on a world's held-out pairs.
     Encoder {
         /// World (and pretrained model) seed, built when missing.
@@ -112,6 +115,7 @@ async fn run(cli: &Globals, bench: &Bench) -> anyhow::Result<()> {
         }
         Bench::Search(args) => crate::search::run(cli, args).await,
         Bench::Trainer(args) => crate::trainer::run(cli, args).await,
+        Bench::Preferences(args) => crate::preferences::run(cli, args).await,
         Bench::Encoder {
             seed,
             images,
@@ -128,13 +132,35 @@ async fn run(cli: &Globals, bench: &Bench) -> anyhow::Result<()> {
     }
 }
 
-async fn ingest(
+/// Events pre-produced into a private in-memory tansu broker and drained
+/// into a fresh database by ingest: what `bench ingest` measures and what
+/// `bench preferences` builds from.
+pub(crate) struct Landed {
+    pub database_url: String,
+    pub pool: sqlx::PgPool,
+    pub kafka: KafkaSettings,
+    pub tag: String,
+    /// ingest's drain, events/s
+    pub rate: f64,
+    _broker: Broker,
+    _dir: tempfile::TempDir,
+}
+
+impl Landed {
+    /// Drops the database (the broker goes with `self`).
+    pub async fn finish(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        kalon_db::drop_database(&self.database_url).await?;
+        Ok(())
+    }
+}
+
+pub(crate) async fn land(
     cli: &Globals,
     count: u64,
-    baseline: bool,
     writers: usize,
     batch_max: usize,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Landed> {
     anyhow::ensure!(count > 0, "--events must be positive");
     let endpoints = kalonctl::stack_up(
         cli.database_url.as_deref(),
@@ -143,12 +169,6 @@ async fn ingest(
         "",
     )
     .await?;
-    let python = if baseline {
-        Some(baseline_python().await?)
-    } else {
-        None
-    };
-
     let tag = format!("{:08x}", rand_u32());
     let dir = tempfile::tempdir()?;
     let binary = tokio::task::spawn_blocking(tools::install_tansu).await??;
@@ -163,10 +183,10 @@ async fn ingest(
     let database_url =
         kalon_db::with_database(&endpoints.database_url, &format!("kalon_bench_{tag}"));
     kalonctl::migrate(&database_url).await?;
-    let pool = kalon_db::connect(&database_url, 2).await?;
+    let pool = kalon_db::connect(&database_url, 4).await?;
 
     eprintln!(
-        "bench ingest: {count} events, broker {} (memory storage), database {}",
+        "bench: {count} events, broker {} (memory storage), database {}",
         kafka.brokers,
         kalon_db::redact(&database_url)
     );
@@ -220,11 +240,41 @@ async fn ingest(
         "kalon ingest: {count} events in {seconds:.2}s = {rate:.0} events/s ({} batches)",
         report.batches
     );
+    Ok(Landed {
+        database_url,
+        pool,
+        kafka,
+        tag,
+        rate,
+        _broker: broker,
+        _dir: dir,
+    })
+}
 
+async fn ingest(
+    cli: &Globals,
+    count: u64,
+    baseline: bool,
+    writers: usize,
+    batch_max: usize,
+) -> anyhow::Result<()> {
+    let python = if baseline {
+        Some(baseline_python().await?)
+    } else {
+        None
+    };
+    let landed = land(cli, count, writers, batch_max).await?;
+    let (pool, kafka, database_url, tag, rate) = (
+        &landed.pool,
+        &landed.kafka,
+        &landed.database_url,
+        &landed.tag,
+        landed.rate,
+    );
     let mut baseline_rate = None;
     if let Some(python) = python {
         sqlx::query("CREATE TABLE baseline_events (payload jsonb NOT NULL)")
-            .execute(&pool)
+            .execute(pool)
             .await?;
         let topics = kafka.event_topics();
         let script = repo_file("scripts/bench/baseline_consumer.py");
@@ -248,7 +298,7 @@ async fn ingest(
             bail!("the baseline pipeline failed ({status})");
         }
         let (copied,): (i64,) = sqlx::query_as("SELECT count(*) FROM baseline_events")
-            .fetch_one(&pool)
+            .fetch_one(pool)
             .await?;
         if copied as u64 != count {
             bail!("baseline copied {copied} of {count} events");
@@ -258,9 +308,7 @@ async fn ingest(
         baseline_rate = Some(rate);
     }
 
-    pool.close().await;
-    kalon_db::drop_database(&database_url).await?;
-    drop(broker);
+    landed.finish().await?;
     let line = serde_json::json!({
         "bench": "ingest",
         "events": count,
@@ -464,7 +512,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     kalonctl::main_with(|cli: Cli| async move {
         let _telemetry = kalon_telemetry::init("kalon-bench")?;
-        if !matches!(cli.which, Bench::Ingest { .. } | Bench::Judge(_)) {
+        if !matches!(
+            cli.which,
+            Bench::Ingest { .. } | Bench::Judge(_) | Bench::Preferences(_)
+        ) {
             // these run models in ONNX Runtime: fetch it now if this machine lacks it
             tokio::task::spawn_blocking(kalonctl::tools::ensure_onnxruntime).await??;
         }

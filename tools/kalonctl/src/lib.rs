@@ -10,6 +10,7 @@ pub mod demo;
 pub mod events;
 pub mod model;
 pub mod models;
+pub mod pairs;
 pub mod search;
 pub mod sim;
 pub mod tools;

@@ -3,7 +3,9 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kalon_stack::StackState;
-use kalonctl::{demo, events, model, models, search, sim, stack_up, tools, trainer, Globals};
+use kalonctl::{
+    demo, events, model, models, pairs, search, sim, stack_up, tools, trainer, Globals,
+};
 
 #[derive(Parser)]
 #[command(version, about = "Kalon's operator command line")]
@@ -73,6 +75,11 @@ enum Command {
     Runs {
         #[command(subcommand)]
         action: trainer::RunsAction,
+    },
+    /// The preference builder's pairs: counts by source, day and version.
+    Pairs {
+        #[command(subcommand)]
+        action: pairs::PairsAction,
     },
 }
 
@@ -217,6 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::SearchBootstrap(args) => search::bootstrap(&cli.endpoints(), args).await?,
         Command::Models { action } => models::run(&cli.endpoints(), action).await?,
         Command::Runs { action } => trainer::runs(&cli.endpoints(), action).await?,
+        Command::Pairs { action } => pairs::run(&cli.endpoints(), action).await?,
     }
     Ok(())
 }
