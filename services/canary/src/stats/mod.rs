@@ -1,0 +1,3 @@
+//! Statistics behind a canary verdict.
+
+pub mod sequential;
