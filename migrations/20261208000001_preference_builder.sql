@@ -51,5 +51,7 @@ CREATE TABLE propensity_estimates (
     estimate     jsonb NOT NULL
 );
 
--- kalonctl pairs stats groups by source, day and serving version.
+-- kalonctl pairs stats groups by source, day and serving version; a rating
+-- group's rebuild finds its pairs by query.
 CREATE INDEX preference_pairs_source ON preference_pairs (source, created_at);
+CREATE INDEX preference_pairs_rating_query ON preference_pairs (query) WHERE source = 'rating';

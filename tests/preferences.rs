@@ -184,6 +184,9 @@ async fn hand_made_lists_give_the_exact_pairs_weights_and_refusals() {
     // a click whose impression is still arriving: the list is not quiet
     impression(pool, "r4", "blue dog", &["a", "b", "c"], "stable", 60).await;
     click(pool, "r4", "b", 2, 2 * hour).await;
+    // a producer that bypassed search: a blank query makes no pair
+    impression(pool, "r6", "  ", &LETTERS, "stable", 2 * hour).await;
+    click(pool, "r6", "b", 2, 2 * hour).await;
     // a click whose impression never came, and one that may still come
     click(pool, "r-gone", "a", 1, 25 * hour).await;
     click(pool, "r-later", "a", 1, 2 * hour).await;
@@ -209,9 +212,10 @@ async fn hand_made_lists_give_the_exact_pairs_weights_and_refusals() {
     want.sort();
     assert_eq!(facts(&got), want);
     assert_eq!(clicked.waiting, 2, "r4's click and r-later's: {clicked:?}");
-    assert_eq!(clicked.lists, 2);
+    assert_eq!(clicked.lists, 3, "r1, r2 and r6 (refused)");
     assert_eq!(rated.groups, 2);
     let expected_refusals: BTreeMap<(String, String), i64> = [
+        (("click", "blank_query"), 1),
         (("click", "image_not_at_rank"), 1),
         (("click", "impression_never_arrived"), 1),
         (("click", "rank_outside_list"), 1),
@@ -232,6 +236,24 @@ async fn hand_made_lists_give_the_exact_pairs_weights_and_refusals() {
     // a second pass changes nothing
     build(pool).await;
     assert_eq!(pairs(pool).await, got);
+    // what `kalonctl pairs stats` shows
+    let stats = store::stats(pool, 14).await.unwrap();
+    assert_eq!(
+        stats.by_source,
+        [("click".to_owned(), 6), ("rating".to_owned(), 3)]
+    );
+    assert!(stats
+        .by_version
+        .contains(&(Some("m1".to_owned()), "click".to_owned(), 6)));
+    let shown = kalonctl::pairs::render(&stats);
+    for line in [
+        "preference pairs: 9",
+        "impression_never_arrived",
+        "unknown_image",
+        "not estimated yet",
+    ] {
+        assert!(shown.contains(line), "{line:?} missing from:\n{shown}");
+    }
 
     // late arrivals: r4's list goes quiet; r1 gets a click long after it was
     // built; r5's impression came long before its click; a new rating
@@ -245,6 +267,9 @@ async fn hand_made_lists_give_the_exact_pairs_weights_and_refusals() {
     impression(pool, "r5", "green hat", &["c", "d"], "stable", 20 * hour).await;
     click(pool, "r5", "d", 2, hour).await;
     rating(pool, "red cat", "c", 5, "aesthetic").await;
+    // relevance: a and b now tie (2.5 each), so b > a loses its support
+    rating(pool, "red cat", "a", 4, "relevance").await;
+    rating(pool, "red cat", "b", 1, "relevance").await;
     build(pool).await;
     let later = pairs(pool).await;
     // every earlier click pair is still there, with its weight
@@ -267,7 +292,6 @@ async fn hand_made_lists_give_the_exact_pairs_weights_and_refusals() {
         fact("rating", "a", "b", 0.5),
         fact("rating", "a", "c", 0.25),
         fact("rating", "c", "b", 0.25),
-        fact("rating", "b", "a", 0.75),
     ];
     want.sort();
     assert_eq!(facts(&later), want);
@@ -289,6 +313,7 @@ async fn hand_made_lists_give_the_exact_pairs_weights_and_refusals() {
     }
     // only d > e is gone: e was clicked after all
     assert_eq!(later.len(), rebuilt.len() + 1);
+    assert!(!facts(&rebuilt).contains(&fact("click", "d", "e", w(4))));
     env.cleanup().await;
 }
 
@@ -444,6 +469,11 @@ async fn judgments_from_the_topic_become_pairs_once_and_bad_ones_are_counted() {
     .unwrap();
     unknown["verdict"] = "maybe".into();
     let unknown_id = unknown["judgment_id"].as_str().unwrap().to_owned();
+    let mut nul: serde_json::Value = serde_json::from_slice(&win.to_json()).unwrap();
+    nul["query"] = "q\u{0}".into();
+    nul["judgment_id"] = Uuid::now_v7().to_string().into();
+    let mut overlong = unknown.clone();
+    overlong["judgment_id"] = "x".repeat(5000).into();
     let mut missing: serde_json::Value = serde_json::from_slice(&win.to_json()).unwrap();
     missing["verdict"] = serde_json::Value::Null;
     missing["judgment_id"] = Uuid::now_v7().to_string().into();
@@ -454,6 +484,9 @@ async fn judgments_from_the_topic_become_pairs_once_and_bad_ones_are_counted() {
         ("q".into(), unknown.to_string().into_bytes()),
         ("q".into(), missing.to_string().into_bytes()),
         ("q".into(), b"not json at all".to_vec()),
+        // Postgres text cannot hold NUL; an id of any size is no judgment id
+        ("q".into(), nul.to_string().into_bytes()),
+        ("q".into(), overlong.to_string().into_bytes()),
         // redelivered
         ("q".into(), win.to_json()),
     ];
@@ -485,11 +518,11 @@ async fn judgments_from_the_topic_become_pairs_once_and_bad_ones_are_counted() {
         Duration::from_secs(60),
     )
     .await;
-    // the group's offsets move past all seven once they are durable
+    // the group's offsets move past all nine once they are durable
     let probe =
         kalon_kafka::consumer::GroupLag::new(&env.kafka, &group, vec![topic.clone()]).unwrap();
     let start = Instant::now();
-    while probe.measure().unwrap().position < 7 {
+    while probe.measure().unwrap().position < 9 {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "offsets never committed"
@@ -511,8 +544,8 @@ async fn judgments_from_the_topic_become_pairs_once_and_bad_ones_are_counted() {
     let refusals = refused(&env.pool).await;
     let expected: BTreeMap<(String, String), i64> = [
         (("judgment", "missing_verdict"), 1),
-        (("judgment", "unknown_verdict"), 1),
-        (("judgment", "unreadable_event"), 1),
+        (("judgment", "unknown_verdict"), 2),
+        (("judgment", "unreadable_event"), 2),
     ]
     .into_iter()
     .map(|((s, o), n)| ((s.to_owned(), o.to_owned()), n))

@@ -92,6 +92,7 @@ pub const NEVER_ARRIVED: &str = "impression_never_arrived";
 pub const RANK_OUTSIDE: &str = "rank_outside_list";
 pub const OTHER_IMAGE: &str = "image_not_at_rank";
 pub const BAD_IMPRESSION: &str = "impression_unreadable";
+pub const BLANK_QUERY: &str = "blank_query";
 
 /// One pass over the pending clicks; `weight` turns a rank into the click's
 /// inverse propensity.
@@ -200,7 +201,10 @@ async fn build_requests(
             .chain([impression.ingested_at])
             .max()
             .unwrap_or(impression.ingested_at);
-        if now - last < timing.quiet {
+        let oldest_new = new.iter().map(|c| c.ingested_at).min().unwrap_or(now);
+        // a list that never goes quiet (clicked every few minutes) is built
+        // anyway once its oldest new click is as old as the expiry
+        if now - last < timing.quiet && now - oldest_new < timing.expire_after {
             report.wait(&new, now);
             continue;
         }
@@ -229,6 +233,19 @@ fn build_list(
     weight: &(dyn ClickWeight + Sync),
 ) -> (Vec<PairRow>, Vec<Mark>) {
     let mut marks = Vec::new();
+    if impression.query.trim().is_empty() {
+        // a pair needs a query (a producer that bypassed search sent a blank one)
+        for click in clicks {
+            if !marked.contains(&click.event_id.to_string()) {
+                marks.push(Mark::refused(
+                    click.event_id.to_string(),
+                    BLANK_QUERY,
+                    format!("impression {} has a blank query", impression.event_id),
+                ));
+            }
+        }
+        return (Vec::new(), marks);
+    }
     let shown: Vec<Shown> = match serde_json::from_str(&impression.results) {
         Ok(shown) => shown,
         Err(error) => {

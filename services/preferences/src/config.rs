@@ -152,8 +152,18 @@ pub struct PreferencesConfig {
         default_value_t = 300_000
     )]
     pub max_backoff_ms: u64,
-    /// How long a claimed D_po query stays this process's (a crashed
-    /// builder's claims are taken over after it).
+    /// A rephrased query whose D_po failed this many times is set aside
+    /// (`refused`, with the reason; set its state back to `pending` to try
+    /// again). With the backoff's cap that is about 8 hours of a dead teacher.
+    #[arg(
+        long,
+        env = "KALON_PREFERENCES_DPO_MAX_ATTEMPTS",
+        default_value_t = 100
+    )]
+    pub dpo_max_attempts: i32,
+    /// How long a claimed D_po query stays this process's without a renewal
+    /// (a live worker renews it every third of this; a crashed builder's
+    /// claims are taken over after it).
     #[arg(long, env = "KALON_PREFERENCES_LEASE_S", default_value_t = 300)]
     pub lease_s: u64,
     /// Where the serving version's encoder is fetched (default
@@ -225,6 +235,11 @@ impl PreferencesConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.poll_ms >= 10, "--poll-ms must be at least 10");
         anyhow::ensure!(self.batch >= 1, "--batch must be at least 1");
+        anyhow::ensure!(self.lease_s >= 3, "--lease-s must be at least 3");
+        anyhow::ensure!(
+            self.dpo_max_attempts >= 1,
+            "--dpo-max-attempts must be at least 1"
+        );
         anyhow::ensure!(
             self.expire_after_s >= self.quiet_s,
             "--expire-after-s ({}) must be at least --quiet-s ({}): a click cannot expire before its list closes",

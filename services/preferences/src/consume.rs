@@ -107,9 +107,11 @@ impl Reader<'_> {
         store::enqueue_dpo(self.pool, &batch.rephrased).await?;
         self.metrics.pairs("judgment", new);
         for mark in batch.marks.iter().filter(|m| m.outcome != "paired") {
-            self.metrics.refused("judgment", &mark.outcome);
+            self.metrics.refused("judgment", &mark.outcome, 1);
         }
         if batch.unreadable_rephrasings > 0 {
+            self.metrics
+                .refused("rephrasing", UNREADABLE, batch.unreadable_rephrasings);
             warn!(
                 count = batch.unreadable_rephrasings,
                 "unreadable query.rephrased.v1 events skipped"
@@ -140,22 +142,43 @@ impl Reader<'_> {
             }
         } else {
             match QueryRephrased::decode(payload) {
-                Ok(event) => batch.rephrased.push(event),
-                Err(_) => batch.unreadable_rephrasings += 1,
+                Ok(event) if !has_nul(payload) => batch.rephrased.push(event),
+                _ => batch.unreadable_rephrasings += 1,
             }
         }
     }
 }
 
+/// Whether a JSON payload holds an escaped NUL, which Postgres text and
+/// jsonb refuse (a raw NUL byte is not JSON at all).
+fn has_nul(payload: &[u8]) -> bool {
+    payload
+        .windows(6)
+        .any(|w| w.eq_ignore_ascii_case(b"\\u0000"))
+}
+
 /// One judgment's pairs and mark, or its refusal (marked by the message's
 /// coordinates when it has no readable judgment id).
 pub fn judgment(payload: &[u8], coordinates: &str) -> Result<(Vec<PairRow>, Mark), Mark> {
+    if has_nul(payload) {
+        // Postgres text and jsonb cannot hold it: refused, never retried
+        return Err(Mark::refused(
+            coordinates,
+            UNREADABLE,
+            "the event holds a NUL character (\\u0000)",
+        ));
+    }
     let event = match LmmJudgment::decode(payload) {
         Ok(event) => event,
         Err(error) => {
             // a readable id with an unknown verdict is refused by that id
+            // (only a real judgment id: anything else could be any size)
             let value: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
-            let id = value["judgment_id"].as_str().unwrap_or(coordinates);
+            let id = value["judgment_id"]
+                .as_str()
+                .and_then(|id| uuid::Uuid::parse_str(id).ok())
+                .map(|id| id.to_string())
+                .unwrap_or_else(|| coordinates.to_owned());
             let reason = match value.get("verdict") {
                 Some(serde_json::Value::String(v))
                     if !["win", "loss", "similar"].contains(&v.as_str()) =>
@@ -165,7 +188,11 @@ pub fn judgment(payload: &[u8], coordinates: &str) -> Result<(Vec<PairRow>, Mark
                 Some(serde_json::Value::Null) | None if value["kind"] == "compare" => NO_VERDICT,
                 _ => UNREADABLE,
             };
-            return Err(Mark::refused(id, reason, error.to_string()));
+            return Err(Mark::refused(
+                id,
+                reason,
+                error.to_string().replace('\0', ""),
+            ));
         }
     };
     let id = event.judgment_id.to_string();

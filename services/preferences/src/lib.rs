@@ -272,9 +272,7 @@ impl Builder {
         self.metrics.pairs("click", clicked.new_pairs);
         self.metrics.inputs("click", clicked.clicks);
         for (reason, count) in &clicked.refused {
-            for _ in 0..*count {
-                self.metrics.refused("click", reason);
-            }
+            self.metrics.refused("click", reason, *count);
         }
         self.metrics
             .waiting(clicked.waiting, clicked.oldest_waiting_s);
@@ -288,9 +286,7 @@ impl Builder {
         self.metrics.pairs("rating", rated.new_pairs);
         self.metrics.inputs("rating", rated.ratings);
         for (reason, count) in &rated.refused {
-            for _ in 0..*count {
-                self.metrics.refused("rating", reason);
-            }
+            self.metrics.refused("rating", reason, *count);
         }
         let pending: i64 =
             sqlx::query_scalar("SELECT count(*) FROM dpo_queue WHERE state = 'pending'")
@@ -386,6 +382,20 @@ impl Builder {
         let Some(item) = store::claim_dpo(&self.pool, lease).await? else {
             return Ok(false);
         };
+        if item.attempts > self.config.dpo_max_attempts {
+            let reason = format!(
+                "gave up after {} attempts (--dpo-max-attempts); set state = 'pending' to try again",
+                self.config.dpo_max_attempts
+            );
+            warn!(query = item.query, reason, "no D_po for this query");
+            store::refuse_dpo(&self.pool, item.event_id, &reason).await?;
+            self.metrics.refused("dpo", "gave_up", 1);
+            return Ok(true);
+        }
+        if store::dpo_built(&self.pool, &item, &serving.version).await? {
+            store::finish_dpo(&self.pool, item.event_id, &serving.version, &[]).await?;
+            return Ok(true);
+        }
         let variants = self.config.dpo_variants.clone();
         let spec = self.config.spec();
         let work = {
@@ -395,30 +405,50 @@ impl Builder {
                 dpo::build(&item, &serving, scorer.as_ref(), &variants, &spec)
             })
         };
-        match work.await? {
-            Ok(dpo::Outcome::Pairs(rows)) => {
-                let new =
-                    store::finish_dpo(&self.pool, item.event_id, &serving.version, &rows).await?;
-                self.metrics.pairs("dpo", new);
-                self.metrics.inputs("dpo", 1);
-                if let Some(client) = &self.llm {
-                    let spent = client.stats();
-                    self.metrics
-                        .teacher_tokens(spent.prompt_tokens + spent.completion_tokens);
+        // the claim is kept while the teacher works, however long it takes
+        let renew = async {
+            let mut tick = tokio::time::interval(lease / 3);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(error) = store::renew_dpo(&self.pool, item.event_id, lease).await {
+                    warn!(%error, "renewing a D_po claim failed");
                 }
-                self.set_status(|s| s.dpo_done += 1);
+            }
+        };
+        let built = tokio::select! {
+            built = work => built?,
+            () = renew => unreachable!("renewing never ends"),
+        };
+        let stored = match built {
+            Ok(dpo::Outcome::Pairs(rows)) => {
+                match store::finish_dpo(&self.pool, item.event_id, &serving.version, &rows).await {
+                    Ok(new) => {
+                        self.metrics.pairs("dpo", new);
+                        self.metrics.inputs("dpo", 1);
+                        if let Some(client) = &self.llm {
+                            let spent = client.stats();
+                            self.metrics
+                                .teacher_tokens(spent.prompt_tokens + spent.completion_tokens);
+                        }
+                        self.set_status(|s| s.dpo_done += 1);
+                        Ok(())
+                    }
+                    Err(error) => Err(error),
+                }
             }
             Ok(dpo::Outcome::Refused(reason)) => {
                 warn!(query = item.query, reason, "no D_po for this query");
                 store::refuse_dpo(&self.pool, item.event_id, &reason).await?;
-                self.metrics.refused("dpo", "no_dpo");
+                self.metrics.refused("dpo", "no_dpo", 1);
+                Ok(())
             }
-            Err(error) => {
-                let retry_in = dpo::backoff(item.attempts, max_backoff);
-                dpo::warn_failed(&item, &error, retry_in);
-                store::postpone_dpo(&self.pool, item.event_id, retry_in, &format!("{error:#}"))
-                    .await?;
-            }
+            Err(error) => Err(error),
+        };
+        if let Err(error) = stored {
+            let retry_in = dpo::backoff(item.attempts, max_backoff);
+            dpo::warn_failed(&item, &error, retry_in);
+            store::postpone_dpo(&self.pool, item.event_id, retry_in, &format!("{error:#}")).await?;
         }
         Ok(true)
     }

@@ -13,10 +13,11 @@ pub(crate) struct Metrics {
     /// `kalon.preferences.refused{source, reason}`: inputs refused, by reason
     /// (unmatched clicks are `impression_never_arrived`).
     refused: Counter<u64>,
-    /// `kalon.preferences.waiting_clicks`: clicks whose list is not closed yet.
+    /// `kalon.preferences.waiting_clicks`: clicks past the quiet time whose
+    /// list is not closed yet (its impression missing, or clicked again).
     waiting: Gauge<u64>,
-    /// `kalon.preferences.join_lag`: seconds from the oldest waiting click's
-    /// arrival to now.
+    /// `kalon.preferences.join_lag`: seconds from the arrival of the oldest
+    /// of those clicks to now.
     join_lag: Gauge<f64>,
     /// `kalon.preferences.dpo_pending`: rephrased queries waiting for D_po.
     dpo_pending: Gauge<u64>,
@@ -45,12 +46,14 @@ impl Metrics {
                 .build(),
             waiting: meter
                 .u64_gauge("kalon.preferences.waiting_clicks")
-                .with_description("Clicks whose result list is not closed yet")
+                .with_description("Clicks past the quiet time whose result list is not closed yet")
                 .build(),
             join_lag: meter
                 .f64_gauge("kalon.preferences.join_lag")
                 .with_unit("s")
-                .with_description("Age of the oldest click still waiting for its list to close")
+                .with_description(
+                    "Age of the oldest click past the quiet time still waiting for its list",
+                )
                 .build(),
             dpo_pending: meter
                 .u64_gauge("kalon.preferences.dpo_pending")
@@ -75,9 +78,9 @@ impl Metrics {
         self.inputs.add(count, &[KeyValue::new("source", source)]);
     }
 
-    pub(crate) fn refused(&self, source: &'static str, reason: &str) {
+    pub(crate) fn refused(&self, source: &'static str, reason: &str, count: u64) {
         self.refused.add(
-            1,
+            count,
             &[
                 KeyValue::new("source", source),
                 KeyValue::new("reason", reason.to_owned()),

@@ -96,11 +96,18 @@ async fn build_groups(
         .iter()
         .map(|(q, a)| (q.as_str(), a.as_str()))
         .collect();
+    // reads and writes in one transaction under one lock: two builders (a
+    // leader that lost its lock mid-pass and its successor) cannot write a
+    // group from an older reading over a newer one
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('kalon.preferences.ratings'))")
+        .execute(&mut *tx)
+        .await?;
     let ratings: Vec<RatingRow> = sqlx::query_as(
         "SELECT event_id, query, aspect, image_id, stars FROM ratings WHERE query = ANY($1)",
     )
     .bind(&queries)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     let ratings: Vec<RatingRow> = ratings
         .into_iter()
@@ -119,16 +126,18 @@ async fn build_groups(
            AND e.image_id = ANY($1)",
     )
     .bind(&images)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?
     .into_iter()
     .collect();
     let events: Vec<String> = ratings.iter().map(|r| r.event_id.to_string()).collect();
-    let marked: BTreeSet<String> = sqlx::query_scalar(
-        "SELECT ref FROM preference_inputs WHERE source = 'rating' AND ref = ANY($1)",
+    // ref -> outcome: a rating refused once stays out, so the table says the
+    // same however the ratings were split over passes
+    let marked: BTreeMap<String, String> = sqlx::query_as(
+        "SELECT ref, outcome FROM preference_inputs WHERE source = 'rating' AND ref = ANY($1)",
     )
     .bind(&events)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?
     .into_iter()
     .collect();
@@ -136,18 +145,26 @@ async fn build_groups(
     let mut by_group: BTreeMap<(&str, &str), Vec<StarRating>> = BTreeMap::new();
     for (rating, id) in ratings.iter().zip(&events) {
         let stars = u8::try_from(rating.stars).unwrap_or(0);
-        if !known.contains(&rating.image_id) {
-            if !marked.contains(id) {
+        match marked.get(id).map(String::as_str) {
+            Some("paired") => {}
+            Some(_) => continue,
+            None if rating.query.trim().is_empty() => {
+                marks.push(Mark::refused(
+                    id.clone(),
+                    crate::clicks::BLANK_QUERY,
+                    "the rating's query is blank",
+                ));
+                continue;
+            }
+            None if !known.contains(&rating.image_id) => {
                 marks.push(Mark::refused(
                     id.clone(),
                     UNKNOWN_IMAGE,
                     format!("no indexed version knows image {}", rating.image_id),
                 ));
+                continue;
             }
-            continue;
-        }
-        if !marked.contains(id) {
-            marks.push(Mark::paired(id.clone()));
+            None => marks.push(Mark::paired(id.clone())),
         }
         by_group
             .entry((rating.query.as_str(), rating.aspect.as_str()))
@@ -175,10 +192,22 @@ async fn build_groups(
         for mut pair in kept {
             let identity = serde_json::json!({"rule": "mean_stars", "aspect": aspect});
             let id = store::pair_id(&pair, &identity);
-            if let Some(object) = pair.provenance.as_object_mut() {
-                object.insert("rule".into(), "mean_stars".into());
-                object.insert("aspect".into(), (*aspect).into());
-            }
+            // counts and a few event ids: a popular image's every rating
+            // would make each of its pairs' provenance grow without bound
+            let sample = |key: &str| -> (usize, Vec<serde_json::Value>) {
+                let all = pair.provenance[key].as_array().cloned().unwrap_or_default();
+                (all.len(), all.into_iter().take(5).collect())
+            };
+            let (winner_ratings, winner_events) = sample("winner_events");
+            let (loser_ratings, loser_events) = sample("loser_events");
+            pair.provenance = serde_json::json!({
+                "rule": "mean_stars",
+                "aspect": aspect,
+                "winner_ratings": winner_ratings,
+                "loser_ratings": loser_ratings,
+                "winner_events": winner_events,
+                "loser_events": loser_events,
+            });
             rows.push(PairRow {
                 id,
                 pair,
@@ -193,7 +222,6 @@ async fn build_groups(
         *report.refused.entry(mark.outcome.clone()).or_default() += 1;
     }
     report.pairs += rows.len() as u64;
-    let mut tx = pool.begin().await?;
     // what the ratings no longer support goes
     let keep: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let (group_queries, group_aspects): (Vec<&str>, Vec<&str>) = wanted.iter().copied().unzip();

@@ -240,7 +240,7 @@ pub async fn finish_dpo(
     sqlx::query(
         "UPDATE dpo_queue SET state = 'done', model_version = $2, pairs = $3,
                               finished_at = now(), last_error = NULL
-         WHERE event_id = $1",
+         WHERE event_id = $1 AND state = 'pending'",
     )
     .bind(event_id)
     .bind(model_version)
@@ -256,13 +256,48 @@ pub async fn finish_dpo(
 pub async fn refuse_dpo(pool: &PgPool, event_id: Uuid, reason: &str) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE dpo_queue SET state = 'refused', last_error = $2, finished_at = now()
-         WHERE event_id = $1",
+         WHERE event_id = $1 AND state = 'pending'",
     )
     .bind(event_id)
     .bind(reason)
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Keeps a claim while its D_po is built (the teacher can take longer
+/// than a lease); false once the query is no longer pending.
+pub async fn renew_dpo(
+    pool: &PgPool,
+    event_id: Uuid,
+    lease: std::time::Duration,
+) -> sqlx::Result<bool> {
+    Ok(sqlx::query(
+        "UPDATE dpo_queue SET next_attempt_at = now() + $2::float8 * interval '1 second'
+         WHERE event_id = $1 AND state = 'pending'",
+    )
+    .bind(event_id)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Whether the same query with the same rephrasings was built already with
+/// `model_version` (the enricher published it again): its pairs are stored,
+/// the teacher need not be asked.
+pub async fn dpo_built(pool: &PgPool, item: &DpoItem, model_version: &str) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM dpo_queue WHERE state = 'done' AND query = $1
+                          AND rephrasings = $2 AND model_version = $3 AND event_id <> $4)",
+    )
+    .bind(&item.query)
+    .bind(&item.rephrasings)
+    .bind(model_version)
+    .bind(item.event_id)
+    .fetch_one(pool)
+    .await
 }
 
 /// The teacher or the model failed: try again after `backoff`.

@@ -28,6 +28,8 @@ pub async fn run(cli: &Globals, args: &PreferencesBenchArgs) -> anyhow::Result<(
     kalon_registry::store::register_version(pool, "ref-v1", "/bench/ref-v1", None, 2).await?;
     kalon_registry::store::store_embeddings(pool, "ref-v1", &ids, &vec![0.5; ids.len() * 2], 2)
         .await?;
+    // fresh statistics, as autovacuum would have them on a live database
+    sqlx::query("ANALYZE").execute(pool).await?;
     let [impressions, clicked, rated] = kalonctl::events::count_all(pool).await?;
     eprintln!("building from {impressions} impressions, {clicked} clicks, {rated} ratings");
     let timing = Timing {
