@@ -562,14 +562,56 @@ async fn judgments_from_the_topic_become_pairs_once_and_bad_ones_are_counted() {
     env.cleanup().await;
 }
 
+/// Impressions and clicks written in two statements, all arrived an hour ago.
+#[derive(Default)]
+struct Bulk {
+    /// event id, request id, query, results (JSON text)
+    impressions: Vec<(Uuid, String, String, String)>,
+    /// event id, request id, image, rank
+    clicks: Vec<(Uuid, String, String, i32)>,
+}
+
+impl Bulk {
+    async fn insert(&self, pool: &PgPool) {
+        let text = |f: fn(&(Uuid, String, String, String)) -> &String| -> Vec<String> {
+            self.impressions.iter().map(|i| f(i).clone()).collect()
+        };
+        sqlx::query(
+            "INSERT INTO impressions (event_id, occurred_at, request_id, session_id, query,
+                                      model_version, variant, results, ingested_at)
+             SELECT e, now() - interval '1 hour', r, r, q, 'm1', 'stable', res::json,
+                    now() - interval '1 hour'
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[]) AS t(e, r, q, res)",
+        )
+        .bind(self.impressions.iter().map(|i| i.0).collect::<Vec<_>>())
+        .bind(text(|i| &i.1))
+        .bind(text(|i| &i.2))
+        .bind(text(|i| &i.3))
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO clicks (event_id, occurred_at, request_id, image_id, rank, ingested_at)
+             SELECT e, now() - interval '1 hour', r, i, k, now() - interval '1 hour'
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int[]) AS t(e, r, i, k)",
+        )
+        .bind(self.clicks.iter().map(|c| c.0).collect::<Vec<_>>())
+        .bind(self.clicks.iter().map(|c| c.1.clone()).collect::<Vec<_>>())
+        .bind(self.clicks.iter().map(|c| c.2.clone()).collect::<Vec<_>>())
+        .bind(self.clicks.iter().map(|c| c.3).collect::<Vec<_>>())
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+}
+
 /// `lists` random lists with clicks and ratings, the same for a seed.
 async fn traffic(pool: &PgPool, lists: usize, seed: u64) -> (i64, i64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let images: Vec<String> = (0..60).map(|i| format!("img-{i}")).collect();
     let names: Vec<&str> = images.iter().map(|s| s.as_str()).collect();
     catalog(pool, &names).await;
-    let mut impressions = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut clicks = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut bulk = Bulk::default();
     let mut ratings = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for l in 0..lists {
         let request = format!("req-{l}");
@@ -586,19 +628,20 @@ async fn traffic(pool: &PgPool, lists: usize, seed: u64) -> (i64, i64) {
             .enumerate()
             .map(|(i, id)| serde_json::json!({"image_id": id, "rank": i + 1, "score": 0.0}))
             .collect();
-        impressions.0.push(Uuid::from_u128(rng.random()));
-        impressions.1.push(request.clone());
-        impressions.2.push(query.clone());
-        impressions
-            .3
-            .push(serde_json::Value::from(results).to_string());
-        impressions.4.push("stable".to_owned());
+        bulk.impressions.push((
+            Uuid::from_u128(rng.random()),
+            request.clone(),
+            query.clone(),
+            serde_json::Value::from(results).to_string(),
+        ));
         for (i, image) in shown.iter().enumerate() {
             if rng.random_bool(0.5 / (i as f64 + 1.0).powf(0.8)) {
-                clicks.0.push(Uuid::from_u128(rng.random()));
-                clicks.1.push(request.clone());
-                clicks.2.push(image.to_string());
-                clicks.3.push(i as i32 + 1);
+                bulk.clicks.push((
+                    Uuid::from_u128(rng.random()),
+                    request.clone(),
+                    image.to_string(),
+                    i as i32 + 1,
+                ));
                 if rng.random_bool(0.1) {
                     ratings.0.push(Uuid::from_u128(rng.random()));
                     ratings.1.push(query.clone());
@@ -608,32 +651,7 @@ async fn traffic(pool: &PgPool, lists: usize, seed: u64) -> (i64, i64) {
             }
         }
     }
-    sqlx::query(
-        "INSERT INTO impressions (event_id, occurred_at, request_id, session_id, query,
-                                  model_version, variant, results, ingested_at)
-         SELECT e, now() - interval '1 hour', r, r, q, 'm1', v, res::json, now() - interval '1 hour'
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[]) AS t(e, r, q, res, v)",
-    )
-    .bind(&impressions.0)
-    .bind(&impressions.1)
-    .bind(&impressions.2)
-    .bind(&impressions.3)
-    .bind(&impressions.4)
-    .execute(pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO clicks (event_id, occurred_at, request_id, image_id, rank, ingested_at)
-         SELECT e, now() - interval '1 hour', r, i, k, now() - interval '1 hour'
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int[]) AS t(e, r, i, k)",
-    )
-    .bind(&clicks.0)
-    .bind(&clicks.1)
-    .bind(&clicks.2)
-    .bind(&clicks.3)
-    .execute(pool)
-    .await
-    .unwrap();
+    bulk.insert(pool).await;
     sqlx::query(
         "INSERT INTO ratings (event_id, occurred_at, query, image_id, stars, aspect, ingested_at)
          SELECT e, now() - interval '1 hour', q, i, s, 'aesthetic', now() - interval '1 hour'
@@ -646,7 +664,7 @@ async fn traffic(pool: &PgPool, lists: usize, seed: u64) -> (i64, i64) {
     .execute(pool)
     .await
     .unwrap();
-    (clicks.0.len() as i64, ratings.0.len() as i64)
+    (bulk.clicks.len() as i64, ratings.0.len() as i64)
 }
 
 fn judgments(count: usize) -> Vec<LmmJudgment> {
@@ -990,49 +1008,24 @@ async fn position_bias_estimated_from_the_tables_is_the_simulated_peoples_curve(
     // exploration swap; the people examine rank r with probability 1/r^0.8
     let traffic = kalon_tests::traffic::Traffic::generate(23, 300, 500, 10);
     let env = TestEnv::new().await;
-    let mut impressions = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut clicked = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut bulk = Bulk::default();
     for list in &traffic.lists {
-        impressions.0.push(Uuid::now_v7());
-        impressions.1.push(list.request_id.clone());
-        impressions.2.push(list.query.clone());
-        impressions
-            .3
-            .push(serde_json::to_string(&list.shown).unwrap());
+        bulk.impressions.push((
+            Uuid::now_v7(),
+            list.request_id.clone(),
+            list.query.clone(),
+            serde_json::to_string(&list.shown).unwrap(),
+        ));
         for &rank in &list.clicks {
-            clicked.0.push(Uuid::now_v7());
-            clicked.1.push(list.request_id.clone());
-            clicked
-                .2
-                .push(list.shown[rank as usize - 1].image_id.clone());
-            clicked.3.push(rank as i32);
+            bulk.clicks.push((
+                Uuid::now_v7(),
+                list.request_id.clone(),
+                list.shown[rank as usize - 1].image_id.clone(),
+                rank as i32,
+            ));
         }
     }
-    sqlx::query(
-        "INSERT INTO impressions (event_id, occurred_at, request_id, session_id, query,
-                                  model_version, variant, results, ingested_at)
-         SELECT e, now() - interval '1 hour', r, r, q, 'm1', 'stable', res::json, now() - interval '1 hour'
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[]) AS t(e, r, q, res)",
-    )
-    .bind(&impressions.0)
-    .bind(&impressions.1)
-    .bind(&impressions.2)
-    .bind(&impressions.3)
-    .execute(&env.pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO clicks (event_id, occurred_at, request_id, image_id, rank, ingested_at)
-         SELECT e, now() - interval '1 hour', r, i, k, now() - interval '1 hour'
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int[]) AS t(e, r, i, k)",
-    )
-    .bind(&clicked.0)
-    .bind(&clicked.1)
-    .bind(&clicked.2)
-    .bind(&clicked.3)
-    .execute(&env.pool)
-    .await
-    .unwrap();
+    bulk.insert(&env.pool).await;
 
     let config = builder_config(&env);
     let started = Instant::now();
@@ -1057,7 +1050,7 @@ async fn position_bias_estimated_from_the_tables_is_the_simulated_peoples_curve(
     println!(
         "{} lists, {} clicks; estimated from the tables in {seconds:.1}s",
         traffic.lists.len(),
-        clicked.0.len()
+        bulk.clicks.len()
     );
     println!("rank  truth  estimate  95% interval   rel.err");
     let truth = |rank: u32| 1.0 / f64::from(rank).powf(traffic.users.position_bias);

@@ -16,6 +16,28 @@ pub enum PairSource {
     Judgment,
 }
 
+impl PairSource {
+    /// The name stored in `preference_pairs.source`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PairSource::Dpo => "dpo",
+            PairSource::Click => "click",
+            PairSource::Rating => "rating",
+            PairSource::Judgment => "judgment",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<PairSource> {
+        Some(match name {
+            "dpo" => PairSource::Dpo,
+            "click" => PairSource::Click,
+            "rating" => PairSource::Rating,
+            "judgment" => PairSource::Judgment,
+            _ => return None,
+        })
+    }
+}
+
 /// `winner > loser` for `query`, with a confidence weight in the loss.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PreferencePair {
@@ -32,6 +54,28 @@ pub struct PreferencePair {
 }
 
 impl PreferencePair {
+    /// The pair's stored id, `<source>-<32 hex>`: a SHA-256 of the source,
+    /// query, winner, loser and `identity`, what made the pair (a click
+    /// pair's request, rule and ranks; a judgment's id; ...). The same facts
+    /// give the same id, so writing a pair again is a no-op.
+    pub fn id_with(&self, identity: &serde_json::Value) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for part in [
+            self.source.as_str(),
+            &self.query,
+            &self.winner,
+            &self.loser,
+            &identity.to_string(),
+        ] {
+            hash.update(part.as_bytes());
+            hash.update([0]);
+        }
+        let digest = hash.finalize();
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}-{hex}", self.source.as_str())
+    }
+
     /// Checks what the loss relies on.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(

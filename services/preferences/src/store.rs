@@ -3,8 +3,7 @@
 //! the position-bias estimates.
 
 use chrono::{DateTime, Utc};
-use kalon_align::{PairSource, PreferencePair};
-use sha2::{Digest, Sha256};
+use kalon_align::PreferencePair;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -17,35 +16,13 @@ pub struct PairRow {
     pub variant: Option<String>,
 }
 
-pub fn source_name(source: PairSource) -> &'static str {
-    match source {
-        PairSource::Dpo => "dpo",
-        PairSource::Click => "click",
-        PairSource::Rating => "rating",
-        PairSource::Judgment => "judgment",
-    }
-}
-
-/// A pair's id: `<source>-<32 hex>` of the source, query, winner, loser and
-/// `identity`, what made the pair (a click pair's request, rule and ranks; a
-/// judgment's id; a rating pair's aspect; a D_po pair's rephrasing and
-/// teacher). Weights are not part of it: the same facts give the same id
-/// whatever the propensity estimate was when they were built.
+/// A pair's id: [`PreferencePair::id_with`] of what made it (a click pair's
+/// request, rule and ranks; a judgment's id; a rating pair's aspect; a D_po
+/// pair's rephrasing and teacher). Weights are not part of it: the same
+/// facts give the same id whatever the propensity estimate was when they
+/// were built.
 pub fn pair_id(pair: &PreferencePair, identity: &serde_json::Value) -> String {
-    let mut hash = Sha256::new();
-    for part in [
-        source_name(pair.source),
-        &pair.query,
-        &pair.winner,
-        &pair.loser,
-        &identity.to_string(),
-    ] {
-        hash.update(part.as_bytes());
-        hash.update([0]);
-    }
-    let digest = hash.finalize();
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{hex}", source_name(pair.source))
+    pair.id_with(identity)
 }
 
 /// What to do when a pair's id is already stored.
@@ -75,7 +52,7 @@ pub async fn insert_pairs(
                 .validate()
                 .map_err(|e| anyhow::anyhow!("preference pair {}: {e}", row.id))?;
             text[0].push(row.id.clone());
-            text[1].push(source_name(row.pair.source).to_owned());
+            text[1].push(row.pair.source.as_str().to_owned());
             text[2].push(row.pair.query.clone());
             text[3].push(row.pair.winner.clone());
             text[4].push(row.pair.loser.clone());

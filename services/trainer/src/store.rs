@@ -236,25 +236,6 @@ pub async fn running(pool: &PgPool) -> sqlx::Result<Option<(Uuid, String)>> {
         .await
 }
 
-fn source_name(source: PairSource) -> &'static str {
-    match source {
-        PairSource::Dpo => "dpo",
-        PairSource::Click => "click",
-        PairSource::Rating => "rating",
-        PairSource::Judgment => "judgment",
-    }
-}
-
-fn parse_source(source: &str) -> Option<PairSource> {
-    Some(match source {
-        "dpo" => PairSource::Dpo,
-        "click" => PairSource::Click,
-        "rating" => PairSource::Rating,
-        "judgment" => PairSource::Judgment,
-        _ => return None,
-    })
-}
-
 /// The pairs created in `(start, end]`, in id order, and how many were
 /// left out because the loss cannot use them (a blank query, a weight
 /// beyond f32): counted, never a reason for every run to fail.
@@ -287,7 +268,7 @@ pub async fn pairs_in_window(
                 query,
                 winner,
                 loser,
-                source: parse_source(&source)?,
+                source: PairSource::parse(&source)?,
                 weight,
                 provenance: serde_json::json!({ "pair_id": id, "made_by": provenance }),
             })
@@ -320,7 +301,7 @@ pub async fn busy(pool: &PgPool) -> sqlx::Result<bool> {
 pub fn counts_by_source(pairs: &[PreferencePair]) -> BTreeMap<&'static str, usize> {
     let mut counts = BTreeMap::new();
     for pair in pairs {
-        *counts.entry(source_name(pair.source)).or_insert(0) += 1;
+        *counts.entry(pair.source.as_str()).or_insert(0) += 1;
     }
     counts
 }
@@ -406,24 +387,7 @@ pub async fn trigger_state(pool: &PgPool, id: &str) -> sqlx::Result<Option<(Stri
 /// A pair's id, derived from what it says and where it came from: the same
 /// pair written twice is one row.
 pub fn pair_id(pair: &PreferencePair) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
-    for part in [
-        source_name(pair.source),
-        &pair.query,
-        &pair.winner,
-        &pair.loser,
-        &pair.provenance.to_string(),
-    ] {
-        hash.update(part.as_bytes());
-        hash.update([0]);
-    }
-    let digest = hash.finalize();
-    format!("{}-{}", source_name(pair.source), &hex(&digest)[..32])
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    pair.id_with(&pair.provenance)
 }
 
 /// Writes pairs (each validated; ids from [`pair_id`], so rewriting one is
@@ -439,7 +403,7 @@ pub async fn insert_pairs(pool: &PgPool, pairs: &[PreferencePair]) -> anyhow::Re
             pair.validate()
                 .map_err(|e| anyhow::anyhow!("preference pair {}: {e}", i + 1))?;
             columns[0].push(pair_id(pair));
-            columns[1].push(source_name(pair.source).to_owned());
+            columns[1].push(pair.source.as_str().to_owned());
             columns[2].push(pair.query.clone());
             columns[3].push(pair.winner.clone());
             columns[4].push(pair.loser.clone());
