@@ -108,9 +108,42 @@ pub struct StarRating<'a> {
     pub stars: u8,
 }
 
-/// Higher over lower for the same query; weight = star difference / 4. An
-/// image rated several times for a query counts with its mean.
-pub fn rating_pairs(ratings: &[StarRating<'_>]) -> Vec<PreferencePair> {
+/// Which rating pairs are kept: mean star gaps below `min_gap` are noise;
+/// per query at most `per_query` pairs, the widest gaps first (every rated
+/// image of a popular query could otherwise pair with every other).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RatingRules {
+    pub min_gap: f64,
+    pub per_query: usize,
+}
+
+impl Default for RatingRules {
+    fn default() -> Self {
+        RatingRules {
+            min_gap: 1.0,
+            per_query: 1000,
+        }
+    }
+}
+
+impl RatingRules {
+    /// Every pair with a positive gap (the rule as the brief states it).
+    pub fn all() -> Self {
+        RatingRules {
+            min_gap: 0.0,
+            per_query: usize::MAX,
+        }
+    }
+}
+
+/// Event ids kept in a rating pair's provenance, per side (with the counts).
+const EVENTS_KEPT: usize = 5;
+
+/// Higher over lower for the same query; weight = mean star gap / 4. An
+/// image rated several times for a query counts with its mean. Pairs come
+/// widest gap first; equal gaps in (winner, loser) id order; the work is
+/// bounded by the pairs kept, not by the square of the images rated.
+pub fn rating_pairs(ratings: &[StarRating<'_>], rules: RatingRules) -> Vec<PreferencePair> {
     // per query, per image: sum of stars, count, event ids
     type Tally<'r> = BTreeMap<&'r str, (f64, usize, Vec<&'r str>)>;
     let mut by_query: BTreeMap<&str, Tally> = BTreeMap::new();
@@ -126,20 +159,56 @@ pub fn rating_pairs(ratings: &[StarRating<'_>]) -> Vec<PreferencePair> {
     }
     let mut pairs = Vec::new();
     for (query, images) in by_query {
-        let means: Vec<(&str, f64, &Vec<&str>)> = images
+        // images by mean (means are exact: sums of small integers over counts)
+        // (members in id order: `images` is ordered by id)
+        type Member<'r> = (&'r str, usize, &'r Vec<&'r str>);
+        let mut buckets: BTreeMap<u64, Vec<Member>> = BTreeMap::new();
+        for (id, (sum, n, events)) in &images {
+            let mean = sum / *n as f64;
+            buckets
+                .entry(mean.to_bits())
+                .or_default()
+                .push((*id, *n, events));
+        }
+        // positive means: their bits order as the numbers do
+        let means: Vec<(f64, &Vec<Member>)> = buckets
             .iter()
-            .map(|(id, (sum, n, events))| (*id, sum / *n as f64, events))
+            .map(|(bits, members)| (f64::from_bits(*bits), members))
             .collect();
-        for (a, mean_a, events_a) in &means {
-            for (b, mean_b, events_b) in &means {
-                if mean_a > mean_b {
+        // bucket pairs by gap, widest first
+        let mut gaps: Vec<(f64, usize, usize)> = Vec::new();
+        for (w, (high, _)) in means.iter().enumerate() {
+            for (l, (low, _)) in means.iter().enumerate() {
+                let gap = high - low;
+                if gap > 0.0 && gap >= rules.min_gap - 1e-9 {
+                    gaps.push((gap, w, l));
+                }
+            }
+        }
+        gaps.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then_with(|| (a.1, a.2).cmp(&(b.1, b.2)))
+        });
+        let mut kept = 0usize;
+        'gaps: for (gap, w, l) in gaps {
+            for (winner, wn, wevents) in means[w].1 {
+                for (loser, ln, levents) in means[l].1 {
+                    if kept >= rules.per_query {
+                        break 'gaps;
+                    }
+                    kept += 1;
                     pairs.push(PreferencePair {
                         query: query.to_owned(),
-                        winner: (*a).to_owned(),
-                        loser: (*b).to_owned(),
+                        winner: (*winner).to_owned(),
+                        loser: (*loser).to_owned(),
                         source: PairSource::Rating,
-                        weight: (mean_a - mean_b) / 4.0,
-                        provenance: serde_json::json!({"winner_events": events_a, "loser_events": events_b}),
+                        weight: gap / 4.0,
+                        provenance: serde_json::json!({
+                            "winner_ratings": wn,
+                            "loser_ratings": ln,
+                            "winner_events": wevents.iter().take(EVENTS_KEPT).collect::<Vec<_>>(),
+                            "loser_events": levents.iter().take(EVENTS_KEPT).collect::<Vec<_>>(),
+                        }),
                     });
                 }
             }
@@ -279,7 +348,7 @@ mod tests {
                 stars: 1,
             },
         ];
-        let pairs = rating_pairs(&ratings);
+        let pairs = rating_pairs(&ratings, RatingRules::all());
         // b's mean is 3, tied with c: no pair between them
         assert_eq!(
             names(&pairs),

@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use kalon_align::feedback::{click_pairs, ClickWeight, ClickedList};
 use serde::Deserialize;
 use sqlx::PgPool;
@@ -44,6 +45,18 @@ pub struct ClickPass {
 }
 
 impl ClickPass {
+    fn merge(&mut self, other: ClickPass) {
+        self.clicks += other.clicks;
+        self.lists += other.lists;
+        self.pairs += other.pairs;
+        self.new_pairs += other.new_pairs;
+        for (reason, count) in other.refused {
+            *self.refused.entry(reason).or_default() += count;
+        }
+        self.waiting += other.waiting;
+        self.oldest_waiting_s = self.oldest_waiting_s.max(other.oldest_waiting_s);
+    }
+
     fn wait(&mut self, clicks: &[&ClickRow], now: DateTime<Utc>) {
         for click in clicks {
             self.waiting += 1;
@@ -114,12 +127,34 @@ pub async fn pass(
     .bind(now - timing.quiet)
     .fetch_all(pool)
     .await?;
-    let mut report = ClickPass::default();
     let requests: Vec<String> = pending.into_iter().map(|(r,)| r).collect();
+    // chunks are disjoint sets of lists: several in flight at once, each in
+    // its own transaction
+    let mut chunks = Vec::new();
     for chunk in requests.chunks(batch.max(1)) {
-        build_requests(pool, chunk, now, timing, weight, &mut report).await?;
+        chunks.push(build_chunk(pool, chunk, now, timing, weight));
+    }
+    let mut built = futures::stream::iter(chunks).buffer_unordered(WRITERS);
+    let mut report = ClickPass::default();
+    while let Some(part) = built.next().await {
+        report.merge(part?);
     }
     Ok(report)
+}
+
+/// Chunks of lists built at once.
+const WRITERS: usize = 4;
+
+async fn build_chunk(
+    pool: &PgPool,
+    requests: &[String],
+    now: DateTime<Utc>,
+    timing: Timing,
+    weight: &(dyn ClickWeight + Sync),
+) -> anyhow::Result<ClickPass> {
+    let mut part = ClickPass::default();
+    build_requests(pool, requests, now, timing, weight, &mut part).await?;
+    Ok(part)
 }
 
 async fn build_requests(
@@ -322,11 +357,8 @@ fn build_list(
             let identity = pair.provenance.clone();
             let id = store::pair_id(&pair, &identity);
             let winner_rank = identity["winner_rank"].as_u64().unwrap_or(0) as u32;
+            // the request id names the impression; the winner's click event
             if let Some(object) = pair.provenance.as_object_mut() {
-                object.insert(
-                    "impression_event".into(),
-                    impression.event_id.to_string().into(),
-                );
                 if let Some(event) = first_event.get(&winner_rank) {
                     object.insert("click_event".into(), event.to_string().into());
                 }

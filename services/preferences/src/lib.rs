@@ -88,7 +88,8 @@ impl Builder {
             );
         }
         let llm = llm.map(kalon_llm::LlmClient::new).transpose()?;
-        let pool = config.database.connect(6).await?;
+        // the passes write up to four chunks at once; the reader and D_po one each
+        let pool = config.database.connect(8).await?;
         kalon_db::migrate(&pool)
             .await
             .context("failed to migrate")?;

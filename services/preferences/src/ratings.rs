@@ -20,23 +20,7 @@ use crate::store::{self, Mark, OnConflict, PairRow};
 
 pub const UNKNOWN_IMAGE: &str = "unknown_image";
 
-/// Which rating pairs are kept: mean star gaps below `min_gap` are noise;
-/// per query and aspect at most `per_query` pairs (the widest gaps first),
-/// since every rated image of a query could otherwise pair with every other.
-#[derive(Debug, Clone, Copy)]
-pub struct RatingRules {
-    pub min_gap: f64,
-    pub per_query: usize,
-}
-
-impl Default for RatingRules {
-    fn default() -> Self {
-        RatingRules {
-            min_gap: 1.0,
-            per_query: 1000,
-        }
-    }
-}
+pub use kalon_align::feedback::RatingRules;
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -178,36 +162,13 @@ async fn build_groups(
     }
     let mut rows = Vec::new();
     for ((_, aspect), ratings) in &by_group {
-        // weight = gap / 4
-        let mut kept: Vec<_> = rating_pairs(ratings)
-            .into_iter()
-            .filter(|p| p.weight * 4.0 >= rules.min_gap - 1e-9)
-            .collect();
-        kept.sort_by(|a, b| {
-            b.weight
-                .total_cmp(&a.weight)
-                .then_with(|| (&a.winner, &a.loser).cmp(&(&b.winner, &b.loser)))
-        });
-        kept.truncate(rules.per_query);
-        for mut pair in kept {
+        for mut pair in rating_pairs(ratings, rules) {
             let identity = serde_json::json!({"rule": "mean_stars", "aspect": aspect});
             let id = store::pair_id(&pair, &identity);
-            // counts and a few event ids: a popular image's every rating
-            // would make each of its pairs' provenance grow without bound
-            let sample = |key: &str| -> (usize, Vec<serde_json::Value>) {
-                let all = pair.provenance[key].as_array().cloned().unwrap_or_default();
-                (all.len(), all.into_iter().take(5).collect())
-            };
-            let (winner_ratings, winner_events) = sample("winner_events");
-            let (loser_ratings, loser_events) = sample("loser_events");
-            pair.provenance = serde_json::json!({
-                "rule": "mean_stars",
-                "aspect": aspect,
-                "winner_ratings": winner_ratings,
-                "loser_ratings": loser_ratings,
-                "winner_events": winner_events,
-                "loser_events": loser_events,
-            });
+            if let Some(object) = pair.provenance.as_object_mut() {
+                object.insert("rule".into(), "mean_stars".into());
+                object.insert("aspect".into(), (*aspect).into());
+            }
             rows.push(PairRow {
                 id,
                 pair,
