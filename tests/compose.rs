@@ -16,14 +16,19 @@ fn compose() -> Value {
 fn workspace_binaries() -> BTreeSet<String> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let mut bins = BTreeSet::new();
-    for manifest in [
-        "tools/kalonctl/Cargo.toml",
-        "services/ingest/Cargo.toml",
-        "services/enricher/Cargo.toml",
-        "services/search/Cargo.toml",
-        "services/trainer/Cargo.toml",
-    ] {
-        let text = std::fs::read_to_string(format!("{root}/{manifest}")).unwrap();
+    // every workspace member's manifest (the root's `members` list)
+    let workspace = std::fs::read_to_string(format!("{root}/Cargo.toml")).unwrap();
+    let members = workspace
+        .split("members = [")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .expect("the root Cargo.toml lists its members");
+    for member in members
+        .split(',')
+        .map(|m| m.trim().trim_matches('"'))
+        .filter(|m| !m.is_empty() && *m != "tests")
+    {
+        let text = std::fs::read_to_string(format!("{root}/{member}/Cargo.toml")).unwrap();
         let mut lines = text.lines();
         let package = lines
             .find(|l| l.starts_with("name = "))

@@ -712,19 +712,28 @@ async fn a_builder_killed_mid_stream_ends_with_the_pairs_of_an_uninterrupted_run
     // the uninterrupted run, in this process, on its own database
     let (reference_url, reference) = kalon_tests::fresh_database(&kalon_tests::server_url()).await;
     traffic(&reference, 6000, 7).await;
-    let quick = Timing {
-        quiet: chrono::Duration::seconds(1),
-        expire_after: chrono::Duration::seconds(2),
-        lookback: chrono::Duration::hours(3),
-    };
-    clicks::pass(&reference, quick, 100, &prior())
+    // the service's defaults: quiet 30 min, expiry 24 h, lookback 72 h (the
+    // lists arrived an hour ago), and position bias estimated first
+    let defaults = PreferencesConfig::new(&reference_url, "unused:9092", "", "no-dataset");
+    kalon_preferences::propensity::estimate_and_store(&reference, &defaults)
         .await
+        .unwrap()
+        .expect("an estimate");
+    let curve = kalon_preferences::propensity::Curve::latest(&reference, defaults.prior())
+        .await
+        .unwrap()
         .unwrap();
+    let timing = Timing {
+        quiet: defaults.quiet(),
+        expire_after: defaults.expire_after(),
+        lookback: defaults.lookback(),
+    };
+    clicks::pass(&reference, timing, 100, &curve).await.unwrap();
     ratings::pass(
         &reference,
-        chrono::Duration::hours(3),
+        defaults.lookback(),
         100,
-        Default::default(),
+        defaults.rating_rules(),
     )
     .await
     .unwrap();
@@ -759,12 +768,10 @@ async fn a_builder_killed_mid_stream_ends_with_the_pairs_of_an_uninterrupted_run
             )
             .env("KALON_PREFERENCES_HEALTH_ADDR", "127.0.0.1:0")
             .env("KALON_PREFERENCES_DPO", "false")
-            .env("KALON_PREFERENCES_QUIET_S", "1")
-            .env("KALON_PREFERENCES_EXPIRE_AFTER_S", "2")
-            .env("KALON_PREFERENCES_LOOKBACK_H", "3")
+            // small transactions, so the kill lands mid-stream; the rest
+            // as a user runs it (position bias estimated at start)
             .env("KALON_PREFERENCES_BATCH", "25")
             .env("KALON_PREFERENCES_POLL_MS", "100")
-            .env("KALON_PREFERENCES_PROPENSITY_EVERY_S", "0")
             .env("RUST_LOG", "warn")
             .spawn()
             .expect("start kalon-preferences")

@@ -37,6 +37,17 @@ fn default_spec() -> DpoSpec {
     kalon_align::train::AlignConfig::default().spec
 }
 
+impl Teacher {
+    /// As the flag spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Teacher::Lmm => "lmm",
+            Teacher::Model => "model",
+            Teacher::LowLevel => "low-level",
+        }
+    }
+}
+
 /// `Debug` hides the database password.
 #[derive(Debug, Clone, Args)]
 pub struct PreferencesConfig {

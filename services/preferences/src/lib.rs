@@ -112,9 +112,7 @@ impl Builder {
             .model_cache
             .clone()
             .unwrap_or_else(kalon_registry::artifact::default_cache_dir);
-        let teacher = config
-            .dpo
-            .then(|| format!("{:?}", config.teacher()).to_lowercase());
+        let teacher = config.dpo.then(|| config.teacher().name().to_owned());
         info!(?topics, group = %config.consumer.group_id, membership = %consuming.membership(), dpo = config.dpo, ?teacher, "preference builder ready");
         Ok(Builder {
             status: Arc::new(Mutex::new(Status {
