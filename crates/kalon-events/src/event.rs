@@ -106,6 +106,10 @@ pub struct ResultItem {
     /// randomised intervention position-bias estimation harvests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_rank: Option<u32>,
+    /// Present only on an interleaved page ([`crate::interleave`]): the
+    /// ranking that drafted this result, `stable` or `candidate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<crate::interleave::Team>,
 }
 
 /// `search.impression.v1`

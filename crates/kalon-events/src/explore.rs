@@ -97,6 +97,7 @@ pub fn shown_items(ranked: Vec<(String, f64)>, swap: Option<u32>) -> Vec<ResultI
                 rank,
                 score,
                 model_rank: (model_rank != rank).then_some(model_rank),
+                team: None,
             }
         })
         .collect()

@@ -77,6 +77,7 @@ impl Generator {
                     rank,
                     score: (score * 10_000.0_f64).round() / 10_000.0,
                     model_rank: None,
+                    team: None,
                 }
             })
             .collect();

@@ -18,6 +18,7 @@
 //! | `enrich.deadletter.v1` | [`EnrichDeadLetter`] | enricher |
 //! | `model.deployment.v1` | [`DeploymentChanged`] | `kalonctl deploy` |
 //! | `model.registered.v1` | [`ModelRegistered`] | model registration |
+//! | `canary.decision.v1` | [`CanaryDecision`] | canary controller |
 //!
 //! `kalon.deadletter.v1` forwards the refused message's original key and
 //! bytes; its contract is the header set ([`dead_letter_headers`]), which
@@ -31,17 +32,22 @@
 //! [`generate`] makes plausible and broken ones for demos, benchmarks and
 //! tests. [`TOPICS`] is the one list of Kafka topics the project creates.
 //! [`explore`] is search's randomised adjacent swap, recorded in an
-//! impression's [`ResultItem::model_rank`].
+//! impression's [`ResultItem::model_rank`]; [`interleave`] is the
+//! team-draft interleaving a canary's pages are built with, recorded in
+//! [`ResultItem::team`].
 
+mod canary;
 mod dead_letter;
 mod enrich;
 mod event;
 pub mod explore;
 pub mod generate;
+pub mod interleave;
 mod model;
 mod payload;
 mod topics;
 
+pub use canary::{CanaryAction, CanaryDecision, EvidenceKind, MetricEvidence};
 pub use dead_letter::{dead_letter_headers, DeadLetterHeaders, DeadLetterReason, MAX_DETAIL_CHARS};
 pub use enrich::{
     EnrichDeadLetter, EnrichTask, JudgmentKind, JudgmentOutcome, JudgmentVerdict, LmmJudgment,
@@ -53,8 +59,8 @@ pub use event::{
 pub use model::{DeploymentChanged, GateOutcome, ModelRegistered};
 pub use payload::TopicPayload;
 pub use topics::{
-    topic_schema, TopicSpec, DEAD_LETTER_TOPIC, DEPLOYMENT_TOPIC, ENRICH_DEAD_LETTER_TOPIC,
-    JUDGMENT_TOPIC, MODEL_REGISTERED_TOPIC, REPHRASED_TOPIC, TOPICS,
+    topic_schema, TopicSpec, CANARY_DECISION_TOPIC, DEAD_LETTER_TOPIC, DEPLOYMENT_TOPIC,
+    ENRICH_DEAD_LETTER_TOPIC, JUDGMENT_TOPIC, MODEL_REGISTERED_TOPIC, REPHRASED_TOPIC, TOPICS,
 };
 
 /// The JSON Schema text of each event kind, as shipped in `schemas/`.

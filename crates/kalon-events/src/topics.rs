@@ -64,6 +64,11 @@ pub const TOPICS: &[TopicSpec] = &[
         partitions: 1,
         purpose: "model.registered.v1: a new model version was registered, with its artifact and gate outcome",
     },
+    TopicSpec {
+        name: CANARY_DECISION_TOPIC,
+        partitions: 1,
+        purpose: "canary.decision.v1: the canary controller's decisions (and operators' overrides) with their evidence",
+    },
 ];
 
 /// Deployment changes (the `deployments` table is the truth; the event says
@@ -72,6 +77,9 @@ pub const DEPLOYMENT_TOPIC: &str = "model.deployment.v1";
 
 /// New model versions.
 pub const MODEL_REGISTERED_TOPIC: &str = "model.registered.v1";
+
+/// The canary controller's decisions.
+pub const CANARY_DECISION_TOPIC: &str = "canary.decision.v1";
 
 /// The enricher's rephrasings.
 pub const REPHRASED_TOPIC: &str = "query.rephrased.v1";
@@ -109,6 +117,7 @@ pub fn topic_schema(name: &str) -> Option<&'static str> {
         ENRICH_DEAD_LETTER_TOPIC => include_str!("../../../schemas/enrich.deadletter.v1.json"),
         DEPLOYMENT_TOPIC => include_str!("../../../schemas/model.deployment.v1.json"),
         MODEL_REGISTERED_TOPIC => include_str!("../../../schemas/model.registered.v1.json"),
+        CANARY_DECISION_TOPIC => include_str!("../../../schemas/canary.decision.v1.json"),
         _ => return None,
     })
 }
@@ -142,6 +151,7 @@ mod tests {
             EnrichDeadLetter::TOPIC,
             DeploymentChanged::TOPIC,
             ModelRegistered::TOPIC,
+            CanaryDecision::TOPIC,
         ]
     }
 

@@ -63,6 +63,7 @@ fn refused<P: TopicPayload>(example: &Value, cases: &[Change<'_>]) {
         let wrong = match current {
             Value::String(_) => json!(12),
             Value::Number(_) => json!("12"),
+            Value::Bool(_) => json!("true"),
             _ => json!(true),
         };
         let mut value = example.clone();
@@ -684,6 +685,83 @@ fn model_deployment_round_trips_and_refuses_wrong_payloads() {
         &[
             ("variant absent", &remove("variant")),
             ("integer weight", &set("weight", json!(3))),
+        ],
+    );
+}
+
+// --- canary.decision.v1 ---------------------------------------------------
+
+fn canary_decision() -> CanaryDecision {
+    CanaryDecision {
+        event_id: id(9),
+        occurred_at: at(),
+        canary_id: 3,
+        candidate: "m-20261209-101500-abcdef12".into(),
+        stable: Some("pretrained".into()),
+        action: CanaryAction::Advance,
+        step_from: 0,
+        step_to: 1,
+        share: 0.05,
+        automatic: true,
+        actor: "kalon-canary".into(),
+        reason: "non-inferior on ctr".into(),
+        evidence: vec![MetricEvidence {
+            metric: "ctr".into(),
+            kind: EvidenceKind::Ab,
+            decision: "non_inferior".into(),
+            estimate: Some(0.01),
+            lower: Some(-0.02),
+            upper: Some(0.04),
+            statistic: Some(0.3),
+            threshold: 3.0,
+            p_value: 0.7,
+            alpha: 0.05,
+            margin: 0.05,
+            n_stable: 9000,
+            n_candidate: 500,
+            stable_mean: Some(0.41),
+            candidate_mean: Some(0.42),
+            enough_data: true,
+        }],
+    }
+}
+
+#[test]
+fn canary_decision_round_trips_and_refuses_wrong_payloads() {
+    let value = round_trip(&canary_decision());
+    let hold = CanaryDecision {
+        action: CanaryAction::Hold,
+        stable: None,
+        evidence: vec![],
+        ..canary_decision()
+    };
+    round_trip(&hold);
+    for action in CanaryAction::ALL {
+        assert_eq!(CanaryAction::parse(action.as_str()), Some(action));
+    }
+    let evidence =
+        |field: &'static str, to: Value| move |v: &mut Value| v["evidence"][0][field] = to.clone();
+    refused::<CanaryDecision>(
+        &value,
+        &[
+            ("unknown action", &set("action", json!("explode"))),
+            ("share over 1", &set("share", json!(1.5))),
+            ("canary id 0", &set("canary_id", json!(0))),
+            ("empty reason", &set("reason", json!(""))),
+            ("candidate with a slash", &set("candidate", json!("a/b"))),
+            ("unknown decision", &evidence("decision", json!("maybe"))),
+            ("unknown kind", &evidence("kind", json!("vibes"))),
+            ("evidence missing n_stable", &|v: &mut Value| {
+                v["evidence"][0].as_object_mut().unwrap().remove("n_stable");
+            }),
+            ("unknown evidence field", &evidence("extra", json!(1))),
+        ],
+    );
+    accepted::<CanaryDecision>(
+        &value,
+        &[
+            ("stable null", &set("stable", json!(null))),
+            ("no interval", &evidence("lower", json!(null))),
         ],
     );
 }

@@ -60,6 +60,10 @@ pub struct Deployment {
     pub artifact_uri: Option<String>,
     pub artifact_sha256: Option<String>,
     pub embedding_dim: i32,
+    /// The share of this variant's requests that get a team-draft
+    /// interleaving with the promoted version's ranking (a canary's
+    /// evidence; 0 for every other deployment).
+    pub interleave: f64,
 }
 
 impl Deployment {
@@ -289,7 +293,7 @@ pub async fn load_embeddings(
 pub async fn deployments(pool: &PgPool) -> sqlx::Result<Vec<Deployment>> {
     sqlx::query_as(
         "SELECT d.model_version, d.variant, d.weight, v.encoder_dir, v.state,
-                v.artifact_uri, v.artifact_sha256, v.embedding_dim
+                v.artifact_uri, v.artifact_sha256, v.embedding_dim, d.interleave
          FROM deployments d JOIN model_versions v ON v.version = d.model_version
          ORDER BY d.variant",
     )
@@ -367,6 +371,24 @@ pub async fn set_deployment(
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Sets the share of a deployed version's requests that search interleaves
+/// with the promoted version's ranking. Returns whether the version is
+/// deployed (nothing changes when it is not).
+pub async fn set_interleave(pool: &PgPool, version: &str, share: f64) -> Result<bool, DeployError> {
+    if !share.is_finite() || !(0.0..=1.0).contains(&share) {
+        return Err(DeployError::Weight(share));
+    }
+    let done = sqlx::query(
+        "UPDATE deployments SET interleave = $2, updated_at = now()
+         WHERE model_version = $1 AND interleave IS DISTINCT FROM $2",
+    )
+    .bind(version)
+    .bind(share)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() > 0)
 }
 
 /// Takes a version out of the deployments (its traffic goes to the others).

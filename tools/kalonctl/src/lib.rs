@@ -1,11 +1,12 @@
 //! `kalonctl`'s library: the commands an operator runs by hand (stack,
 //! migrate, topics, produce, demo, sim, train, eval, encoder, index, deploy,
-//! models),
+//! models, pairs, canary),
 //! as thin wiring over the crates that do the work. The `kalonctl` binary
 //! parses arguments and calls these; `kalon-bench` (tools/bench) reuses the
 //! same wiring for its benchmarks, which stay out of the production image.
 
 pub mod align;
+pub mod canary;
 pub mod demo;
 pub mod events;
 pub mod model;

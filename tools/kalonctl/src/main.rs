@@ -81,6 +81,12 @@ enum Command {
         #[command(subcommand)]
         action: pairs::PairsAction,
     },
+    /// The canary controller: status, history and the evidence behind each
+    /// decision; promote, rollback, pause, resume by hand.
+    Canary {
+        #[command(subcommand)]
+        command: kalonctl::canary::CanaryCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -225,6 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models { action } => models::run(&cli.endpoints(), action).await?,
         Command::Runs { action } => trainer::runs(&cli.endpoints(), action).await?,
         Command::Pairs { action } => pairs::run(&cli.endpoints(), action).await?,
+        Command::Canary { command } => kalonctl::canary::run(&cli.endpoints(), command).await?,
     }
     Ok(())
 }
