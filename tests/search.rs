@@ -1,8 +1,10 @@
 //! The search service against a real Postgres, a real tansu broker and ONNX
 //! Runtime: corpus embedding (with adapter reuse), the API in process and
 //! over a socket, canary routing, exploration swaps recorded in the
-//! impressions, hot swap under load, impressions and feedback on their topics, Kafka outages, and a schemathesis fuzz run
-//! against the service's own OpenAPI document.
+//! impressions, team-draft interleaving of a canary with the promoted
+//! version, pinned searches, per-version serving figures, hot swap under
+//! load, impressions and feedback on their topics, Kafka outages, and a
+//! schemathesis fuzz run against the service's own OpenAPI document.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,6 +14,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use kalon_events::explore::Exploration;
+use kalon_events::interleave::Team;
+use kalon_registry::lifecycle::{self, State};
 use kalon_registry::store;
 use kalon_search::{router, AppState, Search, SearchResponse};
 use kalon_tests::search::{self as fixture, SearchWorld};
@@ -698,6 +702,12 @@ async fn with_kafka_down_search_still_answers_and_counts_the_dropped_impressions
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(running.state.events.stats.snapshot().1, 1);
+    // each drop is counted against its version in /v1/stats too
+    let dropped = running.state.events.stats.snapshot().2;
+    let stats = running.state.serving.snapshot([]);
+    assert_eq!(stats.versions.len(), 1);
+    assert_eq!(stats.versions[0].model_version, "ref-a");
+    assert_eq!(stats.versions[0].impressions_dropped, dropped);
     // feedback, which needs the broker's acknowledgement, says so
     let r = http
         .post(running.url("/v1/feedback/click"))
@@ -758,7 +768,7 @@ async fn schemathesis_fuzzing_the_openapi_document_finds_no_server_error() {
         String::from_utf8_lossy(&output.stderr)
     );
     // it really exercised the operations
-    assert!(stdout.contains("Tested: 6"), "{stdout}");
+    assert!(stdout.contains("Tested: 7"), "{stdout}");
     running.shutdown().await;
     env.cleanup().await;
 }
@@ -889,6 +899,370 @@ async fn without_a_broker_at_start_search_serves_from_postgres_and_counts_what_i
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    running.shutdown().await;
+    env.cleanup().await;
+}
+
+/// Moves `version` to `to` as the canary controller or a person would.
+async fn move_to(env: &TestEnv, version: &str, to: State) {
+    lifecycle::transition(
+        &env.pool,
+        version,
+        to,
+        "test",
+        "search test",
+        serde_json::json!({}),
+    )
+    .await
+    .unwrap();
+}
+
+/// `POST /v1/search` for the top `k` of `query`, pinned to `version`.
+fn pinned_body(query: &str, k: u32, version: &str) -> String {
+    serde_json::json!({ "query": query, "k": k, "model_version": version }).to_string()
+}
+
+/// The image ids of a version's own ranking of `query` (a pinned search).
+async fn ranking(app: &axum::Router, query: &str, k: u32, version: &str) -> Vec<(String, f32)> {
+    let (status, body) = call(app, post("/v1/search", pinned_body(query, k, version))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let answer: SearchResponse = serde_json::from_value(body).unwrap();
+    assert_eq!(answer.model_version, version);
+    answer
+        .results
+        .into_iter()
+        .map(|hit| (hit.image_id, hit.score))
+        .collect()
+}
+
+/// Reads `count` impressions from the test's topic, by request id.
+async fn impressions(
+    env: &TestEnv,
+    count: usize,
+) -> std::collections::HashMap<String, kalon_events::Impression> {
+    let topic = env.kafka.topic("search.impression.v1");
+    let kafka = env.kafka.clone();
+    let received = tokio::task::spawn_blocking(move || {
+        kalon_tests::read_topic(&kafka, &topic, count, Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert_eq!(received.len(), count);
+    received
+        .iter()
+        .map(|message| {
+            match kalon_events::Event::decode(kalon_events::EventKind::Impression, &message.payload)
+            {
+                Ok(kalon_events::Event::Impression(impression)) => {
+                    (impression.request_id.clone(), impression)
+                }
+                other => panic!("not a valid impression: {other:?}"),
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canarys_interleaved_pages_draft_from_both_rankings_and_record_the_teams() {
+    let (env, world) = setup(300).await;
+    fixture::index(&env, &world, "ref-b", world.aligned.path(), false).await;
+    move_to(&env, "ref-a", State::Promoted).await;
+    move_to(&env, "ref-b", State::Canary).await;
+    // the stable version takes no traffic of its own: every request reaches
+    // the candidate, and each is interleaved with the promoted ranking
+    store::set_deployment(&env.pool, "ref-a", "control", 0.0)
+        .await
+        .unwrap();
+    store::set_deployment(&env.pool, "ref-b", "canary", 1.0)
+        .await
+        .unwrap();
+    assert!(store::set_interleave(&env.pool, "ref-b", 1.0)
+        .await
+        .unwrap());
+    let mut config = fixture::config(&env, &world);
+    // exploration on for every request: an interleaved page is never swapped
+    config.explore_rate = 1.0;
+    let search = Search::build(config).await.unwrap();
+    let app = router(search.state.clone());
+
+    let queries = [
+        "a red cat",
+        "a blue dog by the sea",
+        "green hills",
+        "a yellow house",
+        "red flowers",
+    ];
+    let k = 6;
+    let rounds = 20;
+    let mut answers = std::collections::HashMap::new();
+    let (mut stable_picks, mut candidate_picks) = (0, 0);
+    for i in 0..rounds {
+        let query = queries[i % queries.len()];
+        let body = serde_json::json!({ "query": query, "k": k, "session_id": format!("s-{i}") });
+        let (status, body) = call(&app, post("/v1/search", body.to_string())).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let answer: SearchResponse = serde_json::from_value(body).unwrap();
+        assert_eq!(
+            (answer.model_version.as_str(), answer.variant.as_str()),
+            ("ref-b", "canary")
+        );
+        assert_eq!(answer.results.len(), k as usize);
+        let stable = ranking(&app, query, k, "ref-a").await;
+        let candidate = ranking(&app, query, k, "ref-b").await;
+        // replay the draft: each hit is its team's best result not yet on
+        // the page, with the score that version gave it
+        let mut shown = std::collections::HashSet::new();
+        for (i, hit) in answer.results.iter().enumerate() {
+            assert_eq!(hit.rank, i as u32 + 1);
+            let own = match hit.team.expect("a team on every interleaved hit") {
+                Team::A => {
+                    stable_picks += 1;
+                    &stable
+                }
+                Team::B => {
+                    candidate_picks += 1;
+                    &candidate
+                }
+            };
+            let best = own.iter().find(|(id, _)| !shown.contains(id)).unwrap();
+            assert_eq!(best.0, hit.image_id, "{:?} did not pick its best", hit.team);
+            assert_eq!(best.1, hit.score);
+            assert!(shown.insert(hit.image_id.clone()), "{} twice", hit.image_id);
+        }
+        answers.insert(answer.request_id.clone(), answer);
+    }
+    assert!(
+        stable_picks > 0 && candidate_picks > 0,
+        "{stable_picks} / {candidate_picks}"
+    );
+
+    // interleaving off: the candidate's own (explored) page, no teams
+    store::set_interleave(&env.pool, "ref-b", 0.0)
+        .await
+        .unwrap();
+    search.reloader.reload().await.unwrap();
+    assert_eq!(
+        search
+            .state
+            .live
+            .current()
+            .variant_of("ref-b")
+            .unwrap()
+            .interleave,
+        0.0
+    );
+    let mut plain = std::collections::HashSet::new();
+    for i in 0..5 {
+        let (status, body) = call(
+            &app,
+            post("/v1/search", search_body("a red cat", &format!("p-{i}"))),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let answer: SearchResponse = serde_json::from_value(body).unwrap();
+        assert!(answer.results.iter().all(|hit| hit.team.is_none()));
+        plain.insert(answer.request_id);
+    }
+
+    // the impressions record what the person saw, teams included; the
+    // pinned searches logged none
+    let logged = impressions(&env, rounds + plain.len()).await;
+    for (request_id, impression) in &logged {
+        assert_eq!(
+            (
+                impression.model_version.as_str(),
+                impression.variant.as_str()
+            ),
+            ("ref-b", "canary")
+        );
+        if plain.contains(request_id) {
+            assert!(impression.results.iter().all(|r| r.team.is_none()));
+            assert!(
+                impression.results.iter().any(|r| r.model_rank.is_some()),
+                "explored"
+            );
+            continue;
+        }
+        let answer = &answers[request_id];
+        let recorded: Vec<(&str, Option<Team>)> = impression
+            .results
+            .iter()
+            .map(|r| (r.image_id.as_str(), r.team))
+            .collect();
+        let answered: Vec<(&str, Option<Team>)> = answer
+            .results
+            .iter()
+            .map(|r| (r.image_id.as_str(), r.team))
+            .collect();
+        assert_eq!(recorded, answered);
+        assert!(
+            impression.results.iter().all(|r| r.model_rank.is_none()),
+            "not explored"
+        );
+    }
+    let stats = search.state.serving.snapshot([]);
+    let candidate = stats
+        .versions
+        .iter()
+        .find(|v| v.model_version == "ref-b")
+        .unwrap();
+    assert_eq!(candidate.interleaved, rounds as u64);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_search_serves_that_version_and_logs_no_impression() {
+    let (env, world) = setup(200).await;
+    fixture::index(&env, &world, "ref-b", world.aligned.path(), false).await;
+    // ref-b is loaded but takes no traffic
+    store::set_deployment(&env.pool, "ref-b", "shadow", 0.0)
+        .await
+        .unwrap();
+    let search = Search::build(fixture::config(&env, &world)).await.unwrap();
+    let app = router(search.state.clone());
+    let query = "a blue dog by the sea";
+
+    // routed: ref-a, one impression queued
+    let (status, body) = call(&app, post("/v1/search", search_body(query, "s1"))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let routed: SearchResponse = serde_json::from_value(body).unwrap();
+    assert_eq!(routed.model_version, "ref-a");
+    assert_eq!(search.state.events.stats.snapshot().0, 1);
+
+    // pinned: the named version's own ranking, whatever the session
+    let body =
+        serde_json::json!({ "query": query, "k": 5, "session_id": "s1", "model_version": "ref-b" });
+    let (status, body) = call(&app, post("/v1/search", body.to_string())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let pinned: SearchResponse = serde_json::from_value(body).unwrap();
+    assert_eq!(
+        (pinned.model_version.as_str(), pinned.variant.as_str()),
+        ("ref-b", "shadow")
+    );
+    let served = search.state.live.current().served("ref-b").unwrap().clone();
+    let embedding = served.text.embed_texts(&[query]).unwrap();
+    let want: Vec<String> = served
+        .index
+        .search(embedding.row(0), 5)
+        .unwrap()
+        .iter()
+        .map(|hit| served.ids[hit.row].clone())
+        .collect();
+    let got: Vec<String> = pinned.results.iter().map(|r| r.image_id.clone()).collect();
+    assert_eq!(got, want);
+    assert_ne!(
+        got,
+        routed
+            .results
+            .iter()
+            .map(|r| r.image_id.clone())
+            .collect::<Vec<_>>()
+    );
+    // pinned to the routed version: the routed page
+    let again = ranking(&app, query, 5, "ref-a").await;
+    let routed_ids: Vec<(String, f32)> = routed
+        .results
+        .iter()
+        .map(|r| (r.image_id.clone(), r.score))
+        .collect();
+    assert_eq!(again, routed_ids);
+
+    // an unknown or malformed version
+    let (status, body) = call(&app, post("/v1/search", pinned_body("cat", 5, "ref-zzz"))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.contains("ref-zzz") && message.contains("ref-a, ref-b"),
+        "{message}"
+    );
+    let (status, body) = call(&app, post("/v1/search", pinned_body("cat", 5, ""))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("model_version must be"),
+        "{body}"
+    );
+
+    // no pinned search reached the producer
+    let (queued, _, dropped) = search.state.events.stats.snapshot();
+    assert_eq!((queued, dropped), (1, 0));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_each_versions_requests_errors_and_latencies() {
+    let (env, world) = setup(200).await;
+    fixture::index(&env, &world, "ref-b", world.aligned.path(), false).await;
+    store::set_deployment(&env.pool, "ref-b", "canary", 1.0)
+        .await
+        .unwrap();
+    let running = fixture::serve(fixture::config(&env, &world)).await;
+    let http = client();
+    let mut answered = std::collections::HashMap::<String, u64>::new();
+    for i in 0..30 {
+        let r = search_request(&http, &running, "green hills", &format!("s{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let answer: SearchResponse = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        *answered.entry(answer.model_version).or_default() += 1;
+    }
+    assert_eq!(answered.len(), 2, "{answered:?}");
+    // pinned searches count against their version; a query without a
+    // readable word is a request but neither an error nor a latency
+    for (query, status) in [("a red cat", 200), ("!!! ???", 422), ("!!! ???", 422)] {
+        let r = http
+            .post(running.url("/v1/search"))
+            .header("content-type", "application/json")
+            .body(pinned_body(query, 5, "ref-b"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+    }
+    // refused before routing: counted nowhere
+    let r = search_request(&http, &running, " ", "s0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    let r = http.get(running.url("/v1/stats")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let json: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let stats: kalon_search::stats::ServingStats = serde_json::from_value(json.clone()).unwrap();
+    assert!(stats.started_at <= chrono::Utc::now());
+    let names: Vec<&str> = stats
+        .versions
+        .iter()
+        .map(|v| v.model_version.as_str())
+        .collect();
+    assert_eq!(names, ["ref-a", "ref-b"]);
+    for v in &stats.versions {
+        let routed = answered[&v.model_version];
+        let (successful, refused) = if v.model_version == "ref-b" {
+            (routed + 1, 2)
+        } else {
+            (routed, 0)
+        };
+        assert_eq!(v.requests, successful + refused, "{v:?}");
+        assert_eq!(
+            (v.errors, v.interleaved, v.impressions_dropped),
+            (0, 0, 0),
+            "{v:?}"
+        );
+        assert_eq!(v.latency_counts.len(), 21);
+        assert_eq!(v.latency_counts.iter().sum::<u64>(), successful, "{v:?}");
+    }
+    // the documented shape: bounds in ms, the last one open
+    let first = &json["versions"][0];
+    assert_eq!(first["latency_ms_buckets"][0], 1);
+    assert_eq!(first["latency_ms_buckets"][19], 5000);
+    assert!(first["latency_ms_buckets"][20].is_null());
+    assert!(json["started_at"].as_str().unwrap().contains('T'));
     running.shutdown().await;
     env.cleanup().await;
 }

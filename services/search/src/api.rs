@@ -1,7 +1,9 @@
-//! The HTTP API: search, image files, feedback, OpenAPI, health.
+//! The HTTP API: search, image files, feedback, serving figures, OpenAPI,
+//! health.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -11,9 +13,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use kalon_events::explore::{self, Exploration};
-use kalon_events::{Aspect, Click, Event, Impression, Rating};
+use kalon_events::interleave::{self, Team};
+use kalon_events::{Aspect, Click, Event, Impression, Rating, ResultItem};
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TraceContextExt;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use rdkafka::message::OwnedHeaders;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
@@ -21,7 +26,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::events::{Events, FeedbackError};
-use crate::routing::Live;
+use crate::routing::{Live, Routing, Served, Variant};
+use crate::stats::{Outcome, Serving, ServingStats};
 
 /// Request limits (see `SearchConfig` for the flags).
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +91,9 @@ pub struct AppState {
     /// The randomised adjacent swap for a share of requests
     /// (`--explore-rate`, `--explore-depth`).
     pub explore: Exploration,
+    /// Per-version serving figures (`/v1/stats`), shared with `events`,
+    /// which counts the impressions it drops there.
+    pub serving: Arc<Serving>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -94,6 +103,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images/{id}", get(image))
         .route("/v1/feedback/click", post(click))
         .route("/v1/feedback/rating", post(rating))
+        .route("/v1/stats", get(stats))
         .route("/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -172,6 +182,12 @@ pub struct SearchRequest {
     pub session_id: Option<String>,
     #[serde(default)]
     pub user_id: Option<String>,
+    /// Serve from this loaded model version, whatever its weight, instead
+    /// of the routed one: an evaluation (the canary's judge, the console's
+    /// comparison), so no impression is published and the page is neither
+    /// interleaved nor explored.
+    #[serde(default)]
+    pub model_version: Option<String>,
 }
 
 fn default_k() -> u32 {
@@ -182,8 +198,13 @@ fn default_k() -> u32 {
 pub struct SearchHit {
     pub image_id: String,
     pub rank: u32,
+    /// The score of the version that ranked it (on an interleaved page, the
+    /// version whose team drafted it).
     pub score: f32,
     pub url: String,
+    /// On an interleaved page only: the ranking that drafted this hit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<Team>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -223,7 +244,9 @@ async fn search(
         k = request.k,
         model_version = tracing::field::Empty,
         variant = tracing::field::Empty,
-        explore_swap = tracing::field::Empty
+        explore_swap = tracing::field::Empty,
+        interleaved = tracing::field::Empty,
+        pinned = request.model_version.is_some()
     );
     let _ = span.set_parent(caller.clone());
     // the context the impression carries: this request's span when traces
@@ -236,9 +259,11 @@ async fn search(
             caller
         }
     };
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let metrics = app.metrics.clone();
-    let answer = run_search(app, request, context).instrument(span).await;
+    let answer = run_search(app, request, context, started)
+        .instrument(span)
+        .await;
     let status = match &answer {
         Ok(Json(answer)) => {
             let attributes = [
@@ -266,6 +291,7 @@ async fn run_search(
     app: AppState,
     request: SearchRequest,
     context: opentelemetry::Context,
+    started: Instant,
 ) -> Result<Json<SearchResponse>, ApiError> {
     let limits = &app.limits;
     let query = request.query.trim().to_owned();
@@ -294,67 +320,213 @@ async fn run_search(
     if let Some(user) = &request.user_id {
         check_id("user_id", user, limits)?;
     }
+    if let Some(version) = &request.model_version {
+        check_id("model_version", version, limits)?;
+    }
     let request_id = Uuid::now_v7().to_string();
-    let key = request
-        .session_id
-        .as_deref()
-        .or(request.user_id.as_deref())
-        .unwrap_or(&request_id);
     let routing = app.live.current();
-    let variant = routing.assign(key).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no model version is deployed: index one and `kalonctl deploy` it",
-        )
-    })?;
+    let variant = match request.model_version.as_deref() {
+        Some(version) => routing
+            .variant_of(version)
+            .ok_or_else(|| not_served(version, &routing))?,
+        None => {
+            let key = request
+                .session_id
+                .as_deref()
+                .or(request.user_id.as_deref())
+                .unwrap_or(&request_id);
+            routing.assign(key).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no model version is deployed: index one and `kalonctl deploy` it",
+                )
+            })?
+        }
+    };
+    let pinned = request.model_version.is_some();
+    // a pinned search is an evaluation: never interleaved
+    let stable = if pinned {
+        None
+    } else {
+        routing.interleave_with(variant, &request_id)
+    };
     let span = tracing::Span::current();
     span.record("model_version", variant.served.version.as_str());
     span.record("variant", variant.name.as_str());
+    span.record("interleaved", stable.is_some());
 
-    let served = variant.served.clone();
-    let k = request.k as usize;
-    let text = query.clone();
-    let embed_span = tracing::info_span!("embed");
+    let routed = Routed {
+        variant,
+        stable,
+        pinned,
+        request_id,
+        query,
+    };
+    let answer = answer(&app, &request, routed, context).await;
+    let outcome = match &answer {
+        Ok(_) => Outcome::Ok {
+            interleaved: stable.is_some(),
+        },
+        Err(error) if error.status.is_server_error() => Outcome::Failed,
+        Err(_) => Outcome::Refused,
+    };
+    app.serving
+        .record(&variant.served.version, outcome, started.elapsed());
+    answer
+}
+
+/// The 404 of a pinned search for a version this replica has not loaded.
+fn not_served(version: &str, routing: &Routing) -> ApiError {
+    let served: Vec<&str> = routing
+        .variants
+        .iter()
+        .map(|v| v.served.version.as_str())
+        .collect();
+    let served = if served.is_empty() {
+        "none".to_owned()
+    } else {
+        served.join(", ")
+    };
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("model version {version} is not served here (served: {served})"),
+    )
+}
+
+/// A validated search and where it goes.
+struct Routed<'a> {
+    /// The variant that answers (and that the impression names).
+    variant: &'a Variant,
+    /// The promoted version whose ranking is interleaved with the
+    /// variant's, for an interleaved request.
+    stable: Option<&'a Variant>,
+    pinned: bool,
+    request_id: String,
+    query: String,
+}
+
+/// A version's ranking of a query: `(image id, score)`, best first.
+type Ranking = Vec<(String, f64)>;
+
+/// The `k` catalog images nearest to `text` under `served`, or `None` when
+/// its tokenizer reads no word of `text`.
+async fn rank(served: Arc<Served>, text: String, k: usize) -> Result<Option<Ranking>, ApiError> {
+    let embed_span = tracing::info_span!("embed", model_version = %served.version);
     let ann_span = tracing::info_span!("ann_search", k);
-    let hits = tokio::task::spawn_blocking(move || {
+    let internal =
+        |e: &dyn std::fmt::Display| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    tokio::task::spawn_blocking(move || {
         let (mut ids, mut mask) = (Vec::new(), Vec::new());
         served.text.tokenizer().push(&text, &mut ids, &mut mask);
         if mask.iter().all(|m| *m == 0) {
             return Ok(None);
         }
-        let embedding = embed_span.in_scope(|| served.text.embed_texts(&[text]))?;
+        let embedding = embed_span
+            .in_scope(|| served.text.embed_texts(&[text]))
+            .map_err(|e| internal(&e))?;
         let row = embedding.row(0);
         if !row.iter().all(|v| v.is_finite()) || row.iter().all(|v| *v == 0.0) {
             return Ok(None);
         }
-        let hits = ann_span.in_scope(|| served.index.search(row, k));
-        Ok::<_, kalon_encoder::EncoderError>(Some(hits))
+        let hits = ann_span
+            .in_scope(|| served.index.search(row, k))
+            .map_err(|e| internal(&e))?;
+        Ok(Some(
+            hits.iter()
+                .map(|hit| (served.ids[hit.row].clone(), f64::from(hit.score)))
+                .collect(),
+        ))
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let Some(hits) = hits else {
+    .map_err(|e| internal(&e))?
+}
+
+/// The page of a team-draft interleaving of the stable version's ranking
+/// (team A) and the candidate's (team B), drawn with coins seeded by the
+/// request id; each result keeps the score of the version that drafted it.
+fn interleaved_page(
+    stable: &Ranking,
+    candidate: &Ranking,
+    k: usize,
+    request_id: &str,
+) -> Vec<ResultItem> {
+    let ids =
+        |ranking: &Ranking| -> Vec<String> { ranking.iter().map(|(id, _)| id.clone()).collect() };
+    let mut rng = StdRng::seed_from_u64(crate::routing::draft_seed(request_id));
+    let page = interleave::team_draft(&ids(stable), &ids(candidate), k, &mut rng);
+    page.into_iter()
+        .enumerate()
+        .map(|(i, (image_id, team))| {
+            let drafted_from = match team {
+                Team::A => stable,
+                Team::B => candidate,
+            };
+            let score = drafted_from
+                .iter()
+                .find(|(id, _)| *id == image_id)
+                .map_or(f64::NAN, |(_, score)| *score);
+            ResultItem {
+                image_id,
+                rank: i as u32 + 1,
+                score,
+                model_rank: None,
+                team: Some(team),
+            }
+        })
+        .collect()
+}
+
+/// Ranks (and for an interleaved request, drafts) the page, then logs the
+/// impression unless the search is pinned.
+async fn answer(
+    app: &AppState,
+    request: &SearchRequest,
+    routed: Routed<'_>,
+    context: opentelemetry::Context,
+) -> Result<Json<SearchResponse>, ApiError> {
+    let Routed {
+        variant,
+        stable,
+        pinned,
+        request_id,
+        query,
+    } = routed;
+    let k = request.k as usize;
+    let own = rank(variant.served.clone(), query.clone(), k);
+    let (own, theirs) = match stable {
+        // both versions at once: the person waits for the slower, not the sum
+        Some(stable) => {
+            let theirs = rank(stable.served.clone(), query.clone(), k);
+            let (own, theirs) = tokio::try_join!(own, theirs)?;
+            (own, Some(theirs))
+        }
+        None => (own.await?, None),
+    };
+    let Some(own) = own else {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "the query has no words the model can read",
         ));
     };
-    let hits = hits.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-
-    let served = &variant.served;
-    // the model's order, then (for the explored share) one adjacent swap:
-    // the person sees what the impression records, each result keeping
-    // its own score
-    let swap = app.explore.swap_for(&request_id, hits.len());
-    if let Some(k) = swap {
-        tracing::Span::current().record("explore_swap", k);
-    }
-    let shown = explore::shown_items(
-        hits.iter()
-            .map(|hit| (served.ids[hit.row].clone(), f64::from(hit.score)))
-            .collect(),
-        swap,
-    );
+    let shown = match theirs {
+        // a stable version that reads no word of the query ranks nothing:
+        // the candidate's results fill the page, credited to it
+        Some(theirs) => interleaved_page(&theirs.unwrap_or_default(), &own, k, &request_id),
+        None => {
+            // the model's order, then (for the explored share, never a
+            // pinned search) one adjacent swap: the person sees what the
+            // impression records, each result keeping its own score
+            let swap = if pinned {
+                None
+            } else {
+                app.explore.swap_for(&request_id, own.len())
+            };
+            if let Some(k) = swap {
+                tracing::Span::current().record("explore_swap", k);
+            }
+            explore::shown_items(own, swap)
+        }
+    };
     let results: Vec<SearchHit> = shown
         .iter()
         .map(|item| SearchHit {
@@ -362,26 +534,30 @@ async fn run_search(
             image_id: item.image_id.clone(),
             rank: item.rank,
             score: item.score as f32,
+            team: item.team,
         })
         .collect();
-    let impression = Impression {
-        event_id: Uuid::now_v7(),
-        occurred_at: Utc::now(),
-        request_id: request_id.clone(),
-        session_id: request
-            .session_id
-            .clone()
-            .unwrap_or_else(|| format!("anon-{request_id}")),
-        user_id: request.user_id.clone(),
-        query,
-        model_version: served.version.clone(),
-        variant: variant.name.clone(),
-        results: shown,
-    };
-    tracing::info_span!("produce").in_scope(|| {
-        let headers = kalon_kafka::inject_context(OwnedHeaders::new(), &context);
-        app.events.impression(&impression, headers);
-    });
+    let served = &variant.served;
+    if !pinned {
+        let impression = Impression {
+            event_id: Uuid::now_v7(),
+            occurred_at: Utc::now(),
+            request_id: request_id.clone(),
+            session_id: request
+                .session_id
+                .clone()
+                .unwrap_or_else(|| format!("anon-{request_id}")),
+            user_id: request.user_id.clone(),
+            query,
+            model_version: served.version.clone(),
+            variant: variant.name.clone(),
+            results: shown,
+        };
+        tracing::info_span!("produce").in_scope(|| {
+            let headers = kalon_kafka::inject_context(OwnedHeaders::new(), &context);
+            app.events.impression(&impression, headers);
+        });
+    }
     Ok(Json(SearchResponse {
         request_id,
         model_version: served.version.clone(),
@@ -510,6 +686,15 @@ async fn rating(
     publish(&app, event).await
 }
 
+/// Per-version serving figures since start; every loaded version appears.
+async fn stats(State(app): State<AppState>) -> Json<ServingStats> {
+    let routing = app.live.current();
+    Json(
+        app.serving
+            .snapshot(routing.variants.iter().map(|v| v.served.version.as_str())),
+    )
+}
+
 async fn openapi(State(app): State<AppState>) -> Json<serde_json::Value> {
     Json(crate::openapi::document(&app.limits))
 }
@@ -528,6 +713,8 @@ async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<serde_json::Va
                 "variant": v.name,
                 "model_version": v.served.version,
                 "weight": v.weight,
+                "state": v.state.as_str(),
+                "interleave": v.interleave,
                 "images": v.served.ids.len(),
             })
         })

@@ -41,6 +41,8 @@ pub struct Events {
     producer: FutureProducer,
     kafka: KafkaSettings,
     pub stats: Arc<ImpressionStats>,
+    /// Where a lost impression is counted against its model version.
+    serving: Arc<crate::stats::Serving>,
     dropped_metric: Counter<u64>,
     delivered_metric: Counter<u64>,
     feedback_timeout: Duration,
@@ -57,8 +59,14 @@ pub enum FeedbackError {
 impl Events {
     /// A producer whose in-memory buffer holds `buffer` messages: when the
     /// broker is away that many impressions wait (up to `timeout`) and
-    /// further ones are dropped and counted, so search never waits on Kafka.
-    pub fn new(kafka: &KafkaSettings, buffer: usize, timeout: Duration) -> anyhow::Result<Self> {
+    /// further ones are dropped and counted (in total and against their
+    /// model version in `serving`), so search never waits on Kafka.
+    pub fn new(
+        kafka: &KafkaSettings,
+        buffer: usize,
+        timeout: Duration,
+        serving: Arc<crate::stats::Serving>,
+    ) -> anyhow::Result<Self> {
         let producer = kalon_kafka::Publisher::with_config(kafka, "kalon-search", timeout, |c| {
             c.set("acks", "all")
                 .set("queue.buffering.max.messages", buffer.max(1).to_string());
@@ -70,6 +78,7 @@ impl Events {
             producer,
             kafka: kafka.clone(),
             stats: Arc::default(),
+            serving,
             dropped_metric: meter
                 .u64_counter("kalon.search.impressions.dropped")
                 .with_description("impressions lost: producer buffer full or broker unreachable")
@@ -88,11 +97,12 @@ impl Events {
         let topic = self
             .kafka
             .topic(kalon_events::EventKind::Impression.topic());
+        let version = impression.model_version.as_str();
         let payload = match serde_json::to_vec(impression) {
             Ok(payload) => payload,
             Err(error) => {
                 tracing::error!(%error, "cannot serialise an impression");
-                return self.dropped(1);
+                return self.dropped(version, 1);
             }
         };
         let key = impression.event_id.as_bytes().to_vec();
@@ -104,6 +114,7 @@ impl Events {
             Ok(delivery) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
                 let this = self.clone();
+                let version = version.to_owned();
                 tokio::spawn(async move {
                     match delivery.await {
                         Ok(Ok(_)) => {
@@ -112,24 +123,25 @@ impl Events {
                         }
                         Ok(Err((error, _))) => {
                             tracing::warn!(%error, "impression not delivered");
-                            this.dropped(1);
+                            this.dropped(&version, 1);
                         }
-                        Err(_) => this.dropped(1),
+                        Err(_) => this.dropped(&version, 1),
                     }
                 });
             }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                self.dropped(1);
+                self.dropped(version, 1);
             }
             Err((error, _)) => {
                 tracing::warn!(%error, "impression not queued");
-                self.dropped(1);
+                self.dropped(version, 1);
             }
         }
     }
 
-    fn dropped(&self, n: u64) {
+    fn dropped(&self, version: &str, n: u64) {
         self.stats.dropped.fetch_add(n, Ordering::Relaxed);
+        self.serving.dropped(version, n);
         self.dropped_metric
             .add(n, &[KeyValue::new("topic", "search.impression.v1")]);
     }

@@ -2,7 +2,10 @@
 //! deployed model version's text tower, finds the nearest catalog images in
 //! an in-memory index built from Postgres, splits traffic between versions
 //! by a stable hash of the session (canary), swaps versions on deployment
-//! events without a restart, and logs every answer as an impression.
+//! events without a restart, and logs every answer as an impression. A
+//! canary's requests may get a team-draft interleaving with the promoted
+//! version's ranking, a pinned search asks one version by name (an
+//! evaluation, logged nowhere), and `/v1/stats` counts per version.
 //!
 //! Search only reads the registry (`kalon-registry`: versions, embeddings,
 //! deployments); writing it (indexing, deploying) is the registry's and its
@@ -15,6 +18,7 @@ pub mod index;
 pub mod openapi;
 pub mod reload;
 pub mod routing;
+pub mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,10 +50,12 @@ impl Search {
         let pool = config.database.connect(8).await?;
         kalon_db::check_schema(&pool).await?;
         let kafka = config.kafka.settings();
+        let serving = Arc::new(stats::Serving::default());
         let events = events::Events::new(
             &kafka,
             config.impression_buffer,
             Duration::from_millis(config.kafka_timeout_ms),
+            serving.clone(),
         )?;
         let live = Arc::new(Live::default());
         let reloader = Reloader {
@@ -84,6 +90,7 @@ impl Search {
             public_url: config.public_url.trim_end_matches('/').to_owned(),
             limits: config.limits(),
             explore,
+            serving,
         };
         Ok(Search {
             state,

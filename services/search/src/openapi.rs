@@ -46,9 +46,11 @@ pub fn document(limits: &Limits) -> Value {
                             "content": { "application/json": { "schema": { "$ref": "#/components/schemas/SearchResponse" } } }
                         },
                         "400": error_response("the request breaks a limit (empty or long query, k, ids)"),
+                        "404": error_response("the pinned model_version is not loaded here (the message lists those served)"),
                         "413": error_response("the body is larger than allowed"),
                         "415": error_response("the body is not JSON"),
                         "422": error_response("the JSON does not have the request's shape, or the query has no readable words"),
+                        "500": error_response("the version's encoder or index failed"),
                         "503": error_response("no model version is deployed")
                     }
                 }
@@ -104,6 +106,19 @@ pub fn document(limits: &Limits) -> Value {
                     }
                 }
             },
+            "/v1/stats": {
+                "get": {
+                    "operationId": "stats",
+                    "summary": "Per-model-version serving figures since the process started",
+                    "description": "Counters of the searches routed (or pinned) to each version: answered requests, server errors, interleaved pages, impressions dropped, and the latency of the successful ones in fixed buckets. Every loaded version appears.",
+                    "responses": {
+                        "200": {
+                            "description": "the figures, by version name",
+                            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ServingStats" } } }
+                        }
+                    }
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",
@@ -145,7 +160,11 @@ pub fn document(limits: &Limits) -> Value {
                         "query": query.clone(),
                         "k": { "type": "integer", "minimum": 1, "maximum": limits.max_k, "default": 10 },
                         "session_id": id.clone(),
-                        "user_id": id.clone()
+                        "user_id": id.clone(),
+                        "model_version": {
+                            "type": "string", "minLength": 1, "maxLength": limits.max_id_chars,
+                            "description": "pin the search to this loaded version (any weight): an evaluation, so no impression is logged and the page is neither interleaved nor explored"
+                        }
                     }
                 },
                 "SearchHit": {
@@ -153,8 +172,12 @@ pub fn document(limits: &Limits) -> Value {
                     "properties": {
                         "image_id": { "type": "string" },
                         "rank": { "type": "integer", "minimum": 1 },
-                        "score": { "type": "number" },
-                        "url": { "type": "string" }
+                        "score": { "type": "number", "description": "the score of the version that ranked it (on an interleaved page, of the team that drafted it)" },
+                        "url": { "type": "string" },
+                        "team": {
+                            "type": "string", "enum": ["stable", "candidate"],
+                            "description": "only on a team-draft interleaved page: the ranking that drafted this hit"
+                        }
                     }
                 },
                 "SearchResponse": {
@@ -164,6 +187,32 @@ pub fn document(limits: &Limits) -> Value {
                         "model_version": { "type": "string" },
                         "variant": { "type": "string" },
                         "results": { "type": "array", "items": { "$ref": "#/components/schemas/SearchHit" } }
+                    }
+                },
+                "ServingStats": {
+                    "type": "object", "required": ["started_at", "versions"],
+                    "properties": {
+                        "started_at": { "type": "string", "format": "date-time" },
+                        "versions": { "type": "array", "items": { "$ref": "#/components/schemas/VersionStats" } }
+                    }
+                },
+                "VersionStats": {
+                    "type": "object",
+                    "required": ["model_version", "requests", "errors", "interleaved", "impressions_dropped", "latency_ms_buckets", "latency_counts"],
+                    "properties": {
+                        "model_version": { "type": "string" },
+                        "requests": { "type": "integer", "minimum": 0, "description": "searches routed or pinned to it and answered, any status" },
+                        "errors": { "type": "integer", "minimum": 0, "description": "of those, answered with a server error" },
+                        "interleaved": { "type": "integer", "minimum": 0, "description": "successful searches answered with an interleaved page" },
+                        "impressions_dropped": { "type": "integer", "minimum": 0 },
+                        "latency_ms_buckets": {
+                            "type": "array", "items": { "type": "integer", "nullable": true },
+                            "description": "inclusive upper bounds in milliseconds; the last is null (no bound)"
+                        },
+                        "latency_counts": {
+                            "type": "array", "items": { "type": "integer", "minimum": 0 },
+                            "description": "successful searches per bucket (not cumulative)"
+                        }
                     }
                 },
                 "ClickRequest": {

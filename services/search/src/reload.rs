@@ -48,13 +48,26 @@ impl Reloader {
             .await?;
         let changed = next.variants.len() != current.variants.len()
             || next.variants.iter().zip(&current.variants).any(|(a, b)| {
-                a.name != b.name || a.weight != b.weight || !Arc::ptr_eq(&a.served, &b.served)
+                a.name != b.name
+                    || a.weight != b.weight
+                    || a.interleave != b.interleave
+                    || a.state != b.state
+                    || !Arc::ptr_eq(&a.served, &b.served)
             });
         if changed {
             let summary: Vec<String> = next
                 .variants
                 .iter()
-                .map(|v| format!("{}={}@{}", v.name, v.served.version, v.weight))
+                .map(|v| {
+                    format!(
+                        "{}={}@{}/{}/interleave={}",
+                        v.name,
+                        v.served.version,
+                        v.weight,
+                        v.state.as_str(),
+                        v.interleave
+                    )
+                })
                 .collect();
             tracing::info!(routing = %summary.join(" "), "routing swapped");
             self.live.replace(next);

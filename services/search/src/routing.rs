@@ -14,6 +14,7 @@ use sqlx::PgPool;
 
 use crate::index::{IndexParams, VectorIndex};
 use kalon_registry::artifact;
+use kalon_registry::lifecycle::State;
 use kalon_registry::store::{self, Deployment};
 
 /// One model version loaded for serving: its text tower and the index of
@@ -164,6 +165,12 @@ pub struct Variant {
     pub name: String,
     pub weight: f64,
     pub served: Arc<Served>,
+    /// The share of this variant's requests answered with a team-draft
+    /// interleaving of its ranking and the promoted version's, in [0, 1]
+    /// (the canary controller sets it on a candidate; 0 elsewhere).
+    pub interleave: f64,
+    /// The version's lifecycle state when the routing was built.
+    pub state: State,
 }
 
 /// The versions in service and their weights.
@@ -207,10 +214,29 @@ impl Routing {
 
     /// A loaded version by name (weight 0 included).
     pub fn served(&self, version: &str) -> Option<&Arc<Served>> {
-        self.variants
+        self.variant_of(version).map(|v| &v.served)
+    }
+
+    /// The variant serving a loaded version (weight 0 included).
+    pub fn variant_of(&self, version: &str) -> Option<&Variant> {
+        self.variants.iter().find(|v| v.served.version == version)
+    }
+
+    /// The stable version to interleave `variant`'s ranking with for the
+    /// request `request_id`, if this request gets an interleaved page: the
+    /// variant interleaves (a share above 0), a promoted version other than
+    /// its own is loaded (at any weight), and the request id's hash falls
+    /// within the share. The decision is a pure function of the request id,
+    /// salted so it is independent of the exploration swap's.
+    pub fn interleave_with(&self, variant: &Variant, request_id: &str) -> Option<&Variant> {
+        if variant.interleave <= 0.0 {
+            return None;
+        }
+        let stable = self
+            .variants
             .iter()
-            .find(|v| v.served.version == version)
-            .map(|v| &v.served)
+            .find(|v| v.state == State::Promoted && v.served.version != variant.served.version)?;
+        (unit(salted_hash(request_id, INTERLEAVE_SALT)) < variant.interleave).then_some(stable)
     }
 
     /// The routing `deployments` describe, reusing every version of `self`
@@ -250,6 +276,8 @@ impl Routing {
                 name: d.variant.clone(),
                 weight: d.weight,
                 served,
+                interleave: d.interleave,
+                state: d.state,
             });
         }
         variants.sort_by(|a, b| a.name.cmp(&b.name));
@@ -276,18 +304,41 @@ impl Live {
     }
 }
 
+/// Salt of the decision whether a request is interleaved.
+const INTERLEAVE_SALT: u64 = 0x1e7e_a5ed_0000_0001;
+/// Salt of the seed of an interleaved request's team-draft coins.
+const DRAFT_SALT: u64 = 0x1e7e_a5ed_0000_0002;
+
 /// FNV-1a of the key, finished with splitmix64 so nearby keys spread, as a
 /// fraction in [0, 1). Stable across processes, versions and platforms.
 pub fn unit_hash(key: &str) -> f64 {
+    unit(salted_hash(key, 0))
+}
+
+/// FNV-1a of the key xor `salt`, finished with splitmix64: with salt 0 the
+/// hash [`unit_hash`] and `kalon_events::explore` use, with another salt an
+/// independent draw from the same key.
+fn salted_hash(key: &str, salt: u64) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in key.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
+    h ^= salt;
     h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^= h >> 31;
+    h ^ (h >> 31)
+}
+
+/// The top 53 bits of a hash as a fraction in [0, 1).
+fn unit(h: u64) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The seed of the team-draft coins of the request `request_id`, so the
+/// same request always drafts the same page.
+pub fn draft_seed(request_id: &str) -> u64 {
+    salted_hash(request_id, DRAFT_SALT)
 }
 
 #[cfg(test)]
@@ -310,5 +361,28 @@ mod tests {
             let share = f64::from(b) / n as f64;
             assert!((share - 0.1).abs() < 0.005, "bucket share {share}");
         }
+    }
+
+    #[test]
+    fn the_interleave_draw_is_independent_of_the_exploration_draw() {
+        // salt 0 is exactly the exploration swap's draw (and unit_hash)
+        let explore = kalon_events::explore::Exploration::new(0.5, 10).unwrap();
+        let n = 20_000;
+        let mut both = 0;
+        let mut interleaved = 0;
+        for i in 0..n {
+            let id = format!("0190b2c4-{i:04x}-7000-8000-000000000000");
+            let explored = explore.swap_for(&id, 10).is_some();
+            assert_eq!(explored, unit_hash(&id) < 0.5);
+            let inter = unit(salted_hash(&id, INTERLEAVE_SALT)) < 0.5;
+            interleaved += u32::from(inter);
+            both += u32::from(inter && explored);
+        }
+        let share = f64::from(interleaved) / f64::from(n);
+        assert!((share - 0.5).abs() < 0.02, "interleaved share {share}");
+        let joint = f64::from(both) / f64::from(n);
+        assert!((joint - 0.25).abs() < 0.02, "joint share {joint}");
+        assert_ne!(draft_seed("r1"), draft_seed("r2"));
+        assert_eq!(draft_seed("r1"), draft_seed("r1"));
     }
 }
