@@ -312,6 +312,8 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+pub mod oracle;
+
 /// A small world, a randomly initialised reference model on it, and an
 /// aligned version of that model (a random adapter), for search tests.
 pub mod search {

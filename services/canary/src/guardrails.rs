@@ -123,6 +123,7 @@ impl Guardrails {
         let client = self
             .client
             .get_or_insert_with(|| {
+                kalon_telemetry::install_crypto_provider();
                 reqwest::Client::builder()
                     .timeout(Duration::from_secs(3))
                     .build()

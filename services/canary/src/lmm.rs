@@ -52,6 +52,7 @@ impl LmmCanary {
         per_look: u32,
         max_queries: u32,
     ) -> Self {
+        kalon_telemetry::install_crypto_provider();
         LmmCanary {
             judge,
             search_url: search_url.trim_end_matches('/').to_owned(),

@@ -47,6 +47,10 @@ pub fn target(config: &CanaryConfig, canary: &Canary) -> Option<Target> {
     })
 }
 
+/// A deployment as wanted: (variant, weight, interleave share); `None`
+/// in its place means not deployed.
+type Serve<'a> = (&'a str, f64, f64);
+
 /// What [`reconcile`] changed.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Applied {
@@ -124,8 +128,7 @@ pub async fn reconcile(
         .into_iter()
         .map(|d| (d.model_version.clone(), d))
         .collect();
-    // (version, variant, weight, interleave); None: not deployed
-    let mut wanted: Vec<(&str, Option<(&str, f64, f64)>)> = Vec::new();
+    let mut wanted: Vec<(&str, Option<Serve<'_>>)> = Vec::new();
     match target {
         Target::Split { share, interleave } => {
             if let Some(stable) = stable {
@@ -137,13 +140,13 @@ pub async fn reconcile(
             wanted.push((candidate, Some((&config.stable_variant, 1.0, 0.0))));
         }
         Target::Withdrawn => {
-            wanted.push((candidate, None));
             if let Some(stable) = stable {
                 // only if it still serves: a stable retired since is left out
                 if rows.contains_key(stable) {
                     wanted.push((stable, Some((&config.stable_variant, 1.0, 0.0))));
                 }
             }
+            wanted.push((candidate, None));
         }
     }
     for (version, want) in wanted {
