@@ -721,3 +721,95 @@ async fn the_admin_api_needs_the_operators_token_and_records_who_overrode_and_wh
     controlling.await.unwrap().unwrap();
     env.cleanup().await;
 }
+
+/// Impressions of `version` for `queries`, happening now (the LMM canary
+/// samples its queries from the canary's impressions).
+async fn searched(env: &TestEnv, version: &str, queries: &[String]) {
+    for query in queries {
+        let request = uuid::Uuid::now_v7().to_string();
+        sqlx::query(
+            "INSERT INTO impressions (event_id, occurred_at, request_id, session_id, query,
+                 model_version, variant, results)
+             VALUES ($1, now(), $2, $2, $3, $4, 'canary', '[]'::json)",
+        )
+        .bind(uuid::Uuid::now_v7())
+        .bind(&request)
+        .bind(query)
+        .bind(version)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lmm_judged_canary_alone_rolls_back_a_worse_candidate() {
+    let (env, world) = world().await;
+    // `good` is the stable version this time, `bad` the candidate
+    lifecycle::promote(&env.pool, "good", "test", "the better model", json!({}))
+        .await
+        .unwrap();
+    store::set_deployment(&env.pool, "good", "main", 1.0)
+        .await
+        .unwrap();
+    let search = fixture::serve(fixture::config(&env, &world)).await;
+    let mut sim = kalon_sim_llm::SimConfig::new(WORLD_SEED, IMAGES);
+    sim.world_dir = Some(world.world.path().to_owned());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let llm_server = kalon_sim_llm::SimServer::start(sim, listener).await.unwrap();
+    let mut llm = kalon_llm::LlmConfig::new(llm_server.base_url(), "kalon-sim-1");
+    llm.rate_per_s = 1e6;
+    llm.burst = 1_000_000;
+    let mut config = controller_config(&env, &search.url(""));
+    config.evidence = vec![kalon_canary::config::Evidence::Lmm];
+    config.dataset = Some(world.world.path().to_owned());
+    config.min_decisive = 10;
+    config.lmm_per_look = 8;
+    let controller = Controller::build(config, Some(llm)).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controlling = tokio::spawn(controller.run(async {
+        let _ = stopped.await;
+    }));
+    announce(&env, "bad").await;
+    let queries = kalon_dataset::train_queries(world.world.path()).unwrap();
+    let start = Instant::now();
+    while canary_store::in_flight(&env.pool).await.unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(30), "the canary never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    searched(&env, "bad", &queries[..60]).await;
+    assert_eq!(
+        wait_for_status(&env, "bad", Duration::from_secs(180)).await,
+        Status::RolledBack
+    );
+    let canary = canary_store::by_candidate(&env.pool, "bad").await.unwrap().unwrap();
+    let last = canary_store::last_decision(&env.pool, canary.id).await.unwrap().unwrap();
+    println!("{}", kalon_canary::ops::render(&kalon_canary::ops::status(&env.pool).await.unwrap().unwrap()));
+    let lmm: Vec<&kalon_events::MetricEvidence> = last
+        .evidence
+        .iter()
+        .filter(|e| e.kind == kalon_events::EvidenceKind::Lmm)
+        .collect();
+    assert_eq!(lmm.len(), 2, "aesthetic and relevance: {:#?}", last.evidence);
+    assert!(
+        lmm.iter().any(|e| e.decision == "significantly_worse"),
+        "{lmm:#?}"
+    );
+    assert!(
+        last.evidence.iter().all(|e| e.kind == kalon_events::EvidenceKind::Lmm
+            || e.kind == kalon_events::EvidenceKind::Guardrail),
+        "LMM evidence alone (and the guardrails)"
+    );
+    let (judged, tokens): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(tokens), 0)::bigint FROM canary_judgments WHERE canary_id = $1",
+    )
+    .bind(canary.id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(judged >= 20 && tokens > 0, "{judged} verdicts, {tokens} tokens");
+    stop.send(()).unwrap();
+    controlling.await.unwrap().unwrap();
+    search.shutdown().await;
+    env.cleanup().await;
+}
