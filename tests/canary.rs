@@ -16,9 +16,9 @@ use kalon_kafka::Outgoing;
 use kalon_registry::lifecycle::{self, State};
 use kalon_registry::store;
 use kalon_sim_users::{Population, UsersConfig};
-use kalon_tests::oracle::{version_of_quality, Quality};
 use kalon_tests::search::{self as fixture, SearchWorld};
 use kalon_tests::TestEnv;
+use kalonctl::quality::{version_of_quality, Quality};
 use serde_json::json;
 
 const WORLD_SEED: u64 = 21;
@@ -304,12 +304,22 @@ async fn a_better_candidate_is_promoted_and_a_worse_one_rolled_back_with_no_pers
             .state,
         State::RolledBack
     );
-    for report in kalon_canary::ops::history(&env.pool, 2, false)
+    let history = kalon_canary::ops::history(&env.pool, 2, false)
         .await
-        .unwrap()
-    {
-        println!("{}", kalon_canary::ops::render(&report));
-    }
+        .unwrap();
+    let text: Vec<String> = history.iter().map(kalon_canary::ops::render).collect();
+    println!("{}", text.join("\n"));
+    // what `kalonctl canary history` prints: each move and the figures behind the last
+    assert!(
+        text[0].contains("rolled back") && text[0].contains("significantly_worse"),
+        "{}",
+        text[0]
+    );
+    assert!(
+        text[1].contains("promote ") && text[1].contains("interleaving"),
+        "{}",
+        text[1]
+    );
 
     // every decision was published once per event id
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM canary_decisions")
@@ -756,7 +766,9 @@ async fn the_lmm_judged_canary_alone_rolls_back_a_worse_candidate() {
     let mut sim = kalon_sim_llm::SimConfig::new(WORLD_SEED, IMAGES);
     sim.world_dir = Some(world.world.path().to_owned());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let llm_server = kalon_sim_llm::SimServer::start(sim, listener).await.unwrap();
+    let llm_server = kalon_sim_llm::SimServer::start(sim, listener)
+        .await
+        .unwrap();
     let mut llm = kalon_llm::LlmConfig::new(llm_server.base_url(), "kalon-sim-1");
     llm.rate_per_s = 1e6;
     llm.burst = 1_000_000;
@@ -774,7 +786,10 @@ async fn the_lmm_judged_canary_alone_rolls_back_a_worse_candidate() {
     let queries = kalon_dataset::train_queries(world.world.path()).unwrap();
     let start = Instant::now();
     while canary_store::in_flight(&env.pool).await.unwrap().is_none() {
-        assert!(start.elapsed() < Duration::from_secs(30), "the canary never started");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the canary never started"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     searched(&env, "bad", &queries[..60]).await;
@@ -782,22 +797,38 @@ async fn the_lmm_judged_canary_alone_rolls_back_a_worse_candidate() {
         wait_for_status(&env, "bad", Duration::from_secs(180)).await,
         Status::RolledBack
     );
-    let canary = canary_store::by_candidate(&env.pool, "bad").await.unwrap().unwrap();
-    let last = canary_store::last_decision(&env.pool, canary.id).await.unwrap().unwrap();
-    println!("{}", kalon_canary::ops::render(&kalon_canary::ops::status(&env.pool).await.unwrap().unwrap()));
+    let canary = canary_store::by_candidate(&env.pool, "bad")
+        .await
+        .unwrap()
+        .unwrap();
+    let last = canary_store::last_decision(&env.pool, canary.id)
+        .await
+        .unwrap()
+        .unwrap();
+    println!(
+        "{}",
+        kalon_canary::ops::render(&kalon_canary::ops::status(&env.pool).await.unwrap().unwrap())
+    );
     let lmm: Vec<&kalon_events::MetricEvidence> = last
         .evidence
         .iter()
         .filter(|e| e.kind == kalon_events::EvidenceKind::Lmm)
         .collect();
-    assert_eq!(lmm.len(), 2, "aesthetic and relevance: {:#?}", last.evidence);
+    assert_eq!(
+        lmm.len(),
+        2,
+        "aesthetic and relevance: {:#?}",
+        last.evidence
+    );
     assert!(
         lmm.iter().any(|e| e.decision == "significantly_worse"),
         "{lmm:#?}"
     );
     assert!(
-        last.evidence.iter().all(|e| e.kind == kalon_events::EvidenceKind::Lmm
-            || e.kind == kalon_events::EvidenceKind::Guardrail),
+        last.evidence
+            .iter()
+            .all(|e| e.kind == kalon_events::EvidenceKind::Lmm
+                || e.kind == kalon_events::EvidenceKind::Guardrail),
         "LMM evidence alone (and the guardrails)"
     );
     let (judged, tokens): (i64, i64) = sqlx::query_as(
@@ -807,7 +838,10 @@ async fn the_lmm_judged_canary_alone_rolls_back_a_worse_candidate() {
     .fetch_one(&env.pool)
     .await
     .unwrap();
-    assert!(judged >= 20 && tokens > 0, "{judged} verdicts, {tokens} tokens");
+    assert!(
+        judged >= 20 && tokens > 0,
+        "{judged} verdicts, {tokens} tokens"
+    );
     stop.send(()).unwrap();
     controlling.await.unwrap().unwrap();
     search.shutdown().await;

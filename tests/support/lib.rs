@@ -312,8 +312,6 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-pub mod oracle;
-
 /// A small world, a randomly initialised reference model on it, and an
 /// aligned version of that model (a random adapter), for search tests.
 pub mod search {
@@ -321,9 +319,8 @@ pub mod search {
     use std::path::PathBuf;
 
     use candle_core::{Device, Tensor};
-    use candle_nn::{VarBuilder, VarMap};
-    use kalon_encoder::{EncoderOptions, WordTokenizer};
-    use kalon_model::{ModelConfig, TwoTower};
+    use candle_nn::VarMap;
+    use kalon_encoder::EncoderOptions;
     use kalon_registry::indexer::{self, IndexJob, Indexed};
     use kalon_search::{Search, SearchConfig};
     use rand::{Rng, SeedableRng};
@@ -345,13 +342,7 @@ pub mod search {
     /// The reference model, randomly initialised (seed 4) with a tokenizer
     /// built from `world`'s captions, exported into `out`.
     pub fn random_reference_model(world: &std::path::Path, out: &std::path::Path) {
-        let captions = std::fs::read_to_string(world.join("captions.jsonl")).unwrap();
-        let tokenizer = WordTokenizer::build(captions.lines(), 1, 16);
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
-        let model = TwoTower::new(ModelConfig::reference(tokenizer.vocab_size()), vb).unwrap();
-        kalon_model::model::seeded_init(&varmap, 4).unwrap();
-        kalon_model::export::export(&model, &varmap, &tokenizer, out, Default::default()).unwrap();
+        kalon_model::export::export_random_reference(world, out, 4).unwrap();
     }
 
     /// An alignment adapter of `kind` with weights drawn uniformly from

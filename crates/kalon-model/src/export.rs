@@ -74,3 +74,22 @@ pub fn load(dir: &Path, device: &Device) -> anyhow::Result<(TwoTower, VarMap, Wo
     let tokenizer = WordTokenizer::load(&dir.join("vocab.json"), config.max_len)?;
     Ok((model, varmap, tokenizer))
 }
+
+/// The reference model with random weights (`seed`) and a word tokenizer
+/// built from `world`'s captions, exported into `out`: an encoder that
+/// loads through the contract in seconds, for tests and benchmarks that
+/// need one but not a trained one.
+pub fn export_random_reference(world: &Path, out: &Path, seed: u64) -> anyhow::Result<Manifest> {
+    let captions = std::fs::read_to_string(world.join("captions.jsonl"))
+        .with_context(|| format!("no captions.jsonl in {}", world.display()))?;
+    let tokenizer = WordTokenizer::build(captions.lines(), 1, 16);
+    let varmap = VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(
+        &varmap,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    );
+    let model = TwoTower::new(crate::ModelConfig::reference(tokenizer.vocab_size()), vb)?;
+    crate::model::seeded_init(&varmap, seed)?;
+    export(&model, &varmap, &tokenizer, out, Default::default())
+}

@@ -110,6 +110,38 @@ impl LmmCanary {
         Ok(row)
     }
 
+    /// The judge's verdict on `query`, per aspect: the candidate's top-k row
+    /// against the stable's (1 win, 0 similar, -1 loss), with the tokens
+    /// it cost. Identical rows are similar without a call.
+    pub async fn judge_query(
+        &self,
+        query: &str,
+        stable: &str,
+        candidate: &str,
+    ) -> anyhow::Result<Vec<(Aspect, i8, u64)>> {
+        let (candidate, stable) =
+            futures::try_join!(self.row(query, candidate), self.row(query, stable))?;
+        let mut out = Vec::with_capacity(2);
+        for aspect in [Aspect::Aesthetic, Aspect::Relevance] {
+            if candidate.len() == stable.len() && same_rows(&candidate, &stable) {
+                out.push((aspect, 0, 0));
+                continue;
+            }
+            let comparison = self
+                .judge
+                .compare(query, aspect, &candidate, &stable)
+                .await?;
+            let tokens = comparison.calls.iter().map(|c| c.usage.total_tokens).sum();
+            let preference = match comparison.verdict {
+                Verdict::Win => 1,
+                Verdict::Loss => -1,
+                Verdict::Similar => 0,
+            };
+            out.push((aspect, preference, tokens));
+        }
+        Ok(out)
+    }
+
     /// Judges up to `per_look` queries not judged yet for this canary.
     /// Returns how many were judged.
     pub async fn look(
@@ -147,27 +179,10 @@ impl LmmCanary {
         .await?;
         let mut done = 0;
         for (query,) in queries {
-            let (candidate, stable) = futures::try_join!(
-                self.row(&query, &window.candidate),
-                self.row(&query, &window.stable)
-            )?;
-            for aspect in [Aspect::Aesthetic, Aspect::Relevance] {
-                let (preference, tokens) =
-                    if candidate.len() == stable.len() && same_rows(&candidate, &stable) {
-                        (0i16, 0u64) // identical rows: similar, no call
-                    } else {
-                        let comparison = self
-                            .judge
-                            .compare(&query, aspect, &candidate, &stable)
-                            .await?;
-                        let tokens = comparison.calls.iter().map(|c| c.usage.total_tokens).sum();
-                        let preference = match comparison.verdict {
-                            Verdict::Win => 1,
-                            Verdict::Loss => -1,
-                            Verdict::Similar => 0,
-                        };
-                        (preference, tokens)
-                    };
+            for (aspect, preference, tokens) in self
+                .judge_query(&query, &window.stable, &window.candidate)
+                .await?
+            {
                 sqlx::query(
                     "INSERT INTO canary_judgments (canary_id, query, aspect, preference, tokens)
                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
@@ -175,7 +190,7 @@ impl LmmCanary {
                 .bind(canary_id)
                 .bind(&query)
                 .bind(aspect_name(aspect))
-                .bind(preference)
+                .bind(preference as i16)
                 .bind(tokens as i64)
                 .execute(pool)
                 .await?;

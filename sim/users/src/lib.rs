@@ -53,6 +53,9 @@ pub struct UsersConfig {
     pub users: usize,
     /// Sessions to run (each: one search, its clicks and ratings).
     pub sessions: usize,
+    /// The first session's number: a population run in parts continues the
+    /// numbering (and so the session ids search routes by).
+    pub first_session: u64,
     /// Stop starting sessions after this long, if set.
     pub duration: Option<Duration>,
     /// Sessions started per second at most (None: as fast as they finish).
@@ -75,6 +78,7 @@ impl UsersConfig {
             seed: 1,
             users: 200,
             sessions: 1_000,
+            first_session: 0,
             duration: None,
             rate_per_s: None,
             concurrency: 8,
@@ -138,6 +142,9 @@ pub struct SessionOutcome {
     pub model_version: String,
     /// Image ids shown, in rank order.
     pub shown: Vec<String>,
+    /// On an interleaved page (a canary's), the team that drafted each
+    /// shown result (`stable` / `candidate`), in rank order; empty otherwise.
+    pub teams: Vec<String>,
     /// (rank, image id) clicked, and (rank, image id, stars) rated.
     pub clicks: Vec<(u32, String)>,
     pub ratings: Vec<(u32, String, u8)>,
@@ -159,6 +166,8 @@ struct Answer {
 struct Hit {
     image_id: String,
     rank: u32,
+    #[serde(default)]
+    team: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -224,7 +233,8 @@ impl Population {
                 .map(|rate| tokio::time::interval(Duration::from_secs_f64(1.0 / rate))),
         );
         let pacer = &pacer;
-        let outcomes = futures::stream::iter(0..self.config.sessions as u64)
+        let first = self.config.first_session;
+        let outcomes = futures::stream::iter(first..first + self.config.sessions as u64)
             .take_while(|_| futures::future::ready(duration.is_none_or(|d| started.elapsed() < d)))
             .map(|s| async move {
                 if let Some(ticks) = pacer.lock().await.as_mut() {
@@ -302,6 +312,15 @@ impl Population {
             variant: answer.variant,
             model_version: answer.model_version,
             shown: answer.results.iter().map(|h| h.image_id.clone()).collect(),
+            teams: if answer.results.iter().any(|h| h.team.is_some()) {
+                answer
+                    .results
+                    .iter()
+                    .map(|h| h.team.clone().unwrap_or_default())
+                    .collect()
+            } else {
+                Vec::new()
+            },
             clicks: Vec::new(),
             ratings: Vec::new(),
             feedback_event_ids: Vec::new(),

@@ -22,6 +22,7 @@ use kalon_stack::{tools, Broker, Storage};
 use clap::Parser;
 use kalonctl::{events, Globals};
 
+mod canary;
 mod encoder;
 mod judge;
 mod preferences;
@@ -76,6 +77,9 @@ pub enum Bench {
     Trainer(crate::trainer::TrainerBenchArgs),
     /// The preference builder's click and rating passes over pre-ingested events (events/s, pairs/s), beside ingest's drain of the same events.
     Preferences(crate::preferences::PreferencesBenchArgs),
+    /// Sessions each kind of canary evidence (A/B, interleaving, LMM) needs
+    /// to decide rightly, with simulated people over HTTP; A/A false decisions.
+    Canary(crate::canary::CanaryBenchArgs),
     /// Encoder throughput on ONNX Runtime (images/s, texts/s) at batch 1 and 32, on a world's held-out pairs.
     Encoder {
         /// World (and pretrained model) seed, built when missing.
@@ -116,6 +120,7 @@ async fn run(cli: &Globals, bench: &Bench) -> anyhow::Result<()> {
         Bench::Search(args) => crate::search::run(cli, args).await,
         Bench::Trainer(args) => crate::trainer::run(cli, args).await,
         Bench::Preferences(args) => crate::preferences::run(cli, args).await,
+        Bench::Canary(args) => crate::canary::run(cli, args).await,
         Bench::Encoder {
             seed,
             images,

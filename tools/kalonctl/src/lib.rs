@@ -12,6 +12,7 @@ pub mod events;
 pub mod model;
 pub mod models;
 pub mod pairs;
+pub mod quality;
 pub mod search;
 pub mod sim;
 pub mod tools;

@@ -1,4 +1,5 @@
-//! Model versions of known quality for the canary's tests and benchmark:
+//! Model versions of known quality for the canary's tests and benchmark
+//! (`kalon-bench canary`):
 //! image embeddings that put what the simulated people find attractive
 //! (relevance and the oracle's beauty, as `sim/users` clicks) near the
 //! queries that want it, and embeddings that know nothing.
