@@ -21,6 +21,9 @@ CREATE TABLE canaries (
     -- evidence counts from here (impressions, clicks, ratings, judgments)
     started_at timestamptz,
     finished_at timestamptz,
+    -- a finished canary's end applied to serving and the lifecycle (until
+    -- then every look tries again)
+    settled_at timestamptz,
     -- why it waits, when it does (e.g. "no promoted version to compare with")
     note text,
     created_at timestamptz NOT NULL DEFAULT now(),

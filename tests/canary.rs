@@ -847,3 +847,200 @@ async fn the_lmm_judged_canary_alone_rolls_back_a_worse_candidate() {
     search.shutdown().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trainers_adapter_version_is_indexed_from_its_parent_then_canaried() {
+    use kalon_registry::artifact::ArtifactStore;
+    use kalon_registry::lifecycle::NewVersion;
+
+    let (env, world) = world().await;
+    // what the trainer does: the adapter export stored by content,
+    // registered as trained from the promoted parent, gated
+    let tmp = tempfile::tempdir().unwrap();
+    let artifacts =
+        ArtifactStore::from_url(&format!("file://{}", tmp.path().join("store").display())).unwrap();
+    let stored = artifacts.put_dir(world.aligned.path()).await.unwrap();
+    let version = lifecycle::register_trained(
+        &env.pool,
+        NewVersion {
+            parent: Some("ref-a".into()),
+            training_run_id: None,
+            artifact: stored.clone(),
+            dimension: stored.embedding_dim,
+            actor: "kalon-trainer".into(),
+            reason: "a test run".into(),
+        },
+    )
+    .await
+    .unwrap();
+    lifecycle::gate(
+        &env.pool,
+        &version,
+        true,
+        json!({}),
+        "kalon-trainer gate",
+        "passed",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        store::version(&env.pool, &version)
+            .await
+            .unwrap()
+            .unwrap()
+            .images_indexed,
+        0
+    );
+    let mut config = controller_config(&env, "http://127.0.0.1:9");
+    config.search_url.clear();
+    config.evidence = vec![kalon_canary::config::Evidence::Ab];
+    config.dataset = Some(world.world.path().to_owned());
+    config.model_cache = Some(tmp.path().join("cache"));
+    let controller = Controller::build(config, None).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controlling = tokio::spawn(controller.run(async {
+        let _ = stopped.await;
+    }));
+    announce(&env, &version).await;
+    let start = Instant::now();
+    let canary = loop {
+        if let Some(c) = canary_store::in_flight(&env.pool).await.unwrap() {
+            break c;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the canary never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(canary.candidate, version);
+    assert_eq!(canary.stable.as_deref(), Some("ref-a"));
+    let row = store::version(&env.pool, &version).await.unwrap().unwrap();
+    assert_eq!(row.images_indexed as usize, IMAGES);
+    let notes = sqlx::query_scalar::<_, Option<serde_json::Value>>(
+        "SELECT index_notes FROM model_versions WHERE version = $1",
+    )
+    .bind(&version)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(
+        notes
+            .as_ref()
+            .is_some_and(|n| n.to_string().contains("adapter-reuse")),
+        "indexed from the parent's embeddings: {notes:?}"
+    );
+    // serving the first step
+    let start = Instant::now();
+    loop {
+        let serving: Vec<(String, String, f64)> = store::deployments(&env.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.model_version, d.variant, d.weight))
+            .collect();
+        let want = vec![
+            (version.clone(), "canary".to_owned(), 0.2),
+            ("ref-a".to_owned(), "main".to_owned(), 0.8),
+        ];
+        let mut sorted = serving.clone();
+        sorted.sort_by(|a, b| a.1.cmp(&b.1));
+        if sorted == want
+            && store::version(&env.pool, &version)
+                .await
+                .unwrap()
+                .unwrap()
+                .state
+                == State::Canary
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{serving:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.send(()).unwrap();
+    controlling.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_candidate_supersedes_the_running_one_when_configured() {
+    let env = TestEnv::new().await;
+    bare_versions(&env).await;
+    store::register_version(&env.pool, "cand2", "/nonexistent", None, 64)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE model_versions SET images_indexed = 1 WHERE version = 'cand2'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let mut config = controller_config(&env, "http://127.0.0.1:9");
+    config.search_url.clear();
+    config.evidence = vec![kalon_canary::config::Evidence::Interleaving];
+    config.on_newer = kalon_canary::config::OnNewer::Supersede;
+    let controller = Controller::build(config, None).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controlling = tokio::spawn(controller.run(async {
+        let _ = stopped.await;
+    }));
+    announce(&env, "cand").await;
+    let running = |candidate: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            canary_store::in_flight(&pool)
+                .await
+                .unwrap()
+                .is_some_and(|c| c.candidate == candidate)
+        }
+    };
+    let start = Instant::now();
+    while !running("cand").await {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    announce(&env, "cand2").await;
+    while !running("cand2").await {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = canary_store::by_candidate(&env.pool, "cand")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.status, Status::Superseded);
+    let last = canary_store::last_decision(&env.pool, first.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(last.action.as_str(), "supersede");
+    assert!(last.reason.contains("cand2"), "{}", last.reason);
+    // the superseded candidate serves nothing and is marked rolled back
+    let start = Instant::now();
+    loop {
+        let serving: Vec<String> = store::deployments(&env.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.model_version)
+            .collect();
+        let state = store::version(&env.pool, "cand")
+            .await
+            .unwrap()
+            .unwrap()
+            .state;
+        if !serving.contains(&"cand".to_owned())
+            && serving.contains(&"cand2".to_owned())
+            && state == State::RolledBack
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{serving:?} {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.send(()).unwrap();
+    controlling.await.unwrap().unwrap();
+    env.cleanup().await;
+}

@@ -124,8 +124,10 @@ pub struct CanaryConfig {
     /// interleaving of both rankings (with `interleaving` evidence).
     #[arg(long, env = "KALON_CANARY_INTERLEAVE", default_value_t = 0.5)]
     pub interleave: f64,
-    /// Level of every sequential test (false decisions at most alpha per
-    /// test, however often the controller looks).
+    /// The rule's level: false rollbacks at most alpha however often the
+    /// controller looks, split evenly over the tests that can roll back
+    /// (primary A/B metric, interleaving, LMM aesthetic and relevance, error
+    /// rate, dropped impressions).
     #[arg(long, env = "KALON_CANARY_ALPHA", default_value_t = 0.05)]
     pub alpha: f64,
     /// Non-inferiority margin of the primary A/B metric, relative to the

@@ -347,17 +347,13 @@ struct Looker {
 impl Looker {
     async fn tick(&mut self) -> anyhow::Result<()> {
         let pool = self.shared.pool.clone();
+        // a canary that ended (automatically, by an operator, or superseded)
+        // is applied until it holds, whatever happened in between
+        for finished in store::unsettled(&pool).await? {
+            self.settle(&finished).await;
+        }
         let mut current = store::in_flight(&pool).await?;
-        // a canary that ended is reconciled once more after a restart (its
-        // decision may have been stored but not yet applied)
         if current.is_none() {
-            if let Some(last) = store::recent(&pool, 1).await?.pop() {
-                if last.status.finished()
-                    && self.announced != Some((last.id, last.status, last.step))
-                {
-                    self.apply(&last).await?;
-                }
-            }
             current = self.start_next().await?;
         } else if let Some(c) = &current {
             if let Some(newer) = self.superseding(c).await? {
@@ -372,6 +368,10 @@ impl Looker {
                     evidence: Vec::new(),
                 };
                 self.record(c, c.stable.as_deref(), &decision).await?;
+                // withdraw it (and mark it rolled back) before the next starts
+                if let Some(old) = store::by_candidate(&pool, &c.candidate).await? {
+                    self.settle(&old).await;
+                }
                 current = self.start_next().await?;
             }
         }
@@ -407,6 +407,25 @@ impl Looker {
             s.step = Some(canary.step);
         });
         Ok(())
+    }
+
+    /// Applies a finished canary's end; marks it settled once it holds
+    /// (a failure is logged and tried again at the next look).
+    async fn settle(&mut self, canary: &Canary) {
+        let applied = match self.apply(canary).await {
+            Ok(()) => store::settle(&self.shared.pool, canary.id)
+                .await
+                .map_err(anyhow::Error::from),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = applied {
+            let error = format!("{error:#}");
+            warn!(
+                canary = canary.id,
+                error, "applying the canary's end failed; trying again"
+            );
+            self.shared.set_status(|s| s.last_error = Some(error));
+        }
     }
 
     /// A newer waiting candidate that replaces `running` (with
@@ -566,6 +585,13 @@ impl Looker {
             elapsed: (now - since).to_std().unwrap_or_default(),
             ..Default::default()
         };
+        // --alpha is the whole rule's budget of false rollbacks: split
+        // evenly over the tests that can roll back (Bonferroni)
+        let rollback_tests = usize::from(config.uses(Evidence::Ab))
+            + usize::from(config.uses(Evidence::Interleaving))
+            + if self.lmm.is_some() { 2 } else { 0 }
+            + if config.search_url.is_empty() { 0 } else { 2 };
+        let alpha = config.alpha / rollback_tests.max(1) as f64;
         if config.uses(Evidence::Ab) {
             let sums = evidence::ab_sums(&pool, &window).await?;
             look.candidate_sessions = sums.candidate_sessions();
@@ -573,7 +599,7 @@ impl Looker {
                 &sums,
                 config.primary.metric(),
                 config.margin,
-                config.alpha,
+                alpha,
                 config.min_sessions,
             )?);
             look.acting.push(config.primary.metric().into());
@@ -583,7 +609,7 @@ impl Looker {
             look.evidence.push(evidence::interleaving_evidence(
                 &counts,
                 config.preference_margin,
-                config.alpha,
+                alpha,
                 config.min_decisive,
             )?);
             look.acting.push("interleaving".into());
@@ -596,7 +622,7 @@ impl Looker {
             look.evidence.extend(lmm::lmm_evidence(
                 &counts,
                 config.preference_margin,
-                config.alpha,
+                alpha,
                 config.min_decisive,
             )?);
             look.acting.push("lmm_aesthetic".into());
@@ -608,7 +634,7 @@ impl Looker {
                 &stable,
                 &canary.candidate,
                 guardrails::GuardrailRules {
-                    alpha: config.alpha,
+                    alpha,
                     min_requests: config.min_requests,
                     p99_ratio: config.p99_ratio,
                     p99_slack_ms: config.p99_slack_ms,
@@ -655,7 +681,11 @@ impl Looker {
         if action != CanaryAction::Hold {
             // apply at once: a rollback reaches search within seconds
             if let Some(now) = store::by_candidate(&pool, &canary.candidate).await? {
-                self.apply(&now).await?;
+                if now.status.finished() {
+                    self.settle(&now).await;
+                } else {
+                    self.apply(&now).await?;
+                }
             }
         }
         Ok(())

@@ -168,6 +168,26 @@ pub async fn by_candidate(pool: &PgPool, candidate: &str) -> sqlx::Result<Option
     )
 }
 
+/// Finished canaries whose end is not yet applied (a crash, or a failed
+/// apply), oldest first.
+pub async fn unsettled(pool: &PgPool) -> sqlx::Result<Vec<Canary>> {
+    canaries_where(
+        pool,
+        "WHERE status IN ('promoted', 'rolled_back', 'superseded') AND settled_at IS NULL ORDER BY id",
+        None,
+    )
+    .await
+}
+
+/// Records that a finished canary's end is applied.
+pub async fn settle(pool: &PgPool, id: i64) -> sqlx::Result<()> {
+    sqlx::query("UPDATE canaries SET settled_at = now() WHERE id = $1 AND settled_at IS NULL")
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// The latest canaries, newest first.
 pub async fn recent(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<Canary>> {
     canaries_where(

@@ -54,7 +54,8 @@ pub struct VersionStats {
     pub latency_ms_buckets: Vec<Option<u64>>,
     /// Successful searches per bucket (not cumulative): a latency of `x` ms
     /// counts in the first bucket whose bound is `>= x`. Sums to the
-    /// successful requests.
+    /// successful requests that were not interleaved (an interleaved page
+    /// searches two versions, so its time is not this version's own).
     pub latency_counts: Vec<u64>,
 }
 
@@ -119,7 +120,12 @@ impl Serving {
             match outcome {
                 Outcome::Ok { interleaved } => {
                     c.interleaved += u64::from(interleaved);
-                    c.latency[bucket_of(latency)] += 1;
+                    // an interleaved page searches two versions: its time is
+                    // not the candidate's own, so it stays out of the latency
+                    // the canary's guardrail compares
+                    if !interleaved {
+                        c.latency[bucket_of(latency)] += 1;
+                    }
                 }
                 Outcome::Refused => {}
                 Outcome::Failed => c.errors += 1,
