@@ -199,7 +199,9 @@ mod tests {
         let serving = Serving::default();
         let ms = Duration::from_millis;
         serving.record("v1", Outcome::Ok { interleaved: false }, ms(4));
-        serving.record("v1", Outcome::Ok { interleaved: true }, ms(12_000));
+        serving.record("v1", Outcome::Ok { interleaved: false }, ms(12_000));
+        // an interleaved page counts, but not in this version's latency
+        serving.record("v1", Outcome::Ok { interleaved: true }, ms(3));
         serving.record("v1", Outcome::Failed, ms(1));
         serving.record("v1", Outcome::Refused, ms(1));
         serving.dropped("v2", 3);
@@ -211,7 +213,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["v0", "v1", "v2"]);
         let v1 = &stats.versions[1];
-        assert_eq!((v1.requests, v1.errors, v1.interleaved), (4, 1, 1));
+        assert_eq!((v1.requests, v1.errors, v1.interleaved), (5, 1, 1));
         assert_eq!(v1.latency_counts.len(), LATENCY_BUCKETS);
         assert_eq!(v1.latency_counts.iter().sum::<u64>(), 2);
         assert_eq!((v1.latency_counts[3], v1.latency_counts[20]), (1, 1));
