@@ -686,47 +686,7 @@ async fn the_admin_api_needs_the_operators_token_and_records_who_overrode_and_wh
     assert_eq!(actions, ["start", "pause", "rollback"]);
 
     // schemathesis against the OpenAPI description: no server error
-    let cache = std::env::var("KALON_CACHE_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kalon")
-        });
-    let st = cache.join("py-schemathesis/bin/schemathesis");
-    assert!(
-        st.exists(),
-        "{} missing: run bash scripts/install-tools.sh",
-        st.display()
-    );
-    let scratch = tempfile::tempdir().unwrap();
-    let output = tokio::process::Command::new(st)
-        .current_dir(scratch.path())
-        .args([
-            "run",
-            &format!("{admin}/openapi.json"),
-            "--checks",
-            "not_a_server_error",
-            "--max-examples",
-            "40",
-            "--seed",
-            "7",
-            "--generation-database",
-            "none",
-            "--workers",
-            "2",
-            "--no-color",
-            "--request-timeout",
-            "20",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "schemathesis failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(stdout.contains("Tested: 3"), "{stdout}");
+    kalon_tests::schemathesis(&format!("{admin}/openapi.json"), 3).await;
     stop.send(()).unwrap();
     controlling.await.unwrap().unwrap();
     env.cleanup().await;

@@ -725,50 +725,7 @@ async fn with_kafka_down_search_still_answers_and_counts_the_dropped_impressions
 async fn schemathesis_fuzzing_the_openapi_document_finds_no_server_error() {
     let (env, world) = setup(200).await;
     let running = fixture::serve(fixture::config(&env, &world)).await;
-    let cache = std::env::var("KALON_CACHE_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kalon")
-        });
-    let st = cache.join("py-schemathesis/bin/schemathesis");
-    assert!(
-        st.exists(),
-        "{} missing: run bash scripts/install-tools.sh",
-        st.display()
-    );
-    // schemathesis keeps a .schemathesis/ cache in its working directory:
-    // a temporary one, not the checkout
-    let scratch = tempfile::tempdir().unwrap();
-    let output = tokio::process::Command::new(st)
-        .current_dir(scratch.path())
-        .args([
-            "run",
-            &running.url("/openapi.json"),
-            "--checks",
-            "not_a_server_error",
-            "--max-examples",
-            "40",
-            "--seed",
-            "7",
-            "--generation-database",
-            "none",
-            "--workers",
-            "2",
-            "--no-color",
-            "--request-timeout",
-            "20",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "schemathesis failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    // it really exercised the operations
-    assert!(stdout.contains("Tested: 7"), "{stdout}");
+    kalon_tests::schemathesis(&running.url("/openapi.json"), 7).await;
     running.shutdown().await;
     env.cleanup().await;
 }

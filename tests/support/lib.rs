@@ -312,6 +312,56 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Runs schemathesis against an OpenAPI document (no server error allowed,
+/// a fixed seed) and asserts it exercised `operations` operations.
+pub async fn schemathesis(openapi_url: &str, operations: usize) {
+    let cache = std::env::var("KALON_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kalon"));
+    let st = cache.join("py-schemathesis/bin/schemathesis");
+    assert!(
+        st.exists(),
+        "{} missing: run bash scripts/install-tools.sh",
+        st.display()
+    );
+    // schemathesis keeps a .schemathesis/ cache in its working directory:
+    // a temporary one, not the checkout
+    let scratch = tempfile::tempdir().unwrap();
+    let output = tokio::process::Command::new(st)
+        .current_dir(scratch.path())
+        .args([
+            "run",
+            openapi_url,
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "40",
+            "--seed",
+            "7",
+            "--generation-database",
+            "none",
+            "--workers",
+            "2",
+            "--no-color",
+            "--request-timeout",
+            "20",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "schemathesis failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // it really exercised the operations
+    assert!(
+        stdout.contains(&format!("Tested: {operations}")),
+        "{stdout}"
+    );
+}
+
 /// A small world, a randomly initialised reference model on it, and an
 /// aligned version of that model (a random adapter), for search tests.
 pub mod search {
