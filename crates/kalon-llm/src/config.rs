@@ -67,6 +67,24 @@ impl LlmConfig {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
+    /// As [`LlmConfig::from_env`] when `KALON_LLM_BASE_URL` is set and not
+    /// empty; `None` when it is not, for a service whose model is optional
+    /// (it then runs without it).
+    pub fn from_env_if_set() -> anyhow::Result<Option<Self>> {
+        Self::from_lookup_if_set(|name| std::env::var(name).ok())
+    }
+
+    /// As [`LlmConfig::from_env_if_set`], from any lookup (tests).
+    pub fn from_lookup_if_set(
+        get: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Option<Self>> {
+        if get("KALON_LLM_BASE_URL").is_some_and(|url| !url.is_empty()) {
+            Self::from_lookup(get).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// As [`LlmConfig::from_env`], from any lookup (tests).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let base_url = get("KALON_LLM_BASE_URL").ok_or_else(|| {
@@ -144,6 +162,16 @@ impl LlmConfig {
         Ok(())
     }
 
+    /// A copy to log: `base_url` through [`kalon_db::redact`], since an
+    /// endpoint may carry a key in its URL (a proxy's `?api-key=`). The API
+    /// key already prints as `[redacted]`.
+    pub fn redacted(&self) -> Self {
+        LlmConfig {
+            base_url: kalon_db::redact(&self.base_url),
+            ..self.clone()
+        }
+    }
+
     /// `base_url` + `/chat/completions`.
     pub fn completions_url(&self) -> String {
         format!("{}/chat/completions", self.base_url.trim_end_matches('/'))
@@ -198,5 +226,36 @@ mod tests {
         let scheme =
             LlmConfig::from_lookup(lookup(&[("KALON_LLM_BASE_URL", "ftp://x")])).unwrap_err();
         assert!(scheme.to_string().contains("http://"), "{scheme}");
+    }
+
+    #[test]
+    fn optional_endpoint_and_redacted_copy() {
+        assert!(LlmConfig::from_lookup_if_set(lookup(&[]))
+            .unwrap()
+            .is_none());
+        assert!(
+            LlmConfig::from_lookup_if_set(lookup(&[("KALON_LLM_BASE_URL", "")]))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            LlmConfig::from_lookup_if_set(lookup(&[("KALON_LLM_BASE_URL", "ftp://x")])).is_err()
+        );
+        let config = LlmConfig::from_lookup_if_set(lookup(&[
+            (
+                "KALON_LLM_BASE_URL",
+                "https://llm.example/v1?api-key=sk-2&deployment=d",
+            ),
+            ("KALON_LLM_MODEL", "m"),
+        ]))
+        .unwrap()
+        .unwrap();
+        let redacted = config.redacted();
+        assert_eq!(
+            redacted.base_url,
+            "https://llm.example/v1?api-key=***&deployment=d"
+        );
+        assert_eq!(redacted.model, "m");
+        assert!(config.base_url.contains("sk-2"));
     }
 }

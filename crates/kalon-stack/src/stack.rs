@@ -189,6 +189,58 @@ pub fn down(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Restarts the tansu broker `up` started: SIGKILL, as a crash would, then
+/// the same port and storage (the chaos mode of `kalonctl up`).
+pub fn restart_broker(root: &Path) -> anyhow::Result<()> {
+    let mut state = StackState::load(root).context("the stack is not up here")?;
+    let pid = state
+        .started_broker_pid
+        .filter(|pid| is_tansu(*pid))
+        .with_context(|| {
+            format!(
+                "the broker at {} was not started by the stack; not restarted",
+                state.brokers
+            )
+        })?;
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()?;
+    let gone = std::time::Instant::now();
+    while is_tansu(pid) && gone.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let port: u16 = state
+        .brokers
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("the stack's broker address has no port")?;
+    let binary = tools::find_tansu()?;
+    let broker = Broker::start(
+        &binary,
+        port,
+        Storage::Sqlite("tansu.db".into()),
+        &root.join("tansu"),
+    )?;
+    state.started_broker_pid = broker.detach();
+    state.save(root)
+}
+
+/// Restarts the private Postgres cluster `up` started (fast shutdown: open
+/// sessions are cut), for the chaos mode of `kalonctl up`.
+pub fn restart_postgres(root: &Path) -> anyhow::Result<()> {
+    let state = StackState::load(root).context("the stack is not up here")?;
+    let dir = state.started_postgres.with_context(|| {
+        format!(
+            "postgres at {} was not started by the stack; not restarted",
+            kalon_db::redact(&state.database_url)
+        )
+    })?;
+    let cluster = PgCluster::open(&dir, PRIVATE_PG_PORT)?;
+    cluster.stop()?;
+    cluster.start()
+}
+
 /// One line per part: where it is, whether it answers, who started it.
 pub async fn status(root: &Path, database_url: &str, brokers: &str) -> anyhow::Result<String> {
     let state = StackState::load(root);

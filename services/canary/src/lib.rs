@@ -17,6 +17,7 @@
 //!   same step without repeating an action.
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod evidence;
 pub mod guardrails;

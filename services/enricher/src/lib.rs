@@ -18,6 +18,7 @@
 //! - [`judgments::JudgmentRecorder`]: the LMM judge as a library call that
 //!   stores its judgments and publishes them on `lmm.judgment.v1`.
 
+pub mod cli;
 mod config;
 pub mod judgments;
 pub mod store;

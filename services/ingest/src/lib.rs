@@ -14,6 +14,7 @@
 //!   is committed, nothing is lost. Shutdown: finish in-flight batches,
 //!   commit, exit.
 
+pub mod cli;
 mod config;
 mod dead_letter;
 mod metrics;

@@ -16,6 +16,7 @@
 //! passes; every replica reads its share of the topics and works the D_po
 //! queue.
 
+pub mod cli;
 pub mod clicks;
 pub mod config;
 pub mod consume;

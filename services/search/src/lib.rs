@@ -12,6 +12,7 @@
 //! callers' (kalonctl, the coming canary controller).
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod events;
 pub mod index;

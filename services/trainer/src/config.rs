@@ -26,6 +26,13 @@ pub struct TrainerConfig {
     /// wait for them).
     #[arg(long, env = "KALON_TRAINER_MIN_NEW_PAIRS", default_value_t = 1000)]
     pub min_new_pairs: u64,
+    /// A scheduled tick does not train while an earlier candidate still
+    /// awaits its verdict (a version that passed the gate, or a trained
+    /// one indexed or in canary): the next run would have the same parent,
+    /// and the canary judges one candidate at a time. `false`: train on
+    /// every due tick regardless.
+    #[arg(long, env = "KALON_TRAINER_WAIT_FOR_CANARY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub wait_for_canary: bool,
     /// A run with fewer usable pairs in its window is skipped, with the reason.
     #[arg(long, env = "KALON_TRAINER_MIN_PAIRS", default_value_t = 200)]
     pub min_pairs: usize,

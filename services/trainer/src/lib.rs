@@ -17,6 +17,7 @@
 //!   trigger again. At most one attempt of a trigger succeeds (a unique
 //!   index), and the registration commits with the run's success.
 
+pub mod cli;
 pub mod config;
 pub mod gate;
 mod job;
@@ -230,6 +231,17 @@ impl Trainer {
             tracing::info!(%tick, "tick while a trigger waits or a run runs; not adding another");
             *last_tick = Some(tick);
             return Ok(());
+        }
+        if self.config.wait_for_canary {
+            if let Some(pending) = store::pending_candidate(&self.pool).await? {
+                let why = format!(
+                    "tick {tick}: {pending} still awaits its canary's verdict (--wait-for-canary)"
+                );
+                tracing::info!("{why}; not training");
+                self.set_status(|s| s.last_skip = Some(why));
+                *last_tick = Some(tick);
+                return Ok(());
+            }
         }
         let new = store::new_pairs(&self.pool).await?;
         if new < self.config.min_new_pairs as i64 {

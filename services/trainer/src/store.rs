@@ -297,6 +297,20 @@ pub async fn busy(pool: &PgPool) -> sqlx::Result<bool> {
     Ok(busy)
 }
 
+/// A candidate that still awaits the canary's verdict: passed the gate and
+/// not yet indexed, or a trained version indexed or in canary (a person's
+/// indexed version, never trained here, does not count).
+pub async fn pending_candidate(pool: &PgPool) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar(
+        "SELECT version FROM model_versions
+         WHERE state IN ('gated_passed', 'canary')
+            OR (state = 'indexed' AND training_run_id IS NOT NULL)
+         ORDER BY created_at LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await
+}
+
 /// Pairs by source in a list.
 pub fn counts_by_source(pairs: &[PreferencePair]) -> BTreeMap<&'static str, usize> {
     let mut counts = BTreeMap::new();

@@ -150,8 +150,9 @@ pub struct SessionOutcome {
     pub ratings: Vec<(u32, String, u8)>,
     /// The event ids search acknowledged for the clicks and ratings.
     pub feedback_event_ids: Vec<String>,
-    beauty: f64,
-    relevance: f64,
+    /// The oracle's beauty and relevance of the shown results, summed.
+    pub beauty: f64,
+    pub relevance: f64,
 }
 
 #[derive(Deserialize)]

@@ -25,6 +25,7 @@ use kalonctl::{events, Globals};
 mod canary;
 mod encoder;
 mod judge;
+mod loop_bench;
 mod preferences;
 mod search;
 mod trainer;
@@ -80,6 +81,8 @@ pub enum Bench {
     /// Sessions each kind of canary evidence (A/B, interleaving, LMM) needs
     /// to decide rightly, with simulated people over HTTP; A/A false decisions.
     Canary(crate::canary::CanaryBenchArgs),
+    /// The closed loop at a fixed traffic rate: click -> row latency, registered -> canary traffic, rollback decision -> no traffic, pair -> run; sessions to promotion; what people saw before and after.
+    Loop(crate::loop_bench::LoopBenchArgs),
     /// Encoder throughput on ONNX Runtime (images/s, texts/s) at batch 1 and 32, on a world's held-out pairs.
     Encoder {
         /// World (and pretrained model) seed, built when missing.
@@ -121,6 +124,7 @@ async fn run(cli: &Globals, bench: &Bench) -> anyhow::Result<()> {
         Bench::Trainer(args) => crate::trainer::run(cli, args).await,
         Bench::Preferences(args) => crate::preferences::run(cli, args).await,
         Bench::Canary(args) => crate::canary::run(cli, args).await,
+        Bench::Loop(args) => crate::loop_bench::run(cli, args).await,
         Bench::Encoder {
             seed,
             images,

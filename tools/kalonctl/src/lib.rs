@@ -1,6 +1,6 @@
 //! `kalonctl`'s library: the commands an operator runs by hand (stack,
 //! migrate, topics, produce, demo, sim, train, eval, encoder, index, deploy,
-//! models, pairs, canary),
+//! models, pairs, canary, serve, up),
 //! as thin wiring over the crates that do the work. The `kalonctl` binary
 //! parses arguments and calls these; `kalon-bench` (tools/bench) reuses the
 //! same wiring for its benchmarks, which stay out of the production image.
@@ -14,9 +14,12 @@ pub mod models;
 pub mod pairs;
 pub mod quality;
 pub mod search;
+pub mod serve;
 pub mod sim;
+pub mod supervisor;
 pub mod tools;
 pub mod trainer;
+pub mod up;
 
 use std::path::PathBuf;
 

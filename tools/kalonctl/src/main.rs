@@ -1,10 +1,12 @@
 //! `kalonctl`: everything an operator does by hand.
 
+use std::ffi::OsString;
+
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use kalon_stack::StackState;
 use kalonctl::{
-    demo, events, model, models, pairs, search, sim, stack_up, tools, trainer, Globals,
+    demo, events, model, models, pairs, search, serve, sim, stack_up, tools, trainer, Globals,
 };
 
 #[derive(Parser)]
@@ -12,6 +14,19 @@ use kalonctl::{
 struct Cli {
     #[command(flatten)]
     globals: Globals,
+    #[command(subcommand)]
+    command: Command,
+}
+
+// `kalonctl serve ...`, parsed without kalonctl's global flags: a service's
+// own flags share their names and ids (`--database-url`, `--brokers`,
+// `--topic-prefix`) but not always their types, and clap, which hands a
+// global flag's value to every argument of the same id along the parsed
+// path, cannot parse both at once (it panics reading them back). (`//`, not
+// `///`: clap would take a doc comment for help text.)
+#[derive(Parser)]
+#[command(version, about = "Kalon's operator command line")]
+struct ServeCli {
     #[command(subcommand)]
     command: Command,
 }
@@ -87,6 +102,18 @@ enum Command {
         #[command(subcommand)]
         command: kalonctl::canary::CanaryCommand,
     },
+    /// The whole loop on this machine: the stack, a search that answers,
+    /// the simulated LLM (unless KALON_LLM_BASE_URL names yours), and every
+    /// service as its own supervised process (restarted when it crashes,
+    /// logs under <state dir>/loop/logs), until Ctrl-C.
+    Up(kalonctl::up::UpArgs),
+    /// Run one service in this process, exactly as its own binary
+    /// (kalon-ingest, ...) does: what `kalonctl up` supervises.
+    Serve {
+        // boxed: a service's settings outweigh every other command's
+        #[command(subcommand)]
+        service: Box<serve::Service>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -122,11 +149,39 @@ enum TopicsAction {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|arg| arg == "serve") {
+        return kalonctl::main_with(|cli: ServeCli| run_serve(cli.command));
+    }
+    // `kalonctl --brokers ... serve ...`: the full parse would panic (see
+    // `ServeCli`), so say where the flags go instead
+    if args.iter().any(|arg| arg == "serve")
+        && Cli::command()
+            .try_get_matches_from(&args)
+            .is_ok_and(|matches| matches.subcommand_name() == Some("serve"))
+    {
+        anyhow::bail!(
+            "`serve` comes first: `kalonctl serve <service> [flags]`, with the service's own \
+             flags (--database-url, --brokers, ...) after its name"
+        );
+    }
     kalonctl::main_with(run)
+}
+
+/// A service, with its own telemetry (under its own name, not kalonctl's).
+async fn run_serve(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { service } => serve::run(*service).await,
+        _ => unreachable!("`serve` is the first argument"),
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let (command, cli) = (cli.command, cli.globals);
+    if let Command::Serve { .. } = command {
+        // main hands `serve` to `run_serve` before parsing `Cli`
+        return run_serve(command).await;
+    }
     let _telemetry = kalon_telemetry::init("kalonctl")?;
     if matches!(
         command,
@@ -136,6 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             | Command::Eval { .. }
             | Command::Index(_)
             | Command::SearchBootstrap(_)
+            | Command::Up(_)
     ) {
         // these run models in ONNX Runtime: fetch it now if this machine lacks it
         tokio::task::spawn_blocking(tools::ensure_onnxruntime).await??;
@@ -232,6 +288,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Runs { action } => trainer::runs(&cli.endpoints(), action).await?,
         Command::Pairs { action } => pairs::run(&cli.endpoints(), action).await?,
         Command::Canary { command } => kalonctl::canary::run(&cli.endpoints(), command).await?,
+        Command::Up(args) => kalonctl::up::run(&cli, args).await?,
+        Command::Serve { .. } => unreachable!("dispatched before kalonctl's telemetry"),
     }
     Ok(())
 }

@@ -143,7 +143,7 @@ pub struct BootstrapArgs {
 }
 
 /// A search that answers out of the box: a simulated catalog, the reference
-/// model pretrained on it, indexed and deployed as `control`. Each step is
+/// model pretrained on it, indexed and deployed as `main`. Each step is
 /// skipped when its result is already there, so running it again is cheap
 /// (docker-compose runs it on every start).
 pub async fn bootstrap(endpoints: &Endpoints, args: &BootstrapArgs) -> anyhow::Result<()> {
@@ -186,11 +186,12 @@ pub async fn bootstrap(endpoints: &Endpoints, args: &BootstrapArgs) -> anyhow::R
             &pool,
             &endpoints.kafka,
             &args.model_version,
-            "control",
+            // the canary controller's stable variant (`--stable-variant`)
+            "main",
             1.0,
         )
         .await?;
-        eprintln!("deployed {} as control", args.model_version);
+        eprintln!("deployed {} as main", args.model_version);
     } else {
         eprintln!("deployments already present; left as they are");
     }
