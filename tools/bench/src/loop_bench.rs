@@ -70,6 +70,7 @@ async fn measure(running: &up::Running, args: &LoopBenchArgs) -> anyhow::Result<
             users_seed: 1,
             timeout: Duration::from_secs(args.timeout_s),
             inject_after: Duration::from_secs(300),
+            need_promotion: true,
             linger: Duration::from_secs(15),
         },
     )
@@ -80,9 +81,20 @@ async fn measure(running: &up::Running, args: &LoopBenchArgs) -> anyhow::Result<
     clicks.sort_by(f64::total_cmp);
     anyhow::ensure!(!clicks.is_empty(), "no click probe completed");
 
-    let bad_registered_to_canary = first_serving(&pool, &closed.bad)
-        .await?
-        .map(|at| seconds(closed.bad_announced_at, at));
+    // the bad version waits in the queue behind the trained one: from the
+    // moment the controller was free (the trained canary's end) instead
+    let trained_ended: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT finished_at FROM canaries WHERE candidate = $1")
+            .bind(&closed.promoted)
+            .fetch_optional(&pool)
+            .await?
+            .flatten();
+    let bad_free_to_canary = first_serving(&pool, &closed.bad).await?.map(|at| {
+        seconds(
+            trained_ended.map_or(closed.bad_announced_at, |t| t.max(closed.bad_announced_at)),
+            at,
+        )
+    });
     let trained_registered_to_canary = trained_registered_to_canary(&pool, &closed).await?;
     let (decision_to_rollback, traffic_after) = rollback_latency(&pool, &closed.bad).await?;
     let (fresh_p50, fresh_p99, pairs_included) = pair_freshness(&pool, closed.since).await?;
@@ -99,8 +111,12 @@ async fn measure(running: &up::Running, args: &LoopBenchArgs) -> anyhow::Result<
         "click_probes": clicks.len(),
         "click_to_row_p50_ms": percentile(&clicks, 0.5),
         "click_to_row_p99_ms": percentile(&clicks, 0.99),
-        "registered_to_canary_s": bad_registered_to_canary,
-        "registered_to_canary_trained_s": trained_registered_to_canary,
+        // announced -> first canary impression, with the controller idle
+        // (an adapter version: indexed from its parent's embeddings)
+        "registered_to_canary_s": trained_registered_to_canary,
+        // a whole new model, queued: controller free -> first impression
+        // (its catalog embedded by the new towers first)
+        "queued_full_model_to_canary_s": bad_free_to_canary,
         "decision_to_rollback_s": decision_to_rollback,
         "rolled_back_impressions_after_decision_plus_10s": traffic_after,
         "pair_to_run_p50_s": fresh_p50,

@@ -85,6 +85,9 @@ pub struct LoopOptions {
     pub users_seed: u64,
     pub timeout: Duration,
     pub inject_after: Duration,
+    /// End only when a trained version was promoted (else: when a run
+    /// trained on the people's pairs registered a version).
+    pub need_promotion: bool,
     /// The people keep searching this long after the loop closed (so that
     /// a benchmark sees the rolled-back version's traffic stay at zero).
     pub linger: Duration,
@@ -96,7 +99,9 @@ pub struct Closed {
     /// When it started (the database's clock).
     pub since: DateTime<Utc>,
     pub stable_before: String,
-    /// The trained version promoted, the bad version rolled back.
+    /// The trained version promoted (with `need_promotion`; else the first
+    /// version a run trained on the people's pairs), the bad version
+    /// rolled back.
     pub promoted: String,
     pub bad: String,
     /// When the bad version was announced on `model.registered.v1`.
@@ -145,6 +150,7 @@ pub async fn run(cli: &Globals, args: &DemoArgs) -> anyhow::Result<()> {
         users_seed: args.users_seed,
         timeout: Duration::from_secs(args.timeout_s).saturating_sub(started.elapsed()),
         inject_after: Duration::from_secs(args.inject_after_s),
+        need_promotion: true,
         linger: Duration::ZERO,
     };
     let closed = close_the_loop(&running, &options).await;
@@ -257,10 +263,19 @@ pub async fn close_the_loop(
             }
             None => false,
         };
-        if let (Some(promoted), Some((bad, at)), true) =
-            (&state.promoted_trained, &bad, rolled_back)
-        {
-            break Ok((promoted.clone(), bad.clone(), *at));
+        let trained = match &state.promoted_trained {
+            Some(promoted) => Some(promoted.clone()),
+            // enough that a run trained on the people's pairs succeeded
+            None if !options.need_promotion => state.trained_since.clone(),
+            None => None,
+        };
+        if let (Some(trained), Some((bad, at)), true, false) = (
+            trained,
+            &bad,
+            rolled_back,
+            running.supervisor.chaos_running(),
+        ) {
+            break Ok((trained, bad.clone(), *at));
         }
         if started.elapsed() > options.timeout {
             break Err(anyhow::anyhow!(
@@ -398,6 +413,8 @@ struct LoopState {
     promoted_trained: Option<String>,
     /// A trained version's canary is running (the bad model may queue).
     trained_in_canary: bool,
+    /// The first version a run of this demo registered (gate passed or not).
+    trained_since: Option<String>,
 }
 
 /// The live timeline: a compact line every 10 s, and a line for each
@@ -506,9 +523,18 @@ impl Timeline {
         .bind(self.since)
         .fetch_one(pool)
         .await?;
+        let trained_since: Option<String> = sqlx::query_scalar(
+            "SELECT model_version FROM training_runs
+             WHERE state = 'succeeded' AND started_at >= $1 ORDER BY finished_at LIMIT 1",
+        )
+        .bind(self.since)
+        .fetch_optional(pool)
+        .await?
+        .flatten();
         Ok(LoopState {
             promoted_trained,
             trained_in_canary,
+            trained_since,
         })
     }
 

@@ -360,6 +360,15 @@ impl Supervisor {
         }
     }
 
+    /// Whether the chaos mode still has kills to make.
+    pub fn chaos_running(&self) -> bool {
+        self.chaos
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .is_some_and(|task| !task.is_finished())
+    }
+
     pub fn stop_chaos(&self) {
         if let Some(task) = self.chaos.lock().expect("not poisoned").take() {
             task.abort();

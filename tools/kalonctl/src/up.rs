@@ -315,7 +315,10 @@ impl LoopSite {
             paced(
                 llm(common(canary)),
                 &[
-                    ("KALON_CANARY_LADDER", "0.2,0.5"),
+                    ("KALON_CANARY_LADDER", "0.3,0.5"),
+                    // more of the candidate's traffic for A/B (whose CTR
+                    // decides a near-equal candidate), less interleaved
+                    ("KALON_CANARY_INTERLEAVE", "0.3"),
                     ("KALON_CANARY_MIN_STEP_S", "20"),
                     ("KALON_CANARY_MIN_SESSIONS", "100"),
                     ("KALON_CANARY_MIN_DECISIVE", "30"),
