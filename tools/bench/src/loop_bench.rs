@@ -44,6 +44,7 @@ pub async fn run(cli: &Globals, args: &LoopBenchArgs) -> anyhow::Result<()> {
             pace: Pace::Demo,
             port_base: args.port_base,
             chaos_every_s: None,
+            fresh_database: Some("kalon_bench_loop".into()),
             admin_token: None,
         },
     )

@@ -24,6 +24,10 @@ use sqlx::PgPool;
 use crate::up::{self, Pace, UpArgs};
 use crate::{tools, Globals};
 
+/// The database the main job runs the loop in, made anew on each run, on
+/// the stack's Postgres server (DATABASE_URL's own database is left alone).
+pub const DEMO_DATABASE: &str = "kalon_demo";
+
 #[derive(Args)]
 pub struct DemoArgs {
     /// Images in the simulated catalog.
@@ -140,6 +144,9 @@ pub async fn run(cli: &Globals, args: &DemoArgs) -> anyhow::Result<()> {
         pace: Pace::Demo,
         port_base: args.port_base,
         chaos_every_s: None,
+        // each run starts from nothing: a loop left half-way by an earlier
+        // run (a canary queue, say) must not decide this one's course
+        fresh_database: Some(DEMO_DATABASE.into()),
         admin_token: std::env::var("KALON_CANARY_ADMIN_TOKEN").ok(),
     };
     let running = up::bring_up(cli, &up_args).await?;
@@ -223,8 +230,13 @@ pub async fn close_the_loop(
     let mut bad: Option<(String, DateTime<Utc>)> = None;
     let mut sessions_to_promotion = None;
     let mut ticks = tokio::time::interval(Duration::from_secs(2));
+    let interrupted = kalon_telemetry::shutdown_signal();
+    tokio::pin!(interrupted);
     let result = loop {
-        ticks.tick().await;
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = &mut interrupted => break Err(anyhow::anyhow!("interrupted")),
+        }
         for happening in running.supervisor.happenings_since(timeline.last_tick) {
             timeline.say(&format!("supervisor: {happening}"));
         }
@@ -696,6 +708,10 @@ async fn summary(
         };
         println!("  {} [{}]  {made}", row.version, row.state);
     }
+    println!(
+        "\nthe demo's loop ran in its own database, made anew on each run:\n  export DATABASE_URL={}",
+        kalon_db::redact(&site.endpoints_db)
+    );
     println!(
         "\nwhere to look:\n  kalonctl canary history   every decision with its evidence\n  \
          kalonctl runs list        the trainer's runs\n  kalonctl pairs stats      \

@@ -527,6 +527,9 @@ fn spawn(spec: &ServiceSpec, log: &Path) -> anyhow::Result<tokio::process::Child
         .stdin(std::process::Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)
+        // its own process group: a Ctrl-C in the terminal reaches the
+        // supervisor, which stops the services in order
+        .process_group(0)
         .kill_on_drop(false);
     // SAFETY: prctl is async-signal-safe; the child dies with its parent
     // thread (a tokio worker, alive as long as the supervisor's runtime)

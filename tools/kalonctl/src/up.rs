@@ -49,6 +49,11 @@ pub struct UpArgs {
     /// (when the stack started them).
     #[arg(long)]
     pub chaos_every_s: Option<f64>,
+    /// Run the loop in this database of the stack's Postgres server,
+    /// dropped and made anew first (the main job's `kalon_demo`), instead
+    /// of DATABASE_URL's own.
+    #[arg(long)]
+    pub fresh_database: Option<String>,
     /// The canary admin API's token (`KALON_CANARY_ADMIN_TOKEN`); without
     /// one its overrides answer 403.
     #[arg(long, env = "KALON_CANARY_ADMIN_TOKEN", hide_env_values = true)]
@@ -363,6 +368,13 @@ pub async fn bring_up(cli: &Globals, args: &UpArgs) -> anyhow::Result<Running> {
         &cli.topic_prefix,
     )
     .await?;
+    let endpoints = match &args.fresh_database {
+        Some(name) => Endpoints {
+            database_url: recreate_database(&endpoints.database_url, name).await?,
+            kafka: endpoints.kafka,
+        },
+        None => endpoints,
+    };
     let dir = std::path::absolute(cli.state_dir.join("loop"))?;
     let site = LoopSite {
         endpoints_db: endpoints.database_url.clone(),
@@ -386,6 +398,24 @@ pub async fn bring_up(cli: &Globals, args: &UpArgs) -> anyhow::Result<Running> {
             .start_chaos(chaos(&cli.state_dir, Duration::from_secs_f64(every)));
     }
     Ok(running)
+}
+
+/// Drops the database `name` on `server_url`'s server and makes it anew,
+/// migrated; returns its URL.
+async fn recreate_database(server_url: &str, name: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+        "--fresh-database takes a plain name (letters, digits, _), got {name:?}"
+    );
+    let url = kalon_db::with_database(server_url, name);
+    let admin = kalon_db::connect(&kalon_db::with_database(server_url, "postgres"), 1).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .with_context(|| format!("cannot drop the database {name}"))?;
+    admin.close().await;
+    crate::migrate(&url).await?;
+    Ok(url)
 }
 
 /// The kalonctl executable: this one, or the one beside it (when a
