@@ -321,6 +321,12 @@ impl LoopSite {
                 llm(common(canary)),
                 &[
                     ("KALON_CANARY_LADDER", "0.3,0.5"),
+                    // a candidate about as good as the stable one (what a
+                    // few minutes of training gives) would need tens of
+                    // thousands of sessions to be shown within 5% CTR: the
+                    // demo accepts it within 15% CTR and 0.2 preference
+                    ("KALON_CANARY_MARGIN", "0.15"),
+                    ("KALON_CANARY_PREFERENCE_MARGIN", "0.2"),
                     // more of the candidate's traffic for A/B (whose CTR
                     // decides a near-equal candidate), less interleaved
                     ("KALON_CANARY_INTERLEAVE", "0.3"),
