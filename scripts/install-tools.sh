@@ -3,7 +3,8 @@
 # itself (the tansu broker and ONNX Runtime: `kalonctl tools install`), once,
 # into a cache folder outside the repository (KALON_CACHE_DIR, default
 # ~/.cache/kalon): the Debian packages the build needs, and the Python venvs
-# the tests call. Each step is skipped when its tool is already there.
+# the tests call, and the browser the console's tests drive. Each step is
+# skipped when its tool is already there.
 set -euo pipefail
 cache="${KALON_CACHE_DIR:-$HOME/.cache/kalon}"
 
@@ -14,6 +15,9 @@ python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v psql >/dev/null || missing+=(postgresql-client)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing+=(postgresql)
+# Debian's chromium and its WebDriver: the console's tests drive real pages
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} from Debian's packages" >&2
   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"

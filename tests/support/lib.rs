@@ -364,6 +364,8 @@ pub async fn schemathesis(openapi_url: &str, operations: usize) {
 
 /// A small world, a randomly initialised reference model on it, and an
 /// aligned version of that model (a random adapter), for search tests.
+pub mod webdriver;
+
 pub mod search {
     use std::net::SocketAddr;
     use std::path::PathBuf;

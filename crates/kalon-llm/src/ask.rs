@@ -29,14 +29,17 @@ pub enum AskError {
 }
 
 /// Asks `build(false)`; if the answer does not parse, asks `build(true)`.
+/// `task` names the question in the client's metrics (`rephrase`,
+/// `compare`, `score`, `rank`).
 pub async fn ask<T>(
     client: &LlmClient,
+    task: &'static str,
     build: impl Fn(bool) -> Vec<Message>,
     parse: impl Fn(&str) -> Result<T, ParseError>,
 ) -> Result<Answer<T>, AskError> {
     let mut refused = Vec::new();
     for strict in [false, true] {
-        let completion = client.chat(build(strict)).await?;
+        let completion = client.chat_for(task, build(strict)).await?;
         match parse(&completion.text) {
             Ok(value) => {
                 return Ok(Answer {

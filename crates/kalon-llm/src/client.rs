@@ -2,7 +2,8 @@
 //! paid endpoint: bounded concurrency, a token-bucket rate limit, retries
 //! with exponential backoff and jitter (honouring `Retry-After`), a circuit
 //! breaker and an hourly token budget. Usage and latency of every call are
-//! recorded.
+//! recorded, in [`ClientStats`] and as OpenTelemetry metrics (`kalon.llm.*`,
+//! by task).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::LlmConfig;
 use crate::limits::{Budget, CircuitBreaker, TokenBucket};
+use crate::metrics::Metrics;
 use crate::protocol::{ChatRequest, ChatResponse, Message, Usage};
 
 /// Why a call failed for good.
@@ -134,15 +136,16 @@ pub struct LlmClient {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     http: reqwest::Client,
     config: LlmConfig,
     url: String,
     in_flight: Semaphore,
     bucket: TokenBucket,
-    breaker: CircuitBreaker,
-    budget: Budget,
+    pub(crate) breaker: CircuitBreaker,
+    pub(crate) budget: Budget,
     stats: ClientStats,
+    metrics: Metrics,
 }
 
 /// What one attempt came to.
@@ -161,18 +164,19 @@ impl LlmClient {
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(config.concurrency)
             .build()?;
-        Ok(LlmClient {
-            inner: Arc::new(Inner {
-                http,
-                url: config.completions_url(),
-                in_flight: Semaphore::new(config.concurrency),
-                bucket: TokenBucket::new(config.rate_per_s, config.burst),
-                breaker: CircuitBreaker::new(config.breaker_failures, config.breaker_cooldown),
-                budget: Budget::new(config.budget_tokens_per_hour),
-                stats: ClientStats::default(),
-                config,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            http,
+            url: config.completions_url(),
+            in_flight: Semaphore::new(config.concurrency),
+            bucket: TokenBucket::new(config.rate_per_s, config.burst),
+            breaker: CircuitBreaker::new(config.breaker_failures, config.breaker_cooldown),
+            budget: Budget::new(config.budget_tokens_per_hour),
+            stats: ClientStats::default(),
+            metrics: Metrics::new(),
+            config,
+        });
+        Metrics::observe(Arc::downgrade(&inner));
+        Ok(LlmClient { inner })
     }
 
     pub fn config(&self) -> &LlmConfig {
@@ -193,8 +197,19 @@ impl LlmClient {
     }
 
     /// Sends `messages` (temperature 0) and returns the first choice, after
-    /// the retries the configuration allows.
+    /// the retries the configuration allows. Its metrics count under the
+    /// task `chat`; see [`LlmClient::chat_for`].
     pub async fn chat(&self, messages: Vec<Message>) -> Result<Completion, LlmError> {
+        self.chat_for("chat", messages).await
+    }
+
+    /// As [`LlmClient::chat`], with the metrics' `task` attribute (what the
+    /// call is for: `rephrase`, `compare`, `score`, `rank`).
+    pub async fn chat_for(
+        &self,
+        task: &'static str,
+        messages: Vec<Message>,
+    ) -> Result<Completion, LlmError> {
         let request = ChatRequest {
             model: self.inner.config.model.clone(),
             messages,
@@ -205,15 +220,20 @@ impl LlmClient {
         let inner = &self.inner;
         inner.stats.calls.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
+        let failed = |error: LlmError| {
+            inner.stats.failures.fetch_add(1, Ordering::Relaxed);
+            inner
+                .metrics
+                .ended(task, error.kind(), started.elapsed().as_secs_f64());
+            Err(error)
+        };
         let mut attempt = 0u32;
         loop {
             if let Err((used, limit)) = inner.budget.check() {
-                inner.stats.failures.fetch_add(1, Ordering::Relaxed);
-                return Err(LlmError::Budget { used, limit });
+                return failed(LlmError::Budget { used, limit });
             }
             if let Err(wait) = inner.breaker.allow() {
-                inner.stats.failures.fetch_add(1, Ordering::Relaxed);
-                return Err(LlmError::CircuitOpen(wait));
+                return failed(LlmError::CircuitOpen(wait));
             }
             attempt += 1;
             let outcome = {
@@ -245,7 +265,11 @@ impl LlmClient {
                     stats
                         .latency_us
                         .fetch_add(completion.latency.as_micros() as u64, Ordering::Relaxed);
+                    inner
+                        .metrics
+                        .succeeded(task, &completion, inner.config.usd_per_1k_tokens);
                     tracing::debug!(
+                        task,
                         model = %completion.model,
                         attempts = attempt,
                         latency_ms = completion.latency.as_millis() as u64,
@@ -258,8 +282,7 @@ impl LlmClient {
                 Attempt::Fatal(error) => {
                     // the endpoint is up; the request itself was refused
                     inner.breaker.record(true);
-                    inner.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    return Err(error);
+                    return failed(error);
                 }
                 Attempt::Retry(error, retry_after) => {
                     inner.breaker.record(false);
@@ -267,13 +290,13 @@ impl LlmClient {
                 }
             };
             if attempt > inner.config.max_retries {
-                inner.stats.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(attempts = attempt, error = %error, "LLM call failed");
-                return Err(error);
+                tracing::warn!(task, attempts = attempt, error = %error, "LLM call failed");
+                return failed(error);
             }
             let wait = retry_after.unwrap_or_else(|| self.backoff(attempt));
-            tracing::debug!(attempt, error = %error, wait_ms = wait.as_millis() as u64, "LLM call retried");
+            tracing::debug!(task, attempt, error = %error, wait_ms = wait.as_millis() as u64, "LLM call retried");
             inner.stats.retries.fetch_add(1, Ordering::Relaxed);
+            inner.metrics.retried(task);
             tokio::time::sleep(wait).await;
         }
     }

@@ -100,6 +100,7 @@ impl Judge {
     ) -> Result<Answer<u8>, AskError> {
         ask(
             &self.client,
+            "compare",
             |strict| compare_messages(query, aspect, first, second, strict),
             parse_choice,
         )
@@ -144,6 +145,7 @@ impl Judge {
             async move {
                 ask(
                     &self.client,
+                    "score",
                     |strict| score_messages(query, aspect, &first, &second, strict),
                     parse_scores,
                 )
@@ -178,6 +180,7 @@ impl Judge {
             async move {
                 ask(
                     &self.client,
+                    "rank",
                     |strict| rank_messages(query, aspect, &shown, strict),
                     |content| parse_ranking(content, n),
                 )

@@ -16,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod judge;
 pub mod limits;
+mod metrics;
 pub mod prompts;
 pub mod protocol;
 pub mod rephrase;

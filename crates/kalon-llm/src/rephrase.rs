@@ -77,6 +77,7 @@ pub async fn ask_rephrasing(
 ) -> Result<crate::ask::Answer<String>, crate::ask::AskError> {
     crate::ask::ask(
         client,
+        "rephrase",
         |strict| crate::prompts::rephrase_messages(query, variant, strict),
         |content| crate::prompts::parse_rephrasing(query, variant, content),
     )

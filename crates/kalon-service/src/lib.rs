@@ -11,13 +11,15 @@
 //!   names;
 //! - [`defaults`] and [`defaults_at`]: the settings a struct declares, for
 //!   constructors;
-//! - [`LeaderLock`]: one leader among replicas, by a Postgres advisory lock.
+//! - [`LeaderLock`]: one leader among replicas, by a Postgres advisory lock;
+//! - [`auth`]: the operator's bearer token on state-changing HTTP calls.
 //!
 //! Telemetry (`RUST_LOG`, `KALON_LOG_FORMAT`, `OTEL_*`) and the shutdown
 //! signal stay in `kalon-telemetry` (`init`, `shutdown_signal`): they are
 //! read from the environment, not from flags.
 
 pub mod args;
+pub mod auth;
 pub mod leader;
 pub mod secret;
 

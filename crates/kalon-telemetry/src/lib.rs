@@ -164,3 +164,22 @@ pub fn init_with(
 pub fn meter() -> Meter {
     global::meter("kalon")
 }
+
+/// Histogram boundaries, in seconds, for request-scale work (a search, a
+/// batch commit): 1 ms to 10 s. The SDK's defaults (0, 5, 10, ... 10000)
+/// would put every request in one bucket.
+pub const REQUEST_SECONDS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+/// Histogram boundaries, in seconds, for remote calls that may take
+/// minutes with their retries (an LLM call): 50 ms to 5 min.
+pub const CALL_SECONDS: [f64; 13] = [
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Histogram boundaries, in seconds, for long jobs (a training run's
+/// phase): 1 s to 4 h.
+pub const JOB_SECONDS: [f64; 12] = [
+    1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];

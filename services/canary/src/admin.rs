@@ -16,9 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kalon_events::CanaryAction;
+use kalon_service::auth::{self, Refusal};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::ops::{self, OverrideError};
@@ -117,53 +117,30 @@ struct OverrideBody {
     candidate: Option<String>,
 }
 
-/// Equal tokens, compared in time independent of where they differ.
-fn same_token(given: &str, expected: &str) -> bool {
-    let (a, b) = (
-        Sha256::digest(given.as_bytes()),
-        Sha256::digest(expected.as_bytes()),
-    );
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
 /// `None` when authorised, else the refusal.
 fn authorise(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
     let given = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|t| !t.is_empty());
-    let Some(given) = given else {
-        let mut response = error(
-            StatusCode::UNAUTHORIZED,
-            "this call changes the canary: send the operator's token as `Authorization: Bearer <token>`",
-        );
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer realm=\"kalon-canary\""),
-        );
-        return Some(response);
-    };
-    let Some(expected) = &shared.config.admin_token else {
-        return Some(error(
+        .and_then(|v| v.to_str().ok());
+    let refusal = auth::check(given, shared.config.admin_token.as_ref()).err()?;
+    Some(match refusal {
+        Refusal::Missing => {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "this call changes the canary: send the operator's token as `Authorization: Bearer <token>`",
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"kalon-canary\""),
+            );
+            response
+        }
+        Refusal::NotConfigured => error(
             StatusCode::FORBIDDEN,
             "this controller has no admin token configured (KALON_CANARY_ADMIN_TOKEN), so it refuses every override",
-        ));
-    };
-    if !same_token(given, expected.expose()) {
-        return Some(error(
-            StatusCode::FORBIDDEN,
-            "the token is not the operator's token",
-        ));
-    }
-    None
+        ),
+        Refusal::Wrong => error(StatusCode::FORBIDDEN, "the token is not the operator's token"),
+    })
 }
 
 async fn act(
@@ -298,17 +275,4 @@ pub fn document() -> Value {
             }
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_compare_equal_only_when_equal() {
-        assert!(same_token("s3cret", "s3cret"));
-        assert!(!same_token("s3cret", "s3cres"));
-        assert!(!same_token("s3cret", "s3cret-longer"));
-        assert!(!same_token("", "s3cret"));
-    }
 }

@@ -15,6 +15,8 @@
 //!   state in one transaction; [`rollout::reconcile`] then makes serving
 //!   match, idempotently, so a controller killed anywhere resumes at the
 //!   same step without repeating an action.
+//! - Metrics (`kalon.canary.*`): decisions as published, the candidate's
+//!   share, finished canaries, the LMM judge's verdicts and tokens.
 
 pub mod admin;
 pub mod cli;
@@ -22,6 +24,7 @@ pub mod config;
 pub mod evidence;
 pub mod guardrails;
 pub mod lmm;
+mod metrics;
 pub mod ops;
 pub mod rollout;
 pub mod rules;
@@ -285,6 +288,7 @@ async fn lead(
         guardrails: guardrails::Guardrails::default(),
         announced: None,
         last_hold: None,
+        metrics: metrics::Metrics::new(),
     };
     loop {
         if *stopped.borrow() {
@@ -343,6 +347,7 @@ struct Looker {
     announced: Option<(i64, Status, u32)>,
     /// When a hold was last recorded, per canary and step.
     last_hold: Option<(i64, u32, std::time::Instant)>,
+    metrics: metrics::Metrics,
 }
 
 impl Looker {
@@ -376,6 +381,10 @@ impl Looker {
                 current = self.start_next().await?;
             }
         }
+        if current.is_none() {
+            // no candidate in flight: none takes any traffic
+            self.metrics.share(0.0);
+        }
         if let Some(canary) = &current {
             self.apply(canary).await?;
             if canary.status == Status::Running {
@@ -401,6 +410,12 @@ impl Looker {
         )
         .await?;
         self.announced = Some(key);
+        let share = match rollout::target(&shared.config, canary) {
+            Some(rollout::Target::Split { share, .. }) => share,
+            Some(rollout::Target::Promoted) => 1.0,
+            Some(rollout::Target::Withdrawn) | None => 0.0,
+        };
+        self.metrics.share(share);
         shared.set_status(|s| {
             s.canary = Some(canary.id);
             s.candidate = Some(canary.candidate.clone());
@@ -419,6 +434,9 @@ impl Looker {
                 .map_err(anyhow::Error::from),
             Err(error) => Err(error),
         };
+        if let Ok(true) = applied {
+            self.metrics.finished(canary.status.as_str());
+        }
         if let Err(error) = applied {
             let error = format!("{error:#}");
             warn!(
@@ -718,6 +736,7 @@ impl Looker {
                             kalon_kafka::headers_from(&[]),
                         )
                         .await?;
+                    self.metrics.decision(row.action.as_str(), row.automatic);
                 }
                 ids.push(row.id);
             }

@@ -29,6 +29,7 @@ pub struct LmmCanary {
     pub per_look: u32,
     pub max_queries: u32,
     client: reqwest::Client,
+    metrics: crate::metrics::Metrics,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +65,7 @@ impl LmmCanary {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .expect("an HTTP client"),
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 
@@ -124,6 +126,8 @@ impl LmmCanary {
         let mut out = Vec::with_capacity(2);
         for aspect in [Aspect::Aesthetic, Aspect::Relevance] {
             if candidate.len() == stable.len() && same_rows(&candidate, &stable) {
+                self.metrics
+                    .lmm_judged(aspect_name(aspect), Verdict::Similar.name(), 0);
                 out.push((aspect, 0, 0));
                 continue;
             }
@@ -132,6 +136,8 @@ impl LmmCanary {
                 .compare(query, aspect, &candidate, &stable)
                 .await?;
             let tokens = comparison.calls.iter().map(|c| c.usage.total_tokens).sum();
+            self.metrics
+                .lmm_judged(aspect_name(aspect), comparison.verdict.name(), tokens);
             let preference = match comparison.verdict {
                 Verdict::Win => 1,
                 Verdict::Loss => -1,

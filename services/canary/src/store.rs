@@ -179,13 +179,15 @@ pub async fn unsettled(pool: &PgPool) -> sqlx::Result<Vec<Canary>> {
     .await
 }
 
-/// Records that a finished canary's end is applied.
-pub async fn settle(pool: &PgPool, id: i64) -> sqlx::Result<()> {
-    sqlx::query("UPDATE canaries SET settled_at = now() WHERE id = $1 AND settled_at IS NULL")
-        .bind(id)
-        .execute(pool)
-        .await?;
-    Ok(())
+/// Records that a finished canary's end is applied. True the first time
+/// (false when it was already settled).
+pub async fn settle(pool: &PgPool, id: i64) -> sqlx::Result<bool> {
+    let settled =
+        sqlx::query("UPDATE canaries SET settled_at = now() WHERE id = $1 AND settled_at IS NULL")
+            .bind(id)
+            .execute(pool)
+            .await?;
+    Ok(settled.rows_affected() > 0)
 }
 
 /// The latest canaries, newest first.

@@ -32,6 +32,7 @@ pub struct JudgmentRecorder {
     pool: PgPool,
     kafka: KafkaSettings,
     producer: Publisher,
+    metrics: crate::metrics::Metrics,
 }
 
 fn row_name(row: Row) -> &'static str {
@@ -57,6 +58,7 @@ impl JudgmentRecorder {
             pool,
             kafka,
             producer,
+            metrics: crate::metrics::Metrics::new(),
         })
     }
 
@@ -183,6 +185,7 @@ impl JudgmentRecorder {
                 OwnedHeaders::new(),
             )
             .await?;
+        self.metrics.judgment(kind.as_str(), aspect.as_str());
         Ok(())
     }
 }

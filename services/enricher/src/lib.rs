@@ -17,10 +17,14 @@
 //!   runs out and another takes the query.
 //! - [`judgments::JudgmentRecorder`]: the LMM judge as a library call that
 //!   stores its judgments and publishes them on `lmm.judgment.v1`.
+//! - Metrics (`kalon.enricher.*`, in `metrics`) count what is read, stored,
+//!   postponed and dead-lettered, and the queue's size; the LLM client
+//!   counts its own calls (`kalon.llm.*`).
 
 pub mod cli;
 mod config;
 pub mod judgments;
+mod metrics;
 pub mod store;
 
 use std::collections::{BTreeSet, HashMap};
@@ -48,6 +52,9 @@ pub use config::EnricherConfig;
 
 /// How often an idle reader commits its position again.
 const RECOMMIT_EVERY: Duration = Duration::from_secs(30);
+
+/// How often the queue's size is measured for `kalon.enricher.queue`.
+const MEASURE_QUEUE_EVERY: Duration = Duration::from_secs(15);
 
 /// What a run did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +101,7 @@ struct Shared {
     llm: LlmClient,
     producer: Publisher,
     counters: Counters,
+    metrics: metrics::Metrics,
 }
 
 /// The enricher's publisher: each event acknowledged within 10 s.
@@ -134,6 +142,7 @@ impl Enricher {
                 llm,
                 producer,
                 counters: Counters::default(),
+                metrics: metrics::Metrics::new(),
             }),
             consumer,
             consuming,
@@ -161,6 +170,11 @@ impl Enricher {
             let stopped = stopped.clone();
             workers.push(tokio::spawn(async move { shared.work(stopped).await }));
         }
+        let measure = tokio::spawn({
+            let shared = self.shared.clone();
+            let stopped = stopped.clone();
+            async move { shared.measure_queue(stopped).await }
+        });
         let shared = self.shared.clone();
         let consume = shared.consume(&self.consumer, stopped);
         tokio::pin!(consume);
@@ -175,6 +189,7 @@ impl Enricher {
         for worker in workers {
             worker.await?;
         }
+        measure.await?;
         let report = self.shared.counters.report();
         info!(?report, "enricher stopped");
         Ok(report)
@@ -222,6 +237,7 @@ impl Shared {
             };
             let mut offsets: HashMap<(String, i32), i64> = HashMap::new();
             let mut queries = BTreeSet::new();
+            let (mut queued, mut skipped) = (0u64, 0u64);
             let mut take = |message: rdkafka::message::BorrowedMessage<'_>| {
                 offsets.insert(
                     (message.topic().to_owned(), message.partition()),
@@ -236,15 +252,18 @@ impl Shared {
                         match store::normalise(&impression.query) {
                             Some(query) => {
                                 queries.insert(query);
+                                queued += 1;
                             }
                             None => {
                                 self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                                skipped += 1;
                             }
                         }
                     }
                     // ingest dead-letters invalid events; here they are skipped
                     _ => {
                         self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                        skipped += 1;
                     }
                 }
             };
@@ -277,6 +296,8 @@ impl Shared {
                 }
             }
             backoff = Duration::from_millis(100);
+            self.metrics.impressions("queued", queued);
+            self.metrics.impressions("skipped", skipped);
             let mut list = TopicPartitionList::new();
             for ((topic, partition), offset) in offsets {
                 list.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
@@ -320,6 +341,7 @@ impl Shared {
                         warn!(%error, query, "enriching failed; will retry");
                         let _ = store::postpone(&self.pool, &query, self.backoff(attempt), &format!("{error:#}")).await;
                         self.counters.postponed.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.query("postponed");
                     }
                 }
                 () = self.keep_lease(&query, attempt, lease) => {
@@ -352,6 +374,22 @@ impl Shared {
         }
     }
 
+    /// Measures the queue every [`MEASURE_QUEUE_EVERY`] until stopped.
+    async fn measure_queue(&self, mut stopped: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(MEASURE_QUEUE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = until_stopped(&mut stopped) => return,
+            }
+            match store::waiting(&self.pool).await {
+                Ok((pending, retrying)) => self.metrics.queue(pending, retrying),
+                Err(error) => debug!(%error, "measuring the query queue failed"),
+            }
+        }
+    }
+
     fn backoff(&self, attempt: i32) -> Duration {
         let exponent = attempt.clamp(1, 16) as u32 - 1;
         let cap = Duration::from_millis(250u64.saturating_mul(1 << exponent))
@@ -366,7 +404,11 @@ impl Shared {
                 continue;
             }
             match ask_rephrasing(&self.llm, query, variant).await {
-                Ok(answer) => store::save_rephrasing(&self.pool, query, variant, &answer).await?,
+                Ok(answer) => {
+                    store::save_rephrasing(&self.pool, query, variant, &answer).await?;
+                    self.metrics.malformed("rephrase", answer.refused.len());
+                    self.metrics.rephrasing(variant.name());
+                }
                 Err(AskError::Malformed { refused }) => {
                     store::save_dead(
                         &self.pool,
@@ -376,6 +418,7 @@ impl Shared {
                         &refused,
                     )
                     .await?;
+                    self.metrics.malformed("rephrase", refused.len());
                     let dead = EnrichDeadLetter {
                         errors: refused.iter().map(|(_, e)| e.0.clone()).collect(),
                         query: query.to_owned(),
@@ -393,6 +436,7 @@ impl Shared {
                         )
                         .await?;
                     self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.dead_letter("rephrase");
                     warn!(
                         query,
                         variant = variant.name(),
@@ -405,6 +449,7 @@ impl Shared {
                     store::postpone(&self.pool, query, self.backoff(attempt), &error.to_string())
                         .await?;
                     self.counters.postponed.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.query("postponed");
                     return Ok(());
                 }
             }
@@ -421,6 +466,7 @@ impl Shared {
             .await?;
         store::finish(&self.pool, query).await?;
         self.counters.enriched.fetch_add(1, Ordering::Relaxed);
+        self.metrics.query("enriched");
         debug!(query, "query enriched");
         Ok(())
     }

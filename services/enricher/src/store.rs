@@ -225,3 +225,15 @@ pub async fn rephrasings(
     let model = rows.first().map(|r| r.2.clone()).unwrap_or_default();
     Ok((rows.into_iter().map(|(v, r, _)| (v, r)).collect(), model))
 }
+
+/// Queries waiting to be asked: `(pending, retrying)`, the second those
+/// postponed after a failure (`last_error` set).
+pub async fn waiting(pool: &PgPool) -> sqlx::Result<(u64, u64)> {
+    let (pending, retrying): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE last_error IS NULL), count(*) FILTER (WHERE last_error IS NOT NULL)
+         FROM enrich_queries WHERE status = 'pending'",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((pending.max(0) as u64, retrying.max(0) as u64))
+}

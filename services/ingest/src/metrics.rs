@@ -46,6 +46,7 @@ impl Metrics {
             commit_seconds: meter
                 .f64_histogram("kalon.ingest.commit.duration")
                 .with_unit("s")
+                .with_boundaries(kalon_telemetry::REQUEST_SECONDS.to_vec())
                 .with_description("time to write and commit one batch")
                 .build(),
             dead_letters: meter

@@ -66,6 +66,7 @@ impl Default for Metrics {
             duration: meter
                 .f64_histogram("kalon.search.request.duration")
                 .with_unit("s")
+                .with_boundaries(kalon_telemetry::REQUEST_SECONDS.to_vec())
                 .with_description("time to answer a search, embed + ANN + queueing the impression")
                 .build(),
             requests: meter

@@ -34,6 +34,7 @@ impl Metrics {
             phase: meter
                 .f64_histogram("kalon.trainer.phase.duration")
                 .with_unit("s")
+                .with_boundaries(kalon_telemetry::JOB_SECONDS.to_vec())
                 .with_description("Seconds per training run phase")
                 .build(),
         }

@@ -716,8 +716,9 @@ async fn summary(
         "\nwhere to look:\n  kalonctl canary history   every decision with its evidence\n  \
          kalonctl runs list        the trainer's runs\n  kalonctl pairs stats      \
          preference pairs by source\n  kalonctl up               the loop without the demo, \
-         until Ctrl-C\n  logs                      {}\n  docker compose up -d      \
+         until Ctrl-C, with its console on {}/\n  logs                      {}\n  docker compose up -d      \
          the same services with Apache Kafka; Grafana on http://localhost:3000",
+        site.console_url(),
         site.dir.join("logs").display()
     );
     Ok(())

@@ -24,6 +24,8 @@ pub enum Service {
     Preferences(kalon_preferences::cli::Cli),
     /// The canary controller: rolls model versions out and promotes or rolls them back.
     Canary(kalon_canary::cli::Cli),
+    /// The console: the loop's stages, canaries and their evidence, two versions side by side.
+    Console(kalon_console::cli::Cli),
 }
 
 /// Runs `service` until SIGTERM or Ctrl-C, exactly as its own program does
@@ -36,5 +38,6 @@ pub async fn run(service: Service) -> anyhow::Result<()> {
         Service::Trainer(cli) => kalon_trainer::cli::serve(cli).await,
         Service::Preferences(cli) => kalon_preferences::cli::serve(cli).await,
         Service::Canary(cli) => kalon_canary::cli::serve(cli).await,
+        Service::Console(cli) => kalon_console::cli::serve(cli).await,
     }
 }

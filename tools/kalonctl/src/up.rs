@@ -40,8 +40,8 @@ pub struct UpArgs {
     pub pace: Pace,
     /// The services' ports are this and the next ones (search, the
     /// simulated LLM, the health endpoints of ingest, enricher, trainer,
-    /// preferences, canary, the canary's admin API) instead of the
-    /// defaults (8080, 8090, 9181-9185, 8086).
+    /// preferences, canary, the canary's admin API, the console) instead
+    /// of the defaults (8080, 8090, 9181-9185, 8086, 8087).
     #[arg(long)]
     pub port_base: Option<u16>,
     /// Chaos: SIGKILL one service (in turn, each once per round) every
@@ -71,10 +71,11 @@ pub struct Ports {
     pub preferences: u16,
     pub canary: u16,
     pub canary_admin: u16,
+    pub console: u16,
 }
 
 impl Ports {
-    /// Eight distinct free ports below the kernel's ephemeral range (where
+    /// Nine distinct free ports below the kernel's ephemeral range (where
     /// a port found free can be taken by any outgoing connection before
     /// the service binds it), for tests running loops side by side.
     pub fn free() -> Ports {
@@ -82,7 +83,7 @@ impl Ports {
         loop {
             let base = rand::rng().random_range(20_000..30_000u16);
             let all_free =
-                (base..base + 8).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+                (base..base + 9).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
             if all_free {
                 return Ports::from_base(Some(base));
             }
@@ -100,6 +101,7 @@ impl Ports {
                 preferences: 9184,
                 canary: 9185,
                 canary_admin: 8086,
+                console: 8087,
             },
             Some(b) => Ports {
                 search: b,
@@ -110,6 +112,7 @@ impl Ports {
                 preferences: b + 5,
                 canary: b + 6,
                 canary_admin: b + 7,
+                console: b + 8,
             },
         }
     }
@@ -148,6 +151,10 @@ impl LoopSite {
 
     pub fn admin_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.ports.canary_admin)
+    }
+
+    pub fn console_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.console)
     }
 
     fn llm_url(&self) -> String {
@@ -346,6 +353,20 @@ impl LoopSite {
             "KALON_CANARY_GROUP",
             "kalon-canary",
         ));
+
+        let mut console = ServiceSpec::new(
+            &self.program,
+            "console",
+            &["serve", "console"],
+            health(p.console),
+        )
+        .env("KALON_CONSOLE_ADDR", addr(p.console))
+        .env("KALON_CONSOLE_SEARCH_URL", self.search_url())
+        .env("KALON_CONSOLE_CANARY_URL", self.admin_url());
+        if let Some(token) = &self.admin_token {
+            console = console.env("KALON_CANARY_ADMIN_TOKEN", token);
+        }
+        specs.push(llm(common(console)));
         specs
     }
 }
@@ -546,8 +567,9 @@ pub fn print_where(running: &Running) {
         );
     }
     eprintln!(
-        "search       {}/v1/search (OpenAPI: {0}/openapi.json)\ncanary admin {}/v1/canary \
+        "console      {}/\nsearch       {}/v1/search (OpenAPI: {1}/openapi.json)\ncanary admin {}/v1/canary \
          (token: KALON_CANARY_ADMIN_TOKEN)\nLLM/LMM      {}\nDATABASE_URL={}",
+        site.console_url(),
         site.search_url(),
         site.admin_url(),
         kalon_db::redact(&site.llm_url()),
