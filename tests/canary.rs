@@ -190,17 +190,11 @@ async fn a_better_candidate_is_promoted_and_a_worse_one_rolled_back_with_no_pers
     let ingest = kalon_ingest::Ingest::build(env.ingest_config())
         .await
         .unwrap();
-    let (stop_ingest, ingest_stopped) = tokio::sync::oneshot::channel::<()>();
-    let ingesting = tokio::spawn(ingest.run(async {
-        let _ = ingest_stopped.await;
-    }));
+    let ingesting = kalon_tests::Background::spawn(|stopped| ingest.run(stopped));
     let controller = Controller::build(controller_config(&env, &url), None)
         .await
         .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controlling = tokio::spawn(controller.run(async {
-        let _ = stopped.await;
-    }));
+    let controlling = kalon_tests::Background::spawn(|stopped| controller.run(stopped));
     let http = client();
 
     // a better candidate: promoted, serving everything as `main`
@@ -351,10 +345,8 @@ async fn a_better_candidate_is_promoted_and_a_worse_one_rolled_back_with_no_pers
         .collect();
     assert_eq!(ids.len() as i64, rows);
 
-    stop.send(()).unwrap();
-    controlling.await.unwrap().unwrap();
-    stop_ingest.send(()).unwrap();
-    ingesting.await.unwrap().unwrap();
+    controlling.stop().await.unwrap();
+    ingesting.stop().await.unwrap();
     search.shutdown().await;
     env.cleanup().await;
 }
@@ -576,10 +568,7 @@ async fn the_admin_api_needs_the_operators_token_and_records_who_overrode_and_wh
     config.admin_token = Some(kalon_service::Secret::new("op-s3cret".to_owned()));
     let controller = Controller::build(config, None).await.unwrap();
     let admin = format!("http://{}", controller.admin_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controlling = tokio::spawn(controller.run(async {
-        let _ = stopped.await;
-    }));
+    let controlling = kalon_tests::Background::spawn(|stopped| controller.run(stopped));
     let start = Instant::now();
     while canary_store::in_flight(&env.pool).await.unwrap().is_none() {
         assert!(
@@ -687,8 +676,7 @@ async fn the_admin_api_needs_the_operators_token_and_records_who_overrode_and_wh
 
     // schemathesis against the OpenAPI description: no server error
     kalon_tests::schemathesis(&format!("{admin}/openapi.json"), 3).await;
-    stop.send(()).unwrap();
-    controlling.await.unwrap().unwrap();
+    controlling.stop().await.unwrap();
     env.cleanup().await;
 }
 
@@ -738,10 +726,7 @@ async fn the_lmm_judged_canary_alone_rolls_back_a_worse_candidate() {
     config.min_decisive = 10;
     config.lmm_per_look = 8;
     let controller = Controller::build(config, Some(llm)).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controlling = tokio::spawn(controller.run(async {
-        let _ = stopped.await;
-    }));
+    let controlling = kalon_tests::Background::spawn(|stopped| controller.run(stopped));
     announce(&env, "bad").await;
     let queries = kalon_dataset::train_queries(world.world.path()).unwrap();
     let start = Instant::now();
@@ -802,8 +787,7 @@ async fn the_lmm_judged_canary_alone_rolls_back_a_worse_candidate() {
         judged >= 20 && tokens > 0,
         "{judged} verdicts, {tokens} tokens"
     );
-    stop.send(()).unwrap();
-    controlling.await.unwrap().unwrap();
+    controlling.stop().await.unwrap();
     search.shutdown().await;
     env.cleanup().await;
 }
@@ -857,10 +841,7 @@ async fn a_trainers_adapter_version_is_indexed_from_its_parent_then_canaried() {
     config.dataset = Some(world.world.path().to_owned());
     config.model_cache = Some(tmp.path().join("cache"));
     let controller = Controller::build(config, None).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controlling = tokio::spawn(controller.run(async {
-        let _ = stopped.await;
-    }));
+    let controlling = kalon_tests::Background::spawn(|stopped| controller.run(stopped));
     announce(&env, &version).await;
     let start = Instant::now();
     let canary = loop {
@@ -918,8 +899,7 @@ async fn a_trainers_adapter_version_is_indexed_from_its_parent_then_canaried() {
         assert!(start.elapsed() < Duration::from_secs(10), "{serving:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.send(()).unwrap();
-    controlling.await.unwrap().unwrap();
+    controlling.stop().await.unwrap();
     env.cleanup().await;
 }
 
@@ -939,10 +919,7 @@ async fn a_newer_candidate_supersedes_the_running_one_when_configured() {
     config.evidence = vec![kalon_canary::config::Evidence::Interleaving];
     config.on_newer = kalon_canary::config::OnNewer::Supersede;
     let controller = Controller::build(config, None).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controlling = tokio::spawn(controller.run(async {
-        let _ = stopped.await;
-    }));
+    let controlling = kalon_tests::Background::spawn(|stopped| controller.run(stopped));
     announce(&env, "cand").await;
     let running = |candidate: &'static str| {
         let pool = env.pool.clone();
@@ -1000,7 +977,6 @@ async fn a_newer_candidate_supersedes_the_running_one_when_configured() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.send(()).unwrap();
-    controlling.await.unwrap().unwrap();
+    controlling.stop().await.unwrap();
     env.cleanup().await;
 }

@@ -110,18 +110,12 @@ async fn the_console_shows_the_loop_compares_two_versions_and_acts_on_a_canary_w
     let ingest = kalon_ingest::Ingest::build(env.ingest_config())
         .await
         .unwrap();
-    let (stop_ingest, ingest_stopped) = tokio::sync::oneshot::channel::<()>();
-    let ingesting = tokio::spawn(ingest.run(async {
-        let _ = ingest_stopped.await;
-    }));
+    let ingesting = kalon_tests::Background::spawn(|stopped| ingest.run(stopped));
     let controller = Controller::build(controller_config(&env, &search_url), None)
         .await
         .unwrap();
     let admin = format!("http://{}", controller.admin_addr());
-    let (stop_controller, controller_stopped) = tokio::sync::oneshot::channel::<()>();
-    let controlling = tokio::spawn(controller.run(async {
-        let _ = controller_stopped.await;
-    }));
+    let controlling = kalon_tests::Background::spawn(|stopped| controller.run(stopped));
     // the judge the comparison page asks
     let mut sim = kalon_sim_llm::SimConfig::new(WORLD_SEED, IMAGES);
     sim.world_dir = Some(world.world.path().to_owned());
@@ -167,10 +161,7 @@ async fn the_console_shows_the_loop_compares_two_versions_and_acts_on_a_canary_w
     let console = Console::build(config, Some(llm)).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop_console, console_stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(console.serve(listener, async {
-        let _ = console_stopped.await;
-    }));
+    let serving = kalon_tests::Background::spawn(|stopped| console.serve(listener, stopped));
 
     // the API refuses a canary action without the operator's token, and
     // with a wrong one, before anything reaches the canary
@@ -371,12 +362,9 @@ async fn the_console_shows_the_loop_compares_two_versions_and_acts_on_a_canary_w
     kalon_tests::schemathesis(&format!("{url}/openapi.json"), 11).await;
 
     people.abort();
-    stop_console.send(()).unwrap();
-    serving.await.unwrap().unwrap();
-    stop_controller.send(()).unwrap();
-    controlling.await.unwrap().unwrap();
-    stop_ingest.send(()).unwrap();
-    ingesting.await.unwrap().unwrap();
+    serving.stop().await.unwrap();
+    controlling.stop().await.unwrap();
+    ingesting.stop().await.unwrap();
     search.shutdown().await;
     env.cleanup().await;
 }

@@ -225,6 +225,10 @@ async fn the_loop_promotes_a_model_trained_on_the_peoples_clicks_and_rolls_back_
     .await
     .unwrap();
     let closed = close_the_loop(&running, &options(11)).await;
+    if let Ok(closed) = &closed {
+        // the console the supervisor runs, in a browser, before it stops
+        look_at_the_console(&running.site, closed).await;
+    }
     running.supervisor.stop().await;
     let closed = closed.unwrap();
     assert_closed(&env.pool, &closed).await;
@@ -235,6 +239,69 @@ async fn the_loop_promotes_a_model_trained_on_the_peoples_clicks_and_rolls_back_
         running.supervisor.restarts()
     );
     env.cleanup().await;
+}
+
+/// The console (`kalonctl serve console` under the supervisor) in headless
+/// chromium after the loop closed: the overview serves the promoted
+/// version to everyone and shows pairs and a training run; the canary page
+/// lists the promotion and the rollback; the promoted version's lineage
+/// names the run that made it and goes back to the version it replaced.
+/// Screenshots in `$CARGO_TARGET_TMPDIR/console-screenshots/loop-*.png`.
+async fn look_at_the_console(site: &LoopSite, closed: &Closed) {
+    let wait = Duration::from_secs(60);
+    let url = site.console_url();
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
+    let browser = kalon_tests::webdriver::Browser::start().await;
+    browser.goto(&format!("{url}/#overview")).await;
+    browser
+        .wait_until(
+            &format!(
+                "(document.querySelector('#serving tr[data-version=\"{}\"]') || {{}}).textContent?.includes('100%') \
+                 && !document.querySelector('#stage-pairs').textContent.includes('none yet') \
+                 && !document.querySelector('#stage-trainer').textContent.includes('no run yet')",
+                closed.promoted
+            ),
+            wait,
+            "the overview serves the promoted version to everyone, with pairs and a run",
+        )
+        .await;
+    browser.screenshot(&shots.join("loop-overview.png")).await;
+    browser.goto(&format!("{url}/#canary")).await;
+    browser
+        .wait_until(
+            &format!(
+                "(document.querySelector('#canary-list tr[data-candidate=\"{}\"]') || {{}}).textContent?.includes('promoted') \
+                 && (document.querySelector('#canary-list tr[data-candidate=\"{}\"]') || {{}}).textContent?.includes('rolled back')",
+                closed.promoted, closed.bad
+            ),
+            wait,
+            "the canary page lists the promotion and the rollback",
+        )
+        .await;
+    browser.screenshot(&shots.join("loop-canary.png")).await;
+    browser.goto(&format!("{url}/#models")).await;
+    let row = format!("#models tr[data-version=\"{}\"]", closed.promoted);
+    browser
+        .wait_until(
+            &format!("document.querySelector('{row}')"),
+            wait,
+            "the registry lists the promoted version",
+        )
+        .await;
+    browser.click(&row).await;
+    browser
+        .wait_until(
+            &format!(
+                "(document.querySelector('#lineage .generation[data-version=\"{}\"]') || {{}}).textContent?.includes(' run by ') \
+                 && document.querySelector('#lineage .generation[data-version=\"{}\"]')",
+                closed.promoted, closed.stable_before
+            ),
+            wait,
+            "the promoted version's lineage: its run, back to the version it replaced",
+        )
+        .await;
+    browser.screenshot(&shots.join("loop-models.png")).await;
+    browser.close().await;
 }
 
 /// Postgres and a tansu broker of this test's own, which it can restart.

@@ -364,6 +364,35 @@ pub async fn schemathesis(openapi_url: &str, operations: usize) {
 
 /// A small world, a randomly initialised reference model on it, and an
 /// aligned version of that model (a random adapter), for search tests.
+/// A service's `run(shutdown)` future in a task of its own, stopped when the
+/// test says so.
+pub struct Background<T> {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<T>,
+}
+
+impl<T: Send + 'static> Background<T> {
+    /// Spawns `run(shutdown)`; `shutdown` completes on [`Background::stop`].
+    pub fn spawn<F>(
+        run: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+    ) -> Self
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(Box::pin(async move {
+            let _ = stopped.await;
+        })));
+        Background { stop, task }
+    }
+
+    /// Asks it to stop and waits for what it returns.
+    pub async fn stop(self) -> T {
+        let _ = self.stop.send(());
+        self.task.await.expect("the service's task panicked")
+    }
+}
+
 pub mod webdriver;
 
 pub mod search {
