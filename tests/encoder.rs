@@ -7,7 +7,10 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use kalon_encoder::{Encoder, EncoderError, EncoderOptions, Manifest, WordTokenizer};
+use kalon_encoder::{
+    ClipBpeTokenizer, Encoder, EncoderError, EncoderOptions, Manifest, TextTokenizer,
+    TokenizerKind, WordTokenizer,
+};
 use kalon_model::onnx::{self, Dim, Elem, GraphBuilder};
 use kalon_model::train::{image_spec, tokens};
 use kalon_model::{ModelConfig, Pooling, TwoTower};
@@ -624,4 +627,148 @@ fn pretraining_from_the_command_line_pools_mean_and_std_by_default_into_a_servab
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("mean, mean-std"), "{stderr}");
+}
+
+#[test]
+fn a_manifest_naming_a_missing_or_malformed_tokenizer_file_is_a_clear_error() {
+    // CLIP's tokenizer named, its file missing
+    let dir = broken_copy();
+    let mut manifest = Manifest::load(dir.path()).unwrap();
+    manifest.text.tokenizer = TokenizerKind::ClipBpe;
+    manifest.text.vocab = "tokenizer.json".into();
+    manifest.save(dir.path()).unwrap();
+    let saved = std::fs::read_to_string(dir.path().join("kalon-model.json")).unwrap();
+    assert!(saved.contains("\"tokenizer\": \"clip-bpe\""), "{saved}");
+    let err = load_error(dir.path());
+    assert!(matches!(err, EncoderError::Tokenizer { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("tokenizer.json") && msg.contains("no such file"),
+        "{msg}"
+    );
+    // present but malformed
+    std::fs::write(dir.path().join("tokenizer.json"), "{\"model\": [").unwrap();
+    let msg = load_error(dir.path()).to_string();
+    assert!(
+        msg.contains("tokenizer.json") && msg.contains("not a Hugging Face tokenizer.json"),
+        "{msg}"
+    );
+    // the word tokenizer's vocabulary where CLIP's is expected, and back
+    std::fs::copy(
+        dir.path().join("vocab.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let msg = load_error(dir.path()).to_string();
+    assert!(msg.contains("tokenizer.json"), "{msg}");
+    let dir = broken_copy();
+    std::fs::write(dir.path().join("vocab.json"), "[1, 2").unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        matches!(err, EncoderError::Tokenizer { .. }) && err.to_string().contains("vocab.json"),
+        "{err}"
+    );
+    // a tokenizer kind this Kalon does not know
+    let dir = broken_copy();
+    let path = dir.path().join("kalon-model.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("\"vocab\":", "\"tokenizer\": \"sentencepiece\", \"vocab\":"),
+    )
+    .unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        matches!(err, EncoderError::Manifest { .. }) && err.to_string().contains("sentencepiece"),
+        "{err}"
+    );
+}
+
+/// One case of tests/fixtures/clip-tokenizer/cases.jsonl.gz.
+#[derive(serde::Deserialize)]
+struct TokenizerCase {
+    text: String,
+    ids: Vec<i64>,
+    open_clip_ids: Vec<i64>,
+}
+
+fn gunzip(path: &Path) -> String {
+    use std::io::Read as _;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    text
+}
+
+/// CLIP's byte-level BPE (a Hugging Face tokenizer.json built from
+/// open_clip's own vocabulary by tests/fixtures/clip-tokenizer/make.py)
+/// gives exactly the ids Hugging Face's tokenizer gives on 10,000 varied
+/// strings (a dozen scripts, emoji, punctuation, noise, long texts, empty
+/// ones): start and end tokens, truncation to 77 keeping the end token,
+/// padding with 0. open_clip's own tokenizer (ftfy and HTML clean-up first)
+/// agrees on the share the fixture recorded, which this test reports.
+#[test]
+fn the_clip_tokenizer_gives_hugging_faces_ids_on_ten_thousand_strings() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/clip-tokenizer");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, gunzip(&fixture.join("tokenizer.json.gz"))).unwrap();
+    let tokenizer = ClipBpeTokenizer::load(&path, 77, 0).unwrap();
+    assert_eq!(tokenizer.vocab_size(), 49408);
+    assert_eq!(tokenizer.specials(), (49406, 49407));
+    let cases: Vec<TokenizerCase> = gunzip(&fixture.join("cases.jsonl.gz"))
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(cases.len(), 10_000);
+    let (mut wrong, mut like_open_clip, mut truncated, mut empty) = (Vec::new(), 0, 0, 0);
+    for case in &cases {
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        let own = tokenizer.push(&case.text, &mut ids, &mut mask);
+        if ids != case.ids {
+            wrong.push(format!(
+                "{:?}: {:?} != {:?}",
+                case.text,
+                &ids[..12],
+                &case.ids[..12]
+            ));
+        }
+        like_open_clip += usize::from(ids == case.open_clip_ids);
+        let used = mask.iter().filter(|m| **m == 1).count();
+        assert_eq!(mask.len(), 77);
+        assert_eq!(
+            own + 2,
+            used,
+            "{:?}: the start and end tokens are not the text's own",
+            case.text
+        );
+        assert_eq!(ids[0], 49406);
+        assert_eq!(
+            ids[used - 1],
+            49407,
+            "{:?} ends with the end token",
+            case.text
+        );
+        truncated += usize::from(used == 77);
+        empty += usize::from(own == 0);
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} strings differ from Hugging Face's ids, e.g.\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong[..wrong.len().min(10)].join("\n")
+    );
+    let python_agreed = cases.iter().filter(|c| c.ids == c.open_clip_ids).count();
+    assert_eq!(like_open_clip, python_agreed);
+    assert!(
+        truncated > 1000 && empty > 100,
+        "long and empty texts are covered: {truncated} {empty}"
+    );
+    eprintln!(
+        "{} strings: all equal to Hugging Face's ids; {like_open_clip} equal to open_clip's \
+         ({truncated} truncated to 77, {empty} with no token of their own)",
+        cases.len()
+    );
 }

@@ -67,8 +67,41 @@ pub struct TextSpec {
     pub file: String,
     /// Token sequence length the tower receives (padded / truncated).
     pub max_len: usize,
-    /// The tokenizer's vocabulary file (Kalon's word tokenizer).
+    /// The tokenizer's file, relative to the encoder directory: the word
+    /// tokenizer's vocabulary (`vocab.json`) or CLIP's `tokenizer.json`.
     pub vocab: String,
+    /// Which tokenizer reads `vocab` (default: Kalon's word tokenizer).
+    #[serde(default, skip_serializing_if = "TokenizerKind::is_words")]
+    pub tokenizer: TokenizerKind,
+    /// The id padding takes (`clip-bpe`; the word tokenizer pads with 0).
+    /// It does not change a CLIP embedding (the text tower pools at the end
+    /// token), only the ids: open_clip pads with 0, Hugging Face's exports
+    /// usually with the end token, 49407.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pad_id: u32,
+}
+
+/// The tokenizer a text tower expects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenizerKind {
+    /// Kalon's word tokenizer (the reference model): `{"kind": "words", ...}`.
+    #[default]
+    Words,
+    /// CLIP's byte-level BPE from a Hugging Face `tokenizer.json`
+    /// (lower-casing and whitespace clean-up, `<|startoftext|>` and
+    /// `<|endoftext|>` around the text, truncated and padded to `max_len`).
+    ClipBpe,
+}
+
+impl TokenizerKind {
+    fn is_words(&self) -> bool {
+        *self == TokenizerKind::Words
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Manifest {

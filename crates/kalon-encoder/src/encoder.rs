@@ -14,7 +14,8 @@ use ort::session::Session;
 use ort::value::Tensor;
 
 use crate::contract::{self, ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, PIXEL_VALUES, TEXT_EMBEDS};
-use crate::{preprocess, runtime, EncoderError, Manifest, Result, WordTokenizer};
+use crate::tokenizer::{self, TextTokenizer};
+use crate::{preprocess, runtime, EncoderError, Manifest, Result};
 
 /// Where inference runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -293,7 +294,7 @@ impl ImageEncoder {
 /// The text tower with its tokenizer.
 pub struct TextEncoder {
     session: Mutex<Session>,
-    tokenizer: WordTokenizer,
+    tokenizer: Box<dyn TextTokenizer>,
     manifest: Manifest,
     batch_size: usize,
 }
@@ -302,10 +303,7 @@ impl TextEncoder {
     /// Loads `dir`'s text tower and tokenizer and checks the contract.
     pub fn load(dir: &Path, manifest: &Manifest, options: &EncoderOptions) -> Result<Self> {
         let path = contract::resolve(dir, &manifest.text.file);
-        let tokenizer = WordTokenizer::load(
-            &contract::resolve(dir, &manifest.text.vocab),
-            manifest.text.max_len,
-        )?;
+        let tokenizer = tokenizer::load(dir, &manifest.text)?;
         let session = open_session(&path, options)?;
         contract::check_text_tower(&session, &path, manifest)?;
         Ok(TextEncoder {
@@ -320,8 +318,8 @@ impl TextEncoder {
         self.manifest.embedding_dim
     }
 
-    pub fn tokenizer(&self) -> &WordTokenizer {
-        &self.tokenizer
+    pub fn tokenizer(&self) -> &dyn TextTokenizer {
+        self.tokenizer.as_ref()
     }
 
     /// Embeds token ids with their attention mask, both `[n, max_len]`.
@@ -354,7 +352,7 @@ impl TextEncoder {
 
     /// Tokenizes and embeds texts.
     pub fn embed_texts<S: AsRef<str>>(&self, texts: &[S]) -> Result<Embeddings> {
-        let (ids, mask) = self.tokenizer.encode_batch(texts);
+        let (ids, mask) = self.tokenizer().encode_batch(texts);
         self.embed_tokens(&ids, &mask)
     }
 }

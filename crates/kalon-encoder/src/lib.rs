@@ -8,7 +8,8 @@
 //!
 //! - [`runtime`]: finds and loads `libonnxruntime` (load-dynamic) once.
 //! - [`preprocess`]: PNG/JPEG decoding, resize and crop, normalisation.
-//! - [`tokenizer`]: the reference model's word tokenizer.
+//! - [`tokenizer`]: the tokenizers behind one trait: the reference model's
+//!   word tokenizer and CLIP's byte-level BPE ([`tokenizer::ClipBpeTokenizer`]).
 //! - [`encoder`]: batched inference, sync and off the async runtime.
 //! - [`adapter`]: the alignment adapter's file format.
 
@@ -24,10 +25,10 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
-pub use contract::{ImageSpec, Manifest, TextSpec, MANIFEST_FILE};
+pub use contract::{ImageSpec, Manifest, TextSpec, TokenizerKind, MANIFEST_FILE};
 pub use encoder::{Device, Embeddings, Encoder, EncoderOptions, ImageEncoder, TextEncoder};
 pub use head::ScoreHead;
-pub use tokenizer::WordTokenizer;
+pub use tokenizer::{ClipBpeTokenizer, TextTokenizer, WordTokenizer};
 
 /// Everything that can go wrong between Kalon and an encoder.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -38,6 +39,8 @@ pub enum EncoderError {
     RuntimeLoad { path: PathBuf, detail: String },
     #[error("cannot read the model manifest {path}: {detail}")]
     Manifest { path: PathBuf, detail: String },
+    #[error("cannot load the tokenizer {path}: {detail}")]
+    Tokenizer { path: PathBuf, detail: String },
     #[error("cannot load the ONNX model {path}: {detail} (is the file complete and a valid ONNX model?)")]
     ModelFile { path: PathBuf, detail: String },
     #[error(

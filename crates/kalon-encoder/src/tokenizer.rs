@@ -1,6 +1,8 @@
-//! The reference model's tokenizer: lower-cased words.
+//! Tokenizers behind one trait, [`TextTokenizer`], picked by the manifest's
+//! `text.tokenizer` ([`load`]): Kalon's word tokenizer (the reference
+//! model; below) and CLIP's byte-level BPE ([`ClipBpeTokenizer`]).
 //!
-//! Text is lower-cased and split on every character that is not a letter
+//! The word tokenizer: text is lower-cased and split on every character that is not a letter
 //! or digit; each word maps to its id in the vocabulary, unknown words to
 //! [`UNK`]. Sequences are truncated or padded with [`PAD`] to `max_len`,
 //! and the attention mask is 1 on words, 0 on padding. The vocabulary file
@@ -12,7 +14,49 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::contract::{self, TextSpec, TokenizerKind};
 use crate::{EncoderError, Result};
+
+mod clip;
+
+pub use clip::ClipBpeTokenizer;
+
+/// What a text tower needs of its tokenizer.
+pub trait TextTokenizer: Send + Sync {
+    /// The length of every sequence it gives.
+    fn max_len(&self) -> usize;
+
+    /// Ids run from 0 to `vocab_size() - 1`.
+    fn vocab_size(&self) -> usize;
+
+    /// Appends the ids and attention mask of `text`, `max_len` each, and
+    /// returns how many of them are the text's own tokens (not padding,
+    /// not start or end markers): 0 when it read nothing in `text`.
+    fn push(&self, text: &str, ids: &mut Vec<i64>, mask: &mut Vec<i64>) -> usize;
+}
+
+impl dyn TextTokenizer + '_ {
+    /// Ids and mask of a batch, row-major `[texts, max_len]`.
+    pub fn encode_batch<S: AsRef<str>>(&self, texts: &[S]) -> (Vec<i64>, Vec<i64>) {
+        let mut ids = Vec::with_capacity(texts.len() * self.max_len());
+        let mut mask = Vec::with_capacity(texts.len() * self.max_len());
+        for text in texts {
+            self.push(text.as_ref(), &mut ids, &mut mask);
+        }
+        (ids, mask)
+    }
+}
+
+/// The tokenizer the manifest's `text` names, from `dir`.
+pub fn load(dir: &Path, spec: &TextSpec) -> Result<Box<dyn TextTokenizer>> {
+    let path = contract::resolve(dir, &spec.vocab);
+    Ok(match spec.tokenizer {
+        TokenizerKind::Words => Box::new(WordTokenizer::load(&path, spec.max_len)?),
+        TokenizerKind::ClipBpe => {
+            Box::new(ClipBpeTokenizer::load(&path, spec.max_len, spec.pad_id)?)
+        }
+    })
+}
 
 /// Padding id.
 pub const PAD: i64 = 0;
@@ -83,8 +127,9 @@ impl WordTokenizer {
         self.max_len
     }
 
-    /// Appends the ids and mask of `text` (each `max_len` long).
-    pub fn push(&self, text: &str, ids: &mut Vec<i64>, mask: &mut Vec<i64>) {
+    /// Appends the ids and mask of `text` (each `max_len` long); returns
+    /// how many words it kept.
+    pub fn push(&self, text: &str, ids: &mut Vec<i64>, mask: &mut Vec<i64>) -> usize {
         let mut n = 0;
         for word in words(text).take(self.max_len) {
             ids.push(self.ids.get(&word).copied().unwrap_or(UNK));
@@ -95,6 +140,7 @@ impl WordTokenizer {
             ids.push(PAD);
             mask.push(0);
         }
+        n
     }
 
     /// Ids and mask of a batch, row-major `[texts, max_len]`.
@@ -116,19 +162,37 @@ impl WordTokenizer {
     }
 
     pub fn load(path: &Path, max_len: usize) -> Result<Self> {
-        let error = |detail: String| EncoderError::Manifest {
+        let error = |detail: String| EncoderError::Tokenizer {
             path: path.to_owned(),
             detail,
         };
         let bytes = std::fs::read(path).map_err(|e| error(e.to_string()))?;
-        let file: VocabFile = serde_json::from_slice(&bytes).map_err(|e| error(e.to_string()))?;
+        let file: VocabFile = serde_json::from_slice(&bytes).map_err(|e| {
+            error(format!(
+                "not the word tokenizer's vocabulary ({{\"kind\": \"words\", \"words\": [...]}}): {e}"
+            ))
+        })?;
         if file.kind != "words" {
             return Err(error(format!(
-                "tokenizer kind {:?} is not supported (Kalon has \"words\")",
+                "tokenizer kind {:?} is not the word tokenizer's (\"words\"); a CLIP tokenizer.json needs \"tokenizer\": \"clip-bpe\" in the manifest's text section",
                 file.kind
             )));
         }
         Ok(WordTokenizer::new(file.words, max_len))
+    }
+}
+
+impl TextTokenizer for WordTokenizer {
+    fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    fn vocab_size(&self) -> usize {
+        WordTokenizer::vocab_size(self)
+    }
+
+    fn push(&self, text: &str, ids: &mut Vec<i64>, mask: &mut Vec<i64>) -> usize {
+        WordTokenizer::push(self, text, ids, mask)
     }
 }
 
@@ -160,6 +224,9 @@ mod tests {
         );
         std::fs::write(&path, b"{\"kind\": \"bpe\", \"words\": []}").unwrap();
         let err = WordTokenizer::load(&path, 8).unwrap_err().to_string();
-        assert!(err.contains("not supported"), "{err}");
+        assert!(
+            err.contains("clip-bpe") && err.contains("vocab.json"),
+            "{err}"
+        );
     }
 }

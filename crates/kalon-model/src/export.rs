@@ -51,6 +51,8 @@ pub fn export(
             file: "text.onnx".into(),
             max_len: model.config.max_len,
             vocab: "vocab.json".into(),
+            tokenizer: Default::default(),
+            pad_id: 0,
         },
         notes,
     };

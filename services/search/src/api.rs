@@ -418,8 +418,7 @@ async fn rank(served: Arc<Served>, text: String, k: usize) -> Result<Option<Rank
         |e: &dyn std::fmt::Display| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     tokio::task::spawn_blocking(move || {
         let (mut ids, mut mask) = (Vec::new(), Vec::new());
-        served.text.tokenizer().push(&text, &mut ids, &mut mask);
-        if mask.iter().all(|m| *m == 0) {
+        if served.text.tokenizer().push(&text, &mut ids, &mut mask) == 0 {
             return Ok(None);
         }
         let embedding = embed_span
