@@ -772,3 +772,44 @@ fn the_clip_tokenizer_gives_hugging_faces_ids_on_ten_thousand_strings() {
         cases.len()
     );
 }
+
+/// A text tower that takes only `input_ids` (as torch exports CLIP's, whose
+/// causal attention needs no mask) loads through the contract, and embeds
+/// the same whatever mask Kalon holds for its ids.
+#[test]
+fn a_text_tower_without_an_attention_mask_loads_and_embeds() {
+    let dir = broken_copy();
+    let manifest = Manifest::load(dir.path()).unwrap();
+    let (len, dim) = (manifest.text.max_len, manifest.embedding_dim);
+    let mut g = GraphBuilder::new("ids_only_text");
+    let dims = [Dim::Named("n"), Dim::Fixed(len as i64)];
+    let ids = g.input("input_ids", Elem::I64, &dims);
+    let weights: Vec<f32> = (0..64 * dim).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+    let table = g.weight("table", &[64, dim], &weights);
+    g.node("Gather", &[&table, &ids], vec![], None);
+    let axis = g.ints("axis", &[1]);
+    g.node(
+        "ReduceSum",
+        &["gather_1", &axis],
+        vec![onnx::attr_int("keepdims", 0)],
+        Some("text_embeds"),
+    );
+    g.output(
+        "text_embeds",
+        Elem::F32,
+        &[Dim::Named("n"), Dim::Fixed(dim as i64)],
+    );
+    std::fs::write(
+        dir.path().join("text.onnx"),
+        onnx::to_bytes(&g.finish("", &[])),
+    )
+    .unwrap();
+    let encoder = Encoder::load(dir.path(), &EncoderOptions::default()).unwrap();
+    let ids: Vec<i64> = (0..2 * len as i64).map(|i| (i * 5) % 64).collect();
+    let with_mask = encoder.text.embed_tokens(&ids, &vec![1; 2 * len]).unwrap();
+    let other_mask = encoder.text.embed_tokens(&ids, &vec![0; 2 * len]).unwrap();
+    assert_eq!(with_mask.data, other_mask.data, "the mask is not passed");
+    let norm: f32 = with_mask.row(0).iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "unit rows: {norm}");
+    assert!(encoder.text.embed_texts(&["a red cat"]).is_ok());
+}

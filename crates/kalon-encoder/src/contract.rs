@@ -243,21 +243,28 @@ pub(crate) fn check_image_tower(session: &Session, path: &Path, manifest: &Manif
     )
 }
 
-/// Checks a text tower against the manifest.
-pub(crate) fn check_text_tower(session: &Session, path: &Path, manifest: &Manifest) -> Result<()> {
+/// Checks a text tower against the manifest; says whether it takes an
+/// attention mask (optional: CLIP's text tower attends causally and pools
+/// at the end token, and torch's exporter drops an input the graph does
+/// not use).
+pub(crate) fn check_text_tower(
+    session: &Session,
+    path: &Path,
+    manifest: &Manifest,
+) -> Result<bool> {
     let len = Some(manifest.text.max_len as i64);
     let ids = |name| Expected {
         name,
         ty: TensorElementType::Int64,
         dims: vec![None, len],
     };
-    check(
-        "text",
-        path,
-        "input",
-        session.inputs(),
-        &[ids(INPUT_IDS), ids(ATTENTION_MASK)],
-    )?;
+    let with_mask = session.inputs().iter().any(|o| o.name() == ATTENTION_MASK);
+    let inputs = if with_mask {
+        vec![ids(INPUT_IDS), ids(ATTENTION_MASK)]
+    } else {
+        vec![ids(INPUT_IDS)]
+    };
+    check("text", path, "input", session.inputs(), &inputs)?;
     check(
         "text",
         path,
@@ -268,7 +275,8 @@ pub(crate) fn check_text_tower(session: &Session, path: &Path, manifest: &Manife
             ty: TensorElementType::Float32,
             dims: vec![None, Some(manifest.embedding_dim as i64)],
         }],
-    )
+    )?;
+    Ok(with_mask)
 }
 
 /// A file named by the manifest, relative to the encoder directory.

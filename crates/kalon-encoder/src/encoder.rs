@@ -295,6 +295,8 @@ impl ImageEncoder {
 pub struct TextEncoder {
     session: Mutex<Session>,
     tokenizer: Box<dyn TextTokenizer>,
+    /// Whether the tower takes `attention_mask` (optional in the contract).
+    with_mask: bool,
     manifest: Manifest,
     batch_size: usize,
 }
@@ -305,10 +307,11 @@ impl TextEncoder {
         let path = contract::resolve(dir, &manifest.text.file);
         let tokenizer = tokenizer::load(dir, &manifest.text)?;
         let session = open_session(&path, options)?;
-        contract::check_text_tower(&session, &path, manifest)?;
+        let with_mask = contract::check_text_tower(&session, &path, manifest)?;
         Ok(TextEncoder {
             session: Mutex::new(session),
             tokenizer,
+            with_mask,
             manifest: manifest.clone(),
             batch_size: options.batch_size.max(1),
         })
@@ -322,7 +325,8 @@ impl TextEncoder {
         self.tokenizer.as_ref()
     }
 
-    /// Embeds token ids with their attention mask, both `[n, max_len]`.
+    /// Embeds token ids with their attention mask, both `[n, max_len]`
+    /// (the mask is not passed to a tower that takes none).
     pub fn embed_tokens(&self, ids: &[i64], mask: &[i64]) -> Result<Embeddings> {
         let len = self.manifest.text.max_len;
         if ids.len() != mask.len() || !ids.len().is_multiple_of(len) {
@@ -340,11 +344,14 @@ impl TextEncoder {
         {
             let rows = ids.len() / len;
             let ids = Tensor::from_array(([rows, len], ids.to_vec())).map_err(inference)?;
-            let mask = Tensor::from_array(([rows, len], mask.to_vec())).map_err(inference)?;
             let mut session = self.session.lock().expect("session lock");
-            let outputs = session
-                .run(ort::inputs![INPUT_IDS => ids, ATTENTION_MASK => mask])
-                .map_err(inference)?;
+            let outputs = if self.with_mask {
+                let mask = Tensor::from_array(([rows, len], mask.to_vec())).map_err(inference)?;
+                session.run(ort::inputs![INPUT_IDS => ids, ATTENTION_MASK => mask])
+            } else {
+                session.run(ort::inputs![INPUT_IDS => ids])
+            }
+            .map_err(inference)?;
             data.extend(take_output(&outputs, TEXT_EMBEDS, rows, dim)?);
         }
         Ok(Embeddings { dim, data })
