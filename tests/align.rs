@@ -23,7 +23,8 @@ use kalon_sim_llm::{SimConfig, SimServer};
 use rand::{Rng, SeedableRng};
 
 /// The exported aligned tower computes `adapter(tower(x))` in ONNX Runtime
-/// as candle does, for Kalon's own tower and for one made by another tool.
+/// as candle does, for Kalon's own tower, for one made by another tool and
+/// for a CLIP exported from open_clip.
 fn check_export(parent: &Path, pixels: &[f32]) {
     for kind in [AdapterKind::Matrix, AdapterKind::Beauty] {
         check_export_of(parent, pixels, kind);
@@ -86,6 +87,13 @@ fn the_adapter_exports_into_the_towers_own_onnx_graph() {
         .map(|_| rng.random_range(-2.0..2.0))
         .collect();
     check_export(dir.path(), &pixels);
+
+    // a real CLIP architecture exported from open_clip (224x224, 32-d)
+    let clip = kalon_tests::clip_encoder();
+    let pixels: Vec<f32> = (0..2 * 3 * 224 * 224)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    check_export(clip.path(), &pixels);
 }
 
 /// A 400-image world and a randomly initialised reference model on it,

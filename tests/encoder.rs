@@ -692,15 +692,6 @@ struct TokenizerCase {
     open_clip_ids: Vec<i64>,
 }
 
-fn gunzip(path: &Path) -> String {
-    use std::io::Read as _;
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
-        .read_to_string(&mut text)
-        .unwrap();
-    text
-}
-
 /// CLIP's byte-level BPE (a Hugging Face tokenizer.json built from
 /// open_clip's own vocabulary by tests/fixtures/clip-tokenizer/make.py)
 /// gives exactly the ids Hugging Face's tokenizer gives on 10,000 varied
@@ -713,11 +704,11 @@ fn the_clip_tokenizer_gives_hugging_faces_ids_on_ten_thousand_strings() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/clip-tokenizer");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenizer.json");
-    std::fs::write(&path, gunzip(&fixture.join("tokenizer.json.gz"))).unwrap();
+    kalon_tests::clip_tokenizer_json(&path);
     let tokenizer = ClipBpeTokenizer::load(&path, 77, 0).unwrap();
     assert_eq!(tokenizer.vocab_size(), 49408);
     assert_eq!(tokenizer.specials(), (49406, 49407));
-    let cases: Vec<TokenizerCase> = gunzip(&fixture.join("cases.jsonl.gz"))
+    let cases: Vec<TokenizerCase> = kalon_tests::gunzip(&fixture.join("cases.jsonl.gz"))
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
@@ -812,4 +803,60 @@ fn a_text_tower_without_an_attention_mask_loads_and_embeds() {
     let norm: f32 = with_mask.row(0).iter().map(|x| x * x).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-4, "unit rows: {norm}");
     assert!(encoder.text.embed_texts(&["a red cat"]).is_ok());
+}
+
+/// One image or text of tests/fixtures/clip-encoder/reference.json.
+#[derive(serde::Deserialize)]
+struct Reference {
+    images: Vec<ReferenceImage>,
+    texts: Vec<ReferenceText>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReferenceImage {
+    file: String,
+    embedding: Vec<f32>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReferenceText {
+    text: String,
+    ids: Vec<i64>,
+    embedding: Vec<f32>,
+}
+
+/// A real CLIP architecture exported by tools/clip/export_open_clip.py
+/// (open_clip's ViT and causal text transformer, tiny, random weights)
+/// loads through the contract, and Kalon's full path gives open_clip's
+/// embeddings within 1e-4: PNG files decoded and preprocessed by Kalon,
+/// texts tokenized by Kalon's CLIP tokenizer, batch 1 and 3.
+#[test]
+fn a_real_clip_architecture_embeds_as_open_clip_does_through_kalons_full_path() {
+    let dir = kalon_tests::clip_encoder();
+    let reference: Reference =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("reference.json")).unwrap())
+            .unwrap();
+    for batch_size in [1, 3] {
+        let encoder = Encoder::load(dir.path(), &options(batch_size)).unwrap();
+        assert_eq!(encoder.manifest.text.tokenizer, TokenizerKind::ClipBpe);
+        let files: Vec<Vec<u8>> = reference
+            .images
+            .iter()
+            .map(|i| std::fs::read(dir.path().join(&i.file)).unwrap())
+            .collect();
+        let images = encoder.image.embed_files(&files).unwrap();
+        for (i, image) in reference.images.iter().enumerate() {
+            let diff = kalon_tests::max_abs_diff(images.row(i), &image.embedding);
+            assert!(diff <= 1e-4, "{}: {diff} from open_clip's", image.file);
+        }
+        let texts: Vec<&str> = reference.texts.iter().map(|t| t.text.as_str()).collect();
+        let (ids, _) = encoder.text.tokenizer().encode_batch(&texts);
+        let expected: Vec<i64> = reference.texts.iter().flat_map(|t| t.ids.clone()).collect();
+        assert_eq!(ids, expected, "Kalon's ids are open_clip's for these texts");
+        let embedded = encoder.text.embed_texts(&texts).unwrap();
+        for (i, text) in reference.texts.iter().enumerate() {
+            let diff = kalon_tests::max_abs_diff(embedded.row(i), &text.embedding);
+            assert!(diff <= 1e-4, "{:?}: {diff} from open_clip's", text.text);
+        }
+    }
 }

@@ -303,6 +303,37 @@ pub fn foreign_encoder() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/foreign-encoder")
 }
 
+/// A gzip file's text.
+pub fn gunzip(path: &Path) -> String {
+    use std::io::Read as _;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    text
+}
+
+/// CLIP's tokenizer.json (tests/fixtures/clip-tokenizer, built from
+/// open_clip's vocabulary), written to `path`.
+pub fn clip_tokenizer_json(path: &Path) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/clip-tokenizer");
+    std::fs::write(path, gunzip(&fixture.join("tokenizer.json.gz"))).unwrap();
+}
+
+/// The CLIP encoder fixture (open_clip's architecture, tiny, random
+/// weights; tests/fixtures/clip-encoder/make.sh) as an encoder directory:
+/// copied into a temporary one with its tokenizer.json unpacked.
+pub fn clip_encoder() -> tempfile::TempDir {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/clip-encoder");
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    clip_tokenizer_json(&dir.path().join("tokenizer.json"));
+    dir
+}
+
 /// Largest element-wise difference of two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
