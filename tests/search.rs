@@ -1223,3 +1223,48 @@ async fn stats_count_each_versions_requests_errors_and_latencies() {
     running.shutdown().await;
     env.cleanup().await;
 }
+
+/// A CLIP exported from open_clip (tests/fixtures/clip-encoder: its real
+/// architecture, tiny, random weights) indexes the catalog and answers
+/// searches: CLIP's BPE tokenizer reads the query, and the answer's scores
+/// are the cosine of Kalon's own embeddings of the query and each image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clip_export_indexes_the_catalog_and_answers_searches() {
+    let env = TestEnv::new().await;
+    let world = fixture::search_world(60);
+    let clip = kalon_tests::clip_encoder();
+    let indexed = fixture::index(&env, &world, "clip-1", clip.path(), false).await;
+    assert_eq!(indexed.method, "tower");
+    store::set_deployment(&env.pool, "clip-1", "control", 1.0)
+        .await
+        .unwrap();
+    let search = Search::build(fixture::config(&env, &world)).await.unwrap();
+    let app = router(search.state.clone());
+    let query = "A quiet harbour at dusk!";
+    let (status, body) = call(&app, post("/v1/search", search_body(query, "s1"))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let answer: SearchResponse = serde_json::from_value(body).unwrap();
+    assert_eq!(answer.model_version, "clip-1");
+    assert_eq!(answer.results.len(), 5);
+    let encoder =
+        kalon_encoder::Encoder::load(clip.path(), &kalon_encoder::EncoderOptions::default())
+            .unwrap();
+    let text = encoder.text.embed_texts(&[query]).unwrap();
+    for hit in &answer.results {
+        let file = std::fs::read(world.images().join(format!("{}.png", hit.image_id))).unwrap();
+        let image = encoder.image.embed_files(&[file]).unwrap();
+        let cosine: f32 = text
+            .row(0)
+            .iter()
+            .zip(image.row(0))
+            .map(|(a, b)| a * b)
+            .sum();
+        assert!(
+            (cosine - hit.score).abs() < 1e-3,
+            "{}: search scored {}, Kalon's embeddings give {cosine}",
+            hit.image_id,
+            hit.score
+        );
+    }
+    env.cleanup().await;
+}
