@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from clip_tokenizer import build as build_tokenizer, ids as tokenize  # noqa: E402
-from export_open_clip import OPENAI_MEAN, OPENAI_STD, export, pixels, test_images, unit  # noqa: E402
+from export_open_clip import OPENAI_MEAN, OPENAI_STD, export, pixels, test_images, unit, worst_difference  # noqa: E402
 
 
 class ImageTower(torch.nn.Module):
@@ -137,14 +137,7 @@ def main():
     with torch.no_grad():
         ref_image = unit(image_tower(torch.from_numpy(x)).numpy())
         ref_text = unit(text_tower(torch.from_numpy(ids), torch.from_numpy(mask)).numpy())
-    worst = 0.0
-    for b in (1, 3):
-        for i in range(0, len(images), b):
-            got = unit(image_sess.run(None, {"pixel_values": x[i:i + b]})[0])
-            worst = max(worst, float(np.abs(got - ref_image[i:i + b]).max()))
-        for i in range(0, len(texts), b):
-            got = unit(text_sess.run(None, {"input_ids": ids[i:i + b], "attention_mask": mask[i:i + b]})[0])
-            worst = max(worst, float(np.abs(got - ref_text[i:i + b]).max()))
+    worst = worst_difference(image_sess, x, ref_image, text_sess, {"input_ids": ids, "attention_mask": mask}, ref_text)
     result = {"out": args.out, "model": name, "embedding_dim": dim, "image_size": int(size),
               "max_abs_diff": worst, "tolerance": args.tolerance, "parity": worst <= args.tolerance}
     print(json.dumps(result))
