@@ -55,7 +55,8 @@ async fn announce(env: &TestEnv, version: &str) {
 }
 
 /// A canary that stays on its first step (the test acts on it), holding
-/// with fresh evidence every second.
+/// with fresh evidence every second: nothing decides on its own (a
+/// loaded CI machine once tripped the latency guardrail within seconds).
 fn controller_config(env: &TestEnv, search_url: &str) -> CanaryConfig {
     let mut config = CanaryConfig::new(
         &env.database_url,
@@ -68,6 +69,9 @@ fn controller_config(env: &TestEnv, search_url: &str) -> CanaryConfig {
     config.admin_token = Some(kalon_service::Secret::new(TOKEN.to_owned()));
     config.ladder = vec![0.3, 0.6];
     config.min_step_s = 3600;
+    config.alpha = 1e-12;
+    config.p99_ratio = 1e6;
+    config.p99_slack_ms = 1e9;
     config.settle_s = 1;
     config.tick_ms = 300;
     config.hold_every_s = 1;
@@ -267,6 +271,15 @@ async fn the_console_shows_the_loop_compares_two_versions_and_acts_on_a_canary_w
 
     // canary: the evidence charted; an action without the token refused,
     // with it recorded and shown
+    let history = kalon_canary::ops::history(&env.pool, 1, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        history[0].canary.status,
+        Status::Running,
+        "the canary must still run for the test to act on it:\n{}",
+        kalon_canary::ops::render(&history[0])
+    );
     browser.type_into("#token", "").await;
     browser.goto(&format!("{url}/#canary")).await;
     browser
